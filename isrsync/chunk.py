@@ -1,0 +1,221 @@
+"""Chunk encoding: the one format everything trusts (DESIGN.md, "Chunk encoding").
+
+    P  plaintext, at most 128 KiB (all-zero P is never encoded: flagged ZERO)
+    C  zstd(P) at a pinned level if that saves >= 4 KiB, else P
+    K  keyed BLAKE2b-256(key = convergence secret, P)
+    X  XChaCha20-Poly1305(K, nonce = 24 zero bytes, C)
+    T  BLAKE2b-256(X)
+
+Readers check T before anything else, then decrypt with K, then decompress.
+No I/O here: bytes in, bytes out. Batch helpers spread work over threads;
+libsodium (through cffi), hashlib and zstd release the GIL for buffers of this
+size, so threads scale across cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import zstandard
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+from .errors import IntegrityError
+
+CHUNK_SIZE = 128 * 1024
+TAG_SIZE = 32
+KEY_SIZE = 32
+SECRET_SIZE = 32
+ZSTD_LEVEL = 3
+MIN_SAVING = 4 * 1024
+# Bumped whenever the bytes an encoder produces for a given P could change
+# (zstd level, framing). Recorded in manifests; decoding never depends on it.
+CODEC_VERSION = 1
+
+FLAG_ZERO = 0x01
+FLAG_ZSTD = 0x02
+_KNOWN_FLAGS = FLAG_ZERO | FLAG_ZSTD
+
+_NONCE = bytes(24)
+_ZERO_CHUNK = bytes(CHUNK_SIZE)
+ZERO_TAG = bytes(TAG_SIZE)
+ZERO_KEY = bytes(KEY_SIZE)
+
+_AEAD_OVERHEAD = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """What a keyring holds for one chunk: enough to fetch, verify and decode it."""
+
+    tag: bytes
+    key: bytes
+    flags: int
+
+    @property
+    def is_zero(self) -> bool:
+        return bool(self.flags & FLAG_ZERO)
+
+
+ZERO_REF = ChunkRef(ZERO_TAG, ZERO_KEY, FLAG_ZERO)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """An encoded chunk: its keyring entry and, unless ZERO, its ciphertext."""
+
+    ref: ChunkRef
+    data: bytes  # X; empty for a ZERO chunk
+
+    @property
+    def tag(self) -> bytes:
+        return self.ref.tag
+
+
+class _Local(threading.local):
+    """zstd contexts are not thread-safe; each thread keeps its own."""
+
+    def __init__(self) -> None:
+        self.cctx = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
+        )
+        self.dctx = zstandard.ZstdDecompressor()
+
+
+_local = _Local()
+
+
+def tag_of(data: bytes | bytearray | memoryview) -> bytes:
+    """The tag of ciphertext bytes: BLAKE2b-256."""
+    return hashlib.blake2b(data, digest_size=TAG_SIZE).digest()
+
+
+def is_zero(plain: bytes | bytearray | memoryview) -> bool:
+    n = len(plain)
+    # Slicing a bytes constant and comparing is a memcmp; much faster than any().
+    return n == 0 or (n <= CHUNK_SIZE and plain == _ZERO_CHUNK[:n]) or (
+        n > CHUNK_SIZE and not any(plain)
+    )
+
+
+def check_secret(secret: bytes) -> None:
+    if len(secret) != SECRET_SIZE:
+        raise ValueError(f"convergence secret must be {SECRET_SIZE} bytes")
+
+
+def encode(plain: bytes | bytearray | memoryview, secret: bytes) -> Encoded:
+    """Encode one plaintext chunk under a convergence secret."""
+    if len(plain) > CHUNK_SIZE:
+        raise ValueError(f"chunk of {len(plain)} bytes exceeds {CHUNK_SIZE}")
+    if is_zero(plain):
+        return Encoded(ZERO_REF, b"")
+    plain = bytes(plain)
+    key = hashlib.blake2b(plain, digest_size=KEY_SIZE, key=secret).digest()
+    flags = 0
+    body = plain
+    if len(plain) > MIN_SAVING:
+        packed = _local.cctx.compress(plain)
+        if len(packed) <= len(plain) - MIN_SAVING:
+            body, flags = packed, FLAG_ZSTD
+    data = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, None, _NONCE, key)
+    return Encoded(ChunkRef(tag_of(data), key, flags), data)
+
+
+def verify(ref: ChunkRef, data: bytes) -> bool:
+    """True when ``data`` is the ciphertext that ``ref`` names."""
+    return not ref.is_zero and len(data) >= _AEAD_OVERHEAD and tag_of(data) == ref.tag
+
+
+def decode(ref: ChunkRef, data: bytes | None, length: int = CHUNK_SIZE) -> bytes:
+    """Verify and decode a chunk; raises IntegrityError on any mismatch.
+
+    ``length`` is the plaintext length the keyring position implies (the last
+    chunk of a disk or memory image may be shorter).
+    """
+    if ref.flags & ~_KNOWN_FLAGS:
+        raise IntegrityError(f"chunk {ref.tag.hex()[:16]} has unknown flags {ref.flags:#x}")
+    if ref.is_zero:
+        return _ZERO_CHUNK[:length] if length <= CHUNK_SIZE else bytes(length)
+    if data is None or tag_of(data) != ref.tag:
+        raise IntegrityError(f"chunk {ref.tag.hex()[:16]} does not match its tag")
+    try:
+        body = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(data, None, _NONCE, ref.key)
+    except CryptoError:
+        raise IntegrityError(f"chunk {ref.tag.hex()[:16]} does not decrypt under its key") from None
+    if ref.flags & FLAG_ZSTD:
+        try:
+            body = _local.dctx.decompress(body, max_output_size=CHUNK_SIZE)
+        except zstandard.ZstdError:
+            raise IntegrityError(f"chunk {ref.tag.hex()[:16]} does not decompress") from None
+    if len(body) != length:
+        raise IntegrityError(
+            f"chunk {ref.tag.hex()[:16]} decodes to {len(body)} bytes, expected {length}"
+        )
+    return body
+
+
+# -- batches --------------------------------------------------------------------------
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def default_pool() -> Executor:
+    """A process-wide thread pool sized to the cores (created on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="isrsync-codec"
+            )
+        return _pool
+
+
+def encode_many(
+    plains: Iterable[bytes], secret: bytes, pool: Executor | None = None
+) -> Iterator[Encoded]:
+    """Encode chunks on all cores, yielding results in input order.
+
+    Streams: at most a bounded window of chunks is in flight, so encoding a
+    4 GiB image never holds more than a few MiB of it.
+    """
+    check_secret(secret)
+    pool = pool or default_pool()
+    window = 4 * (getattr(pool, "_max_workers", None) or os.cpu_count() or 1)
+    pending: deque = deque()
+    for plain in plains:
+        pending.append(pool.submit(encode, plain, secret))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    for fut in pending:
+        yield fut.result()
+
+
+def decode_many(
+    items: Sequence[tuple[ChunkRef, bytes | None, int]], pool: Executor | None = None
+) -> list[bytes]:
+    """Decode many (ref, data, length) triples on all cores; any failure raises."""
+    pool = pool or default_pool()
+    return list(pool.map(lambda it: decode(*it), items))
+
+
+def split(buf: bytes | memoryview) -> Iterator[memoryview]:
+    """Split a buffer into CHUNK_SIZE views (the last may be shorter)."""
+    view = memoryview(buf)
+    for off in range(0, len(view), CHUNK_SIZE):
+        yield view[off : off + CHUNK_SIZE]
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def chunk_length(size: int, index: int) -> int:
+    """Plaintext length of chunk ``index`` of an object of ``size`` bytes."""
+    return min(CHUNK_SIZE, size - index * CHUNK_SIZE)

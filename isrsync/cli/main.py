@@ -1,0 +1,107 @@
+"""The `isrsync` command: parse, call the core, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import IsrError
+from ..site.cache import ENV_CACHE
+from . import cache, demo, server
+from .render import error_line, out
+from .state import state
+
+app = typer.Typer(
+    name="isrsync",
+    help="Internet Suspend/Resume for QEMU guests: suspend a whole VM at one site, resume it at another.",
+    no_args_is_help=True,
+    add_completion=False,  # completions are generated into completions/ instead
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(cache.app, name="cache")
+app.add_typer(server.app, name="server")
+app.command("serve")(server.serve_cmd)
+app.command("demo")(demo.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"isrsync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="ISRSYNC_DEBUG", help="Show tracebacks and debug logging.", show_envvar=True),
+    ] = False,
+    cache_dir: Annotated[
+        Optional[str],
+        typer.Option("--cache-dir", envvar=ENV_CACHE, help="Site cache directory.", show_envvar=True),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    state.debug = debug
+    state.cache_dir = cache_dir
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point of `isrsync`: errors become one clear line and an exit code."""
+    return run_app(app, "isrsync", sys.argv[1:] if argv is None else argv, exit_=argv is None)
+
+
+def run_app(typer_app: typer.Typer, prog: str, args: list[str], *, exit_: bool) -> int:
+    """Run a typer app the isrsync way (shared by the `sneakernet` command)."""
+    debug = "--debug" in args or os.environ.get("ISRSYNC_DEBUG") == "1"
+    try:
+        result = typer_app(args=args, prog_name=prog, standalone_mode=False)
+        code = result if type(result) is int else 0
+    except IsrError as e:
+        if debug:
+            traceback.print_exc()
+        error_line(str(e), prog)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        error_line("interrupted", prog)
+        code = 130
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        error_line("aborted", prog)
+        code = 1
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        usage = _usage_error(e)
+        if usage is not None:
+            code = usage
+        else:
+            if debug:
+                traceback.print_exc()
+            error_line(f"internal error: {e.__class__.__name__}: {e}; rerun with --debug and report it", prog)
+            code = 70
+    if exit_:
+        sys.exit(code)
+    return code
+
+
+def _usage_error(e: Exception) -> int | None:
+    """Click-style usage errors (bad option, missing argument) know how to show themselves."""
+    show = getattr(e, "show", None)
+    code = getattr(e, "exit_code", None)
+    if callable(show) and isinstance(code, int):
+        show()
+        return code
+    return None
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,35 @@
+"""Output helpers shared by the CLI commands: rich for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout (for ``--json``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def error_line(message: str, prog: str = "isrsync") -> None:
+    # Messages carry paths and names: never let rich read them as markup.
+    err.print(f"[bold red]{prog}:[/] {escape(message)}", markup=True, soft_wrap=True)

@@ -1,0 +1,128 @@
+"""The one exception tree of isrsync.
+
+Every error a user can meet is an :class:`IsrError` subclass that knows its own
+one-line message (what happened, what to do) and the process exit code the CLI
+returns for it. Code below the CLI raises these; the CLI prints ``str(err)`` and
+exits with ``err.exit_code`` (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class IsrError(Exception):
+    """Base of every isrsync error.
+
+    ``message`` says what happened; ``hint`` says what the user can do. Both are
+    joined into the single line the CLI prints.
+    """
+
+    exit_code = 1
+    hint = ""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, details: dict | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+        # Structured facts (a lock holder, say) for --json output and the HTTP API.
+        self.details: dict = details or {}
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+class UsageError(IsrError):
+    """The command line or configuration asks for something impossible."""
+
+    exit_code = 2
+
+
+class IntegrityError(IsrError):
+    """Bytes failed verification: a tag, an AEAD tag, a hash or a checksum.
+
+    Never fatal to a guest: a chunk source that returns bad bytes is skipped and
+    the next one is asked. Fatal only when nothing else can be trusted.
+    """
+
+    exit_code = 3
+    hint = "the data is damaged or was tampered with; nothing was changed"
+
+
+class FormatError(IntegrityError):
+    """A file or message is truncated, has the wrong magic, or is malformed."""
+
+    hint = "the file is truncated or is not what it claims to be; nothing was changed"
+
+
+class UnsupportedVersion(FormatError):
+    """A well-formed file of a format version this isrsync does not understand."""
+
+    hint = "upgrade isrsync to read it"
+
+
+class WrongPassphrase(IsrError):
+    """The passphrase does not open the key bundle."""
+
+    exit_code = 4
+    hint = "check the passphrase and try again"
+
+
+class NotFound(IsrError):
+    """A parcel, version, chunk, pack or user does not exist (or is not yours)."""
+
+    exit_code = 5
+
+
+class LockHeld(IsrError):
+    """The parcel's lock is held by another site."""
+
+    exit_code = 6
+    hint = "suspend it there first, or break the lock with `isrsync lock break` if that site is lost"
+
+
+class Conflict(IsrError):
+    """A compare-and-set failed: stale epoch (fenced off) or stale parent version."""
+
+    exit_code = 7
+    hint = "your local changes are kept at this site; nothing on the server was changed"
+
+
+class Unreachable(IsrError):
+    """The home server (or another needed peer) cannot be reached."""
+
+    exit_code = 8
+    hint = "check the network and the server address; local state is kept"
+
+
+class ChunkUnavailable(Unreachable):
+    """No source (cache, medium, peer, home server) could supply a chunk the guest needs."""
+
+    hint = "reconnect to the home server or plug in a medium that holds the parcel"
+
+
+class StorageFull(IsrError):
+    """A disk filled up while writing; what was being written was discarded."""
+
+    exit_code = 9
+    hint = "free some space and try again; nothing already stored was lost"
+
+
+class CacheError(IsrError):
+    """The site cache cannot be opened or used (permissions, damage, lock)."""
+
+    exit_code = 10
+
+
+class QemuError(IsrError):
+    """QEMU failed to start, died, or refused a command."""
+
+    exit_code = 11
+
+
+class AuthError(IsrError):
+    """Missing, unknown or wrong credentials for the home server."""
+
+    exit_code = 12
+    hint = "log in again with `isrsync login`"

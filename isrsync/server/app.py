@@ -1,0 +1,374 @@
+"""The home server's HTTP API (aiohttp) over a :class:`~isrsync.store.repo.Repository`.
+
+Every route but ``/v1/health`` needs ``Authorization: Bearer <token>``; a user
+reaches only their own parcels, and another user's parcel answers exactly like
+one that does not exist. Errors are JSON (see :mod:`isrsync.store.wire`).
+
+Pack uploads are resumable: ``PUT .../packs/{id}`` takes an optional
+``Content-Range: bytes START-END/TOTAL``; the bytes land in a partial file
+whose size ``GET .../uploads/{id}`` reports, and when the last byte arrives the
+whole pack is verified against its id before it is staged. Pack downloads go
+through aiohttp's file response (Range, sendfile), so the server is a BEP 19
+web seed without any BitTorrent code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from ..errors import AuthError, FormatError, IsrError, NotFound, UsageError
+from ..fsutil import os_error
+from ..store import wire
+from ..store.base import Holder
+from ..store.repo import Repository
+
+log = logging.getLogger("isrsync.server")
+REPO: web.AppKey[Repository] = web.AppKey("repo", Repository)
+INFLIGHT: web.AppKey[set] = web.AppKey("inflight", set)
+_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def _err(e: IsrError) -> web.Response:
+    return _json(wire.error_body(e), status=wire.status_for(e))
+
+
+@web.middleware
+async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except IsrError as e:
+        return _err(e)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            reason = e.text or e.reason
+            return _json({"error": reason, "hint": "", "kind": "UsageError", "details": {}}, e.status)
+        raise
+    except OSError as e:
+        return _err(os_error(e, "server storage"))  # type: ignore[arg-type]
+
+
+@web.middleware
+async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == f"{wire.API}/health":
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer ") or len(header) > 512:
+        raise AuthError("missing bearer token")
+    repo = request.app[REPO]
+    request["user"] = await _db(request, repo.authenticate, header[7:].strip())
+    return await handler(request)
+
+
+async def _db(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
+    # SQLite calls are short but blocking: keep them off the event loop.
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _parcel(request: web.Request) -> uuid.UUID:
+    return wire.parcel_id(request.match_info["parcel"])
+
+
+def _pack(request: web.Request) -> bytes:
+    return wire.hexid(request.match_info["pack"], "pack id")
+
+
+async def _body_json(request: web.Request, limit: int = wire.MAX_JSON) -> Any:
+    raw = await _read_limited(request, limit)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise FormatError("request body is not valid JSON") from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise UsageError(f"request body of {request.content_length} bytes exceeds {limit}")
+    buf = bytearray()
+    async for part in request.content.iter_chunked(1 << 16):
+        buf += part
+        if len(buf) > limit:
+            raise UsageError(f"request body exceeds {limit} bytes")
+    return bytes(buf)
+
+
+def _field(obj: Any, name: str, kind: type, default: Any = ...) -> Any:
+    if not isinstance(obj, dict):
+        raise FormatError("request body must be a JSON object")
+    if name not in obj:
+        if default is ...:
+            raise FormatError(f"request body lacks {name!r}")
+        return default
+    val = obj[name]
+    if kind is int and isinstance(val, bool) or not isinstance(val, kind):
+        raise FormatError(f"{name!r} must be {kind.__name__}")
+    return val
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    from .. import __version__
+
+    return _json({"ok": True, "version": __version__, "api": 1})
+
+
+async def get_bundle(request: web.Request) -> web.Response:
+    data = await _db(request, request.app[REPO].get_key_bundle, request["user"])
+    if data is None:
+        raise NotFound("no key bundle on the server yet")
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def put_bundle(request: web.Request) -> web.Response:
+    expect_raw = request.headers.get("If-Match")
+    expect = None if expect_raw in (None, "*none*") else wire.hexid(expect_raw, "If-Match")
+    data = await _read_limited(request, wire.MAX_BUNDLE)
+    if not data:
+        raise FormatError("key bundle is empty")
+    await _db(request, request.app[REPO].put_key_bundle, request["user"], data, expect)
+    return _json({"ok": True})
+
+
+async def create_parcel(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    pid = wire.parcel_id(_field(body, "parcel", str))
+    info = await _db(
+        request, request.app[REPO].create_parcel, request["user"], pid,
+        _field(body, "name", str), _field(body, "hardware", str, "")[:4096],
+    )
+    return _json(wire.parcel_json(info), 201)
+
+
+async def list_parcels(request: web.Request) -> web.Response:
+    infos = await _db(request, request.app[REPO].list_parcels, request["user"])
+    return _json([wire.parcel_json(i) for i in infos])
+
+
+async def get_parcel(request: web.Request) -> web.Response:
+    ref = request.match_info["parcel"]
+    info = await _db(request, request.app[REPO].parcel, request["user"], ref[:200])
+    return _json(wire.parcel_json(info))
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    vs = await _db(request, request.app[REPO].list_versions, request["user"], _parcel(request))
+    return _json([wire.version_json(v) for v in vs])
+
+
+async def get_manifests(request: web.Request) -> web.Response:
+    try:
+        first, last = int(request.query["first"]), int(request.query["last"])
+    except (KeyError, ValueError):
+        raise FormatError("first and last must be version numbers") from None
+    blobs = await _db(request, request.app[REPO].get_manifests, request["user"], _parcel(request), first, last)
+    return web.Response(body=wire.frame_blobs(blobs), content_type="application/octet-stream")
+
+
+async def upload_offset(request: web.Request) -> web.Response:
+    repo = request.app[REPO]
+    pid, pack = _parcel(request), _pack(request)
+    await _db(request, repo.parcel, request["user"], pid)
+    size = await _db(request, repo.reachable_pack, request["user"], pid, pack)
+    if size is not None:
+        return _json({"complete": True, "offset": size})
+    part = repo.upload_dir(request["user"]) / f"{pack.hex()}.part"
+    return _json({"complete": False, "offset": part.stat().st_size if part.exists() else 0})
+
+
+async def put_pack(request: web.Request) -> web.Response:
+    repo = request.app[REPO]
+    user, pid, pack = request["user"], _parcel(request), _pack(request)
+    await _db(request, repo.parcel, user, pid)
+    if await _db(request, repo.reachable_pack, user, pid, pack) is not None:
+        await _drain(request)
+        return _json({"complete": True}, 200)
+    start, total = 0, request.content_length
+    cr = request.headers.get("Content-Range")
+    if cr:
+        m = _RANGE.match(cr)
+        if not m:
+            raise FormatError("Content-Range must be 'bytes START-END/TOTAL'")
+        start, end, total = (int(x) for x in m.groups())
+        if end < start or end >= total or (
+            request.content_length is not None and request.content_length != end - start + 1
+        ):
+            raise FormatError("Content-Range does not match the body")
+    if total is None:
+        raise UsageError("a pack upload needs Content-Length or Content-Range")
+    if total > wire.MAX_PACK or total < 1:
+        raise UsageError(f"a pack of {total} bytes is out of range")
+    part = repo.upload_dir(user) / f"{pack.hex()}.part"
+    have = part.stat().st_size if part.exists() else 0
+    if start != have:
+        # The client must continue where the server is; tell it where.
+        return _json(
+            {"error": f"upload is at offset {have}, not {start}", "hint": "resume from the offset",
+             "kind": "Conflict", "details": {"offset": have}}, 409,
+        )
+    written = have
+    try:
+        with open(part, "ab") as f:
+            async for data in request.content.iter_chunked(1 << 20):
+                if written + len(data) > total:
+                    raise UsageError("the body is longer than Content-Range/Content-Length says")
+                f.write(data)
+                written += len(data)
+    except OSError as e:
+        raise os_error(e, "an upload") from e
+    if written < total:
+        if request.content.at_eof() and not cr:
+            raise UsageError("the body is shorter than Content-Length")
+        return _json({"complete": False, "offset": written}, 202)
+    request.app[INFLIGHT].add(asyncio.current_task())
+    try:
+        # Verification hashes the whole pack: do it off the loop.
+        size = await asyncio.get_running_loop().run_in_executor(
+            None, repo.adopt_pack, user, pid, pack, part
+        )
+    finally:
+        request.app[INFLIGHT].discard(asyncio.current_task())
+    return _json({"complete": True, "size": size}, 201)
+
+
+async def _drain(request: web.Request) -> None:
+    async for _ in request.content.iter_chunked(1 << 20):
+        pass
+
+
+async def get_pack(request: web.Request) -> web.StreamResponse:
+    repo = request.app[REPO]
+    user, pid, pack = request["user"], _parcel(request), _pack(request)
+    size = await _db(request, repo.reachable_pack, user, pid, pack)
+    if size is None:
+        raise NotFound(f"no pack {pack.hex()[:16]} in parcel {pid}")
+    return web.FileResponse(repo.pack_path(pack), headers={"Content-Type": "application/octet-stream"})
+
+
+async def have_packs(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    ids = wire.hexids(_field(body, "packs", list), "pack id", 100_000)
+    have = await _db(request, request.app[REPO].have_packs, request["user"], _parcel(request), ids)
+    return _json({"have": sorted(p.hex() for p in have)})
+
+
+async def locate(request: web.Request) -> web.Response:
+    body = await _body_json(request, 64 << 20)
+    tags = wire.hexids(_field(body, "tags", list), "tag", 1_000_000)
+    found = await _db(request, request.app[REPO].locate, request["user"], _parcel(request), tags)
+    return _json({t.hex(): [e.pack_id.hex(), e.offset, e.length] for t, e in found.items()})
+
+
+async def lock_status(request: web.Request) -> web.Response:
+    s = await _db(request, request.app[REPO].lock_status, request["user"], _parcel(request))
+    return _json(wire.lock_json(s))
+
+
+async def acquire(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    holder = Holder(_field(body, "site", str)[:200], _field(body, "host", str)[:200], request["user"])
+    s = await _db(request, request.app[REPO].acquire, request["user"], _parcel(request), holder)
+    return _json(wire.lock_json(s))
+
+
+async def release(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    s = await _db(request, request.app[REPO].release, request["user"], _parcel(request), _field(body, "epoch", int))
+    return _json(wire.lock_json(s))
+
+
+async def break_lock(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    s = await _db(
+        request, request.app[REPO].break_lock, request["user"], _parcel(request),
+        _field(body, "reason", str, "")[:500],
+    )
+    log.warning("lock broken", extra={"user": request["user"], "parcel": str(s.parcel), "epoch": s.epoch})
+    return _json(wire.lock_json(s))
+
+
+async def commit(request: web.Request) -> web.Response:
+    req = wire.decode_commit(await _read_limited(request, wire.MAX_COMMIT))
+    request.app[INFLIGHT].add(asyncio.current_task())
+    try:
+        v = await _db(request, request.app[REPO].commit, request["user"], _parcel(request), req)
+    finally:
+        request.app[INFLIGHT].discard(asyncio.current_task())
+    return _json(wire.version_json(v), 201)
+
+
+def make_app(repo: Repository) -> web.Application:
+    app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=wire.MAX_JSON)
+    app[REPO] = repo
+    app[INFLIGHT] = set()
+    p = f"{wire.API}/parcels/{{parcel}}"
+    app.add_routes([
+        web.get(f"{wire.API}/health", health),
+        web.get(f"{wire.API}/keybundle", get_bundle),
+        web.put(f"{wire.API}/keybundle", put_bundle),
+        web.post(f"{wire.API}/parcels", create_parcel),
+        web.get(f"{wire.API}/parcels", list_parcels),
+        web.get(p, get_parcel),
+        web.get(f"{p}/versions", list_versions),
+        web.get(f"{p}/manifests", get_manifests),
+        web.get(f"{p}/uploads/{{pack}}", upload_offset),
+        web.put(f"{p}/packs/{{pack}}", put_pack),
+        web.get(f"{p}/packs/{{pack}}", get_pack),
+        web.post(f"{p}/have-packs", have_packs),
+        web.post(f"{p}/locate", locate),
+        web.get(f"{p}/lock", lock_status),
+        web.post(f"{p}/lock", acquire),
+        web.post(f"{p}/lock/release", release),
+        web.post(f"{p}/lock/break", break_lock),
+        web.post(f"{p}/commit", commit),
+    ])
+    app.on_shutdown.append(_finish_inflight)
+    return app
+
+
+async def _finish_inflight(app: web.Application) -> None:
+    """Graceful shutdown: commits and pack adoptions under way run to the end."""
+    pending = [t for t in app[INFLIGHT] if not t.done()]
+    if pending:
+        log.info("waiting for %d in-flight commit(s)", len(pending))
+        await asyncio.wait(pending, timeout=120)
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON object per request: for log shippers and for reading by eye."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, elapsed: float) -> None:
+        self.logger.info(json.dumps({
+            "time": round(time.time(), 3),
+            "remote": request.remote,
+            "user": request.get("user"),
+            "method": request.method,
+            "path": request.path[:300],
+            "status": response.status,
+            "bytes": response.body_length,
+            "ms": round(elapsed * 1000, 2),
+        }, separators=(",", ":")))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ISRSYNC_SERVER_DATA", "/var/lib/isrsync"))

@@ -1,0 +1,161 @@
+"""Turn plaintext streams (a disk image, a memory image) into a keyring and packs.
+
+Streaming end to end: chunks are read, encoded on all cores and appended to the
+current pack as they come, so memory holds a bounded window, never the image.
+Chunks whose tags the destination already has are named in the keyring but not
+packed again (``known``), which is what makes a commit send only new data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from ..chunk import CHUNK_SIZE, Encoded, chunk_count, encode_many
+from ..fsutil import fsync_dir, os_error
+from ..manifest import Keyring
+from ..pack import PackInfo, PackWriter
+
+DEFAULT_PACK_LIMIT = 256 << 20
+
+Progress = Callable[[int], None]  # called with plaintext bytes consumed
+
+
+@dataclass
+class PackedImage:
+    keyring: Keyring
+    packs: list[tuple[PackInfo, Path]] = field(default_factory=list)
+    zero_chunks: int = 0
+    reused_chunks: int = 0  # already known to the destination, or repeated in the image
+    stored_bytes: int = 0  # ciphertext bytes written into packs
+
+    @property
+    def new_chunks(self) -> int:
+        return sum(len(info.entries) for info, _ in self.packs)
+
+
+def read_chunks(src: BinaryIO, size: int, progress: Progress | None = None) -> Iterator[bytes]:
+    """Yield the plaintext chunks of the first ``size`` bytes of ``src``.
+
+    A source shorter than ``size`` reads as zeros past its end (a sparse tail).
+    """
+    remaining = size
+    while remaining > 0:
+        want = min(CHUNK_SIZE, remaining)
+        buf = src.read(want)
+        if len(buf) < want:
+            buf = buf + bytes(want - len(buf))
+        remaining -= want
+        if progress:
+            progress(want)
+        yield buf
+
+
+class PackSink:
+    """Packs encoded chunks into files under ``out_dir``, rolling over at a size limit.
+
+    Each finished pack is renamed to its id (hex); an abandoned sink removes its
+    temporary, so a failure (full disk included) leaves nothing half-written.
+    """
+
+    def __init__(self, out_dir: Path, limit: int = DEFAULT_PACK_LIMIT) -> None:
+        self.out_dir = out_dir
+        self.limit = limit
+        self.done: list[tuple[PackInfo, Path]] = []
+        self._tmp: Path | None = None
+        self._file: BinaryIO | None = None
+        self._writer: PackWriter | None = None
+        self.bytes = 0
+
+    def add(self, enc: Encoded) -> bool:
+        if self._writer is None:
+            fd, name = tempfile.mkstemp(prefix=".pack.", suffix=".tmp", dir=self.out_dir)
+            self._tmp = Path(name)
+            self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+            self._writer = PackWriter(self._file)
+        try:
+            added = self._writer.add(enc.tag, enc.data)
+        except OSError as e:
+            self.abort()
+            raise os_error(e, f"a pack in {self.out_dir}") from e
+        if added:
+            self.bytes += len(enc.data)
+        if self._writer.size >= self.limit:
+            self.flush()
+        return added
+
+    def __contains__(self, tag: bytes) -> bool:
+        return self._writer is not None and tag in self._writer
+
+    def flush(self) -> None:
+        """Finish the current pack (if any) and place it under its id."""
+        if self._writer is None:
+            return
+        assert self._file is not None and self._tmp is not None
+        try:
+            info = self._writer.finish()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            dest = self.out_dir / info.pack_id.hex()
+            os.replace(self._tmp, dest)
+            fsync_dir(self.out_dir)
+        except OSError as e:
+            self.abort()
+            raise os_error(e, f"a pack in {self.out_dir}") from e
+        self.done.append((info, dest))
+        self._writer = self._file = self._tmp = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+        self._writer = self._file = self._tmp = None
+
+
+def pack_stream(
+    src: BinaryIO,
+    size: int,
+    secret: bytes,
+    out_dir: str | os.PathLike[str],
+    *,
+    known: Callable[[bytes], bool] | None = None,
+    limit: int = DEFAULT_PACK_LIMIT,
+    progress: Progress | None = None,
+) -> PackedImage:
+    """Encode ``size`` bytes of ``src`` into a keyring and new packs in ``out_dir``."""
+    out = Path(out_dir)
+    result = PackedImage(Keyring(size))
+    sink = PackSink(out, limit)
+    seen: set[bytes] = set()
+    try:
+        for i, enc in enumerate(encode_many(read_chunks(src, size, progress), secret)):
+            if enc.ref.is_zero:
+                result.zero_chunks += 1
+                continue  # a fresh keyring already says ZERO
+            result.keyring[i] = enc.ref
+            if enc.tag in seen or (known is not None and known(enc.tag)):
+                result.reused_chunks += 1
+                continue
+            seen.add(enc.tag)
+            sink.add(enc)
+        sink.flush()
+    except BaseException:
+        # The packs finished so far were made only for this call: remove them
+        # too, so a failed init or commit leaves the directory as it found it.
+        sink.abort()
+        for _, path in sink.done:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    assert len(result.keyring) == chunk_count(size)
+    result.packs = sink.done
+    result.stored_bytes = sink.bytes
+    return result

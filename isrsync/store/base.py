@@ -1,0 +1,166 @@
+"""The Store protocol: what a site needs from a user's home (DESIGN.md, "Lock record").
+
+One user's view of the authority for their parcels. Backends: :mod:`.local` (a
+data directory; the home server's own storage, and usable directly by a site
+as ``file://`` home) and :mod:`.http` (the client of ``isrsync serve``). Every
+backend passes one conformance suite (tests/store/conformance.py); the contract
+is what this module's docstrings say.
+
+Everything a Store holds is ciphertext or server-visible metadata: packs,
+manifest bytes (a plaintext header plus an encrypted body), the pack index, the
+tag references of each version, lock records and the sealed key bundle.
+
+Contract
+--------
+* Parcels are visible only to their owner: another user's parcel is
+  indistinguishable from one that does not exist (``NotFound``).
+* ``put_pack`` verifies the pack against its id before accepting it
+  (``IntegrityError`` otherwise), is idempotent, and *stages* the pack: it
+  becomes part of the parcel only when a commit names it. Staged packs that no
+  commit names are garbage-collected after a grace period.
+* ``acquire`` is a compare-and-set: it succeeds only when nobody holds the lock
+  (or the same site already does, which returns the current epoch), and every
+  successful acquire from a free lock increments the epoch. It raises
+  ``LockHeld`` naming the holder otherwise. ``break_lock`` increments the epoch
+  and frees the lock. There is no lease timeout.
+* ``commit`` atomically checks that the lock is held with ``epoch`` and that the
+  current version is ``parent``; checks the manifest header (parcel, version
+  ``parent + 1``, parent hash); checks every tag the new version adds exists in
+  the parcel's packs (including the ones this commit names); then stores the
+  version and, if asked, releases the lock. It raises ``Conflict`` on a stale
+  epoch or parent and changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Protocol, runtime_checkable
+
+from ..pack import PackEntry
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or asks for) a lock."""
+
+    site: str
+    host: str
+    user: str = ""
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class LockState:
+    parcel: uuid.UUID
+    epoch: int
+    version: int  # the current committed version (0 before the first commit)
+    holder: Holder | None
+    hardware: str = ""
+
+
+@dataclass(frozen=True)
+class ParcelInfo:
+    parcel: uuid.UUID
+    name: str
+    created: float
+    version: int
+    lock: LockState
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    time: float
+    site: str
+    manifest_hash: bytes
+    manifest_size: int
+    new_pack_bytes: int  # bytes of the packs this version brought in
+
+
+@dataclass
+class CommitRequest:
+    """A new version. ``manifest`` is the sealed manifest (header + encrypted body).
+
+    ``added``/``removed`` are the disk tags this version starts or stops
+    referencing relative to its parent (the server keeps them so it can tell
+    which chunks are live without reading a keyring); ``memory`` lists the
+    memory image's tags, which are live for this version only.
+    """
+
+    epoch: int
+    parent: int
+    manifest: bytes
+    packs: list[bytes] = field(default_factory=list)
+    added: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+    memory: list[bytes] = field(default_factory=list)
+    release: bool = True
+    site: str = ""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """One user's home: packs, versions, lock records and their key bundle."""
+
+    # -- key bundle ---------------------------------------------------------------
+    async def get_key_bundle(self) -> bytes | None:
+        """The sealed key bundle, or None before the first put."""
+
+    async def put_key_bundle(self, sealed: bytes, expect: bytes | None) -> None:
+        """Replace the bundle if its current BLAKE2b-256 is ``expect`` (None: no
+        bundle yet); ``Conflict`` otherwise, so two sites never lose an update."""
+
+    # -- parcels and versions -----------------------------------------------------
+    async def create_parcel(self, parcel: uuid.UUID, name: str, hardware: str = "") -> ParcelInfo:
+        """Create an empty parcel (version 0, lock free, epoch 0). ``Conflict`` if
+        the id or the name is taken."""
+
+    async def list_parcels(self) -> list[ParcelInfo]:
+        """This user's parcels with their lock state and last version."""
+
+    async def parcel(self, ref: uuid.UUID | str) -> ParcelInfo:
+        """A parcel by uuid or by name; ``NotFound`` otherwise."""
+
+    async def list_versions(self, parcel: uuid.UUID) -> list[VersionInfo]:
+        """Committed versions, oldest first (pruned ones are gone)."""
+
+    async def get_manifests(self, parcel: uuid.UUID, first: int, last: int) -> list[bytes]:
+        """Manifests of versions ``first..last`` inclusive, in order; ``NotFound``
+        if any is missing. (Fetching a keyring chain is one call.)"""
+
+    # -- packs ----------------------------------------------------------------------
+    async def put_pack(self, parcel: uuid.UUID, pack_id: bytes, path: Path) -> None:
+        """Upload and stage the pack at ``path``; verified against ``pack_id``."""
+
+    async def get_pack(
+        self, parcel: uuid.UUID, pack_id: bytes, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        """Bytes of a committed or staged pack of the parcel (a range if asked)."""
+
+    async def pack_size(self, parcel: uuid.UUID, pack_id: bytes) -> int | None:
+        """Size of a pack the parcel can reach, or None."""
+
+    async def have_packs(self, parcel: uuid.UUID, pack_ids: Iterable[bytes]) -> set[bytes]:
+        """Which of these packs the parcel has (committed or staged)."""
+
+    async def locate(self, parcel: uuid.UUID, tags: Iterable[bytes]) -> dict[bytes, PackEntry]:
+        """Where each known tag lives (committed packs only); unknown tags are absent."""
+
+    # -- lock and commit ----------------------------------------------------------
+    async def lock_status(self, parcel: uuid.UUID) -> LockState: ...
+
+    async def acquire(self, parcel: uuid.UUID, holder: Holder) -> LockState:
+        """Compare-and-set acquire; returns the new state (with its epoch)."""
+
+    async def release(self, parcel: uuid.UUID, epoch: int) -> LockState:
+        """Free the lock if ``epoch`` is current; ``Conflict`` otherwise."""
+
+    async def break_lock(self, parcel: uuid.UUID, reason: str = "") -> LockState:
+        """Free the lock and bump the epoch, fencing off the old holder."""
+
+    async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
+        """Atomically add version ``req.parent + 1`` (see the module contract)."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Sneakernet media: self-validating lookaside sources on USB keys and directories."""

@@ -1,0 +1,106 @@
+"""Fixtures shared by every test package: the real CLI and a real home server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def isrsync_cmd() -> list[str]:
+    """The installed console script, or the module when run from a bare checkout."""
+    exe = shutil.which("isrsync", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "isrsync.cli.main"]
+
+
+@dataclass
+class LiveServer:
+    """An `isrsync serve` subprocess on a random loopback port."""
+
+    data: Path
+    url: str = ""
+    proc: subprocess.Popen | None = None
+    extra: list[str] = field(default_factory=list)
+    log: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> "LiveServer":
+        self.log = self.data.parent / f"{self.data.name}-server.log"
+        errf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [*isrsync_cmd(), "serve", "--data", str(self.data), "--listen", "127.0.0.1:0", *self.extra],
+            stdout=subprocess.PIPE, stderr=errf, start_new_session=True,
+        )
+        errf.close()
+        assert self.proc.stdout is not None
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.kill()
+            raise RuntimeError(f"server did not start; log: {self.log.read_text()[-2000:]}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server exited; log: {self.log.read_text()[-2000:]}")
+        self.url = json.loads(line)["listening"]
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def add_user(self, name: str) -> str:
+        from isrsync.store.repo import Repository
+
+        repo = Repository(self.data)
+        try:
+            return repo.add_user(name)
+        finally:
+            repo.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    srv = LiveServer(tmp_path / "server-data").start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    """Start servers with extra arguments (TLS, say); all are killed at teardown."""
+    made: list[LiveServer] = []
+
+    def make(data: Path | None = None, extra: list[str] | None = None) -> LiveServer:
+        srv = LiveServer(data or tmp_path / f"server-data-{len(made)}", extra=extra or []).start()
+        made.append(srv)
+        return srv
+
+    yield make
+    for s in made:
+        s.kill()
