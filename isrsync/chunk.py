@@ -78,6 +78,9 @@ class Encoded:
         return self.ref.tag
 
 
+ZERO_ENCODED = Encoded(ZERO_REF, b"")
+
+
 class _Local(threading.local):
     """zstd contexts are not thread-safe; each thread keeps its own."""
 
@@ -114,7 +117,7 @@ def encode(plain: bytes | bytearray | memoryview, secret: bytes) -> Encoded:
     if len(plain) > CHUNK_SIZE:
         raise ValueError(f"chunk of {len(plain)} bytes exceeds {CHUNK_SIZE}")
     if is_zero(plain):
-        return Encoded(ZERO_REF, b"")
+        return ZERO_ENCODED
     plain = bytes(plain)
     key = hashlib.blake2b(plain, digest_size=KEY_SIZE, key=secret).digest()
     flags = 0
@@ -177,24 +180,53 @@ def default_pool() -> Executor:
         return _pool
 
 
+BATCH = 8  # chunks per pool task (1 MiB): per-task overhead stays small
+
+
+def _encode_batch(plains: list, secret: bytes) -> list[Encoded]:
+    return [encode(p, secret) for p in plains]
+
+
+def _decode_batch(items: list) -> list[bytes]:
+    return [decode(*it) for it in items]
+
+
 def encode_many(
     plains: Iterable[bytes], secret: bytes, pool: Executor | None = None
 ) -> Iterator[Encoded]:
     """Encode chunks on all cores, yielding results in input order.
 
-    Streams: at most a bounded window of chunks is in flight, so encoding a
-    4 GiB image never holds more than a few MiB of it.
+    Streams: at most a bounded window of batches is in flight, so encoding a
+    4 GiB image never holds more than a few MiB of it. Zero chunks are settled
+    in the calling thread (a memcmp); the pool gets only real work.
     """
     check_secret(secret)
     pool = pool or default_pool()
-    window = 4 * (getattr(pool, "_max_workers", None) or os.cpu_count() or 1)
-    pending: deque = deque()
+    window = 2 * (getattr(pool, "_max_workers", None) or os.cpu_count() or 1)
+    pending: deque = deque()  # each: a Future of a batch, or a ready list
+
+    def submit(batch: list) -> None:
+        if all(is_zero(p) for p in batch):
+            pending.append([ZERO_ENCODED] * len(batch))
+        else:
+            pending.append(pool.submit(_encode_batch, batch, secret))
+
+    batch: list = []
     for plain in plains:
-        pending.append(pool.submit(encode, plain, secret))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    for fut in pending:
-        yield fut.result()
+        batch.append(plain)
+        if len(batch) == BATCH:
+            submit(batch)
+            batch = []
+            while len(pending) >= window:
+                yield from _done(pending.popleft())
+    if batch:
+        submit(batch)
+    while pending:
+        yield from _done(pending.popleft())
+
+
+def _done(item: object) -> list:
+    return item if isinstance(item, list) else item.result()  # type: ignore[attr-defined]
 
 
 def decode_many(
@@ -202,7 +234,11 @@ def decode_many(
 ) -> list[bytes]:
     """Decode many (ref, data, length) triples on all cores; any failure raises."""
     pool = pool or default_pool()
-    return list(pool.map(lambda it: decode(*it), items))
+    futs = [pool.submit(_decode_batch, list(items[i : i + BATCH])) for i in range(0, len(items), BATCH)]
+    out: list[bytes] = []
+    for f in futs:
+        out.extend(f.result())
+    return out
 
 
 def split(buf: bytes | memoryview) -> Iterator[memoryview]:

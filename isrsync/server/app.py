@@ -36,6 +36,10 @@ from ..store.repo import Repository
 log = logging.getLogger("isrsync.server")
 REPO: web.AppKey[Repository] = web.AppKey("repo", Repository)
 INFLIGHT: web.AppKey[set] = web.AppKey("inflight", set)
+UPLOAD_LOCKS: web.AppKey[dict] = web.AppKey("upload_locks", dict)
+USER: web.RequestKey[str] = web.RequestKey("user", str)
+ACTIVE: web.AppKey[set] = web.AppKey("active", set)
+MAX_INT = (1 << 62) - 1
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,6 +50,19 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def _err(e: IsrError) -> web.Response:
     return _json(wire.error_body(e), status=wire.status_for(e))
+
+
+@web.middleware
+async def track_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request in progress, from its headers on, for a graceful shutdown
+    that waits for bodies still arriving (aiohttp's own drops them)."""
+    task = asyncio.current_task()
+    active = request.app[ACTIVE]
+    active.add(task)
+    try:
+        return await handler(request)
+    finally:
+        active.discard(task)
 
 
 @web.middleware
@@ -68,10 +85,10 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == f"{wire.API}/health":
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer ") or len(header) > 512:
-        raise AuthError("missing bearer token")
+    if not header.startswith("Bearer ") or len(header) > 512 or not header.isascii():
+        raise AuthError("missing or malformed bearer token")
     repo = request.app[REPO]
-    request["user"] = await _db(request, repo.authenticate, header[7:].strip())
+    request[USER] = await _db(request, repo.authenticate, header[7:].strip())
     return await handler(request)
 
 
@@ -117,6 +134,13 @@ def _field(obj: Any, name: str, kind: type, default: Any = ...) -> Any:
     val = obj[name]
     if kind is int and isinstance(val, bool) or not isinstance(val, kind):
         raise FormatError(f"{name!r} must be {kind.__name__}")
+    if isinstance(val, int) and not 0 <= val <= MAX_INT:
+        raise FormatError(f"{name!r} is out of range")
+    if isinstance(val, str):
+        try:
+            val.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"{name!r} is not valid UTF-8 text") from None
     return val
 
 
@@ -130,7 +154,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def get_bundle(request: web.Request) -> web.Response:
-    data = await _db(request, request.app[REPO].get_key_bundle, request["user"])
+    data = await _db(request, request.app[REPO].get_key_bundle, request[USER])
     if data is None:
         raise NotFound("no key bundle on the server yet")
     return web.Response(body=data, content_type="application/octet-stream")
@@ -142,7 +166,7 @@ async def put_bundle(request: web.Request) -> web.Response:
     data = await _read_limited(request, wire.MAX_BUNDLE)
     if not data:
         raise FormatError("key bundle is empty")
-    await _db(request, request.app[REPO].put_key_bundle, request["user"], data, expect)
+    await _db(request, request.app[REPO].put_key_bundle, request[USER], data, expect)
     return _json({"ok": True})
 
 
@@ -150,57 +174,85 @@ async def create_parcel(request: web.Request) -> web.Response:
     body = await _body_json(request)
     pid = wire.parcel_id(_field(body, "parcel", str))
     info = await _db(
-        request, request.app[REPO].create_parcel, request["user"], pid,
+        request, request.app[REPO].create_parcel, request[USER], pid,
         _field(body, "name", str), _field(body, "hardware", str, "")[:4096],
     )
     return _json(wire.parcel_json(info), 201)
 
 
 async def list_parcels(request: web.Request) -> web.Response:
-    infos = await _db(request, request.app[REPO].list_parcels, request["user"])
+    infos = await _db(request, request.app[REPO].list_parcels, request[USER])
     return _json([wire.parcel_json(i) for i in infos])
 
 
 async def get_parcel(request: web.Request) -> web.Response:
     ref = request.match_info["parcel"]
-    info = await _db(request, request.app[REPO].parcel, request["user"], ref[:200])
+    info = await _db(request, request.app[REPO].parcel, request[USER], ref[:200])
     return _json(wire.parcel_json(info))
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    vs = await _db(request, request.app[REPO].list_versions, request["user"], _parcel(request))
+    vs = await _db(request, request.app[REPO].list_versions, request[USER], _parcel(request))
     return _json([wire.version_json(v) for v in vs])
 
 
 async def get_manifests(request: web.Request) -> web.Response:
     try:
         first, last = int(request.query["first"]), int(request.query["last"])
+        if max(abs(first), abs(last)) > MAX_INT:
+            raise ValueError
     except (KeyError, ValueError):
         raise FormatError("first and last must be version numbers") from None
-    blobs = await _db(request, request.app[REPO].get_manifests, request["user"], _parcel(request), first, last)
+    blobs = await _db(request, request.app[REPO].get_manifests, request[USER], _parcel(request), first, last)
     return web.Response(body=wire.frame_blobs(blobs), content_type="application/octet-stream")
 
 
 async def upload_offset(request: web.Request) -> web.Response:
     repo = request.app[REPO]
     pid, pack = _parcel(request), _pack(request)
-    await _db(request, repo.parcel, request["user"], pid)
-    size = await _db(request, repo.reachable_pack, request["user"], pid, pack)
+    await _db(request, repo.parcel, request[USER], pid)
+    size = await _db(request, repo.reachable_pack, request[USER], pid, pack)
     if size is not None:
         return _json({"complete": True, "offset": size})
-    part = repo.upload_dir(request["user"]) / f"{pack.hex()}.part"
+    part = repo.upload_dir(request[USER]) / f"{pack.hex()}.part"
     return _json({"complete": False, "offset": part.stat().st_size if part.exists() else 0})
 
 
 async def put_pack(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    user, pid, pack = request["user"], _parcel(request), _pack(request)
+    user, pid, pack = request[USER], _parcel(request), _pack(request)
     await _db(request, repo.parcel, user, pid)
+    # One upload of a given pack per user at a time: two handlers appending to
+    # one partial file would interleave their bytes.
+    lock = request.app[UPLOAD_LOCKS].setdefault((user, pack), asyncio.Lock())
+    async with lock:
+        try:
+            return await _put_pack_locked(request, repo, user, pid, pack)
+        finally:
+            if not lock._waiters:  # type: ignore[attr-defined]
+                request.app[UPLOAD_LOCKS].pop((user, pack), None)
+
+
+async def _put_pack_locked(request: web.Request, repo: Repository, user: str, pid: uuid.UUID, pack: bytes) -> web.Response:
     if await _db(request, repo.reachable_pack, user, pid, pack) is not None:
         await _drain(request)
         return _json({"complete": True}, 200)
     start, total = 0, request.content_length
     cr = request.headers.get("Content-Range")
+    part = repo.upload_dir(user) / f"{pack.hex()}.part"
+    if cr and cr.startswith("bytes */"):
+        # "Finish": every byte is here (an earlier request was cut between its
+        # last byte and the verification); verify and stage now.
+        try:
+            total = int(cr[8:])
+            if not 1 <= total <= wire.MAX_PACK:
+                raise ValueError
+        except ValueError:
+            raise FormatError("Content-Range must be 'bytes */TOTAL' with a sane TOTAL") from None
+        have = part.stat().st_size if part.exists() else 0
+        if have != total:
+            return _json({"complete": False, "offset": have}, 202)
+        return await _adopt(request, repo, user, pid, pack, part)
     if cr:
         m = _RANGE.match(cr)
         if not m:
@@ -214,7 +266,6 @@ async def put_pack(request: web.Request) -> web.Response:
         raise UsageError("a pack upload needs Content-Length or Content-Range")
     if total > wire.MAX_PACK or total < 1:
         raise UsageError(f"a pack of {total} bytes is out of range")
-    part = repo.upload_dir(user) / f"{pack.hex()}.part"
     have = part.stat().st_size if part.exists() else 0
     if start != have:
         # The client must continue where the server is; tell it where.
@@ -236,6 +287,10 @@ async def put_pack(request: web.Request) -> web.Response:
         if request.content.at_eof() and not cr:
             raise UsageError("the body is shorter than Content-Length")
         return _json({"complete": False, "offset": written}, 202)
+    return await _adopt(request, repo, user, pid, pack, part)
+
+
+async def _adopt(request: web.Request, repo: Repository, user: str, pid: uuid.UUID, pack: bytes, part: Path) -> web.Response:
     request.app[INFLIGHT].add(asyncio.current_task())
     try:
         # Verification hashes the whole pack: do it off the loop.
@@ -254,7 +309,7 @@ async def _drain(request: web.Request) -> None:
 
 async def get_pack(request: web.Request) -> web.StreamResponse:
     repo = request.app[REPO]
-    user, pid, pack = request["user"], _parcel(request), _pack(request)
+    user, pid, pack = request[USER], _parcel(request), _pack(request)
     size = await _db(request, repo.reachable_pack, user, pid, pack)
     if size is None:
         raise NotFound(f"no pack {pack.hex()[:16]} in parcel {pid}")
@@ -264,42 +319,42 @@ async def get_pack(request: web.Request) -> web.StreamResponse:
 async def have_packs(request: web.Request) -> web.Response:
     body = await _body_json(request)
     ids = wire.hexids(_field(body, "packs", list), "pack id", 100_000)
-    have = await _db(request, request.app[REPO].have_packs, request["user"], _parcel(request), ids)
+    have = await _db(request, request.app[REPO].have_packs, request[USER], _parcel(request), ids)
     return _json({"have": sorted(p.hex() for p in have)})
 
 
 async def locate(request: web.Request) -> web.Response:
     body = await _body_json(request, 64 << 20)
     tags = wire.hexids(_field(body, "tags", list), "tag", 1_000_000)
-    found = await _db(request, request.app[REPO].locate, request["user"], _parcel(request), tags)
+    found = await _db(request, request.app[REPO].locate, request[USER], _parcel(request), tags)
     return _json({t.hex(): [e.pack_id.hex(), e.offset, e.length] for t, e in found.items()})
 
 
 async def lock_status(request: web.Request) -> web.Response:
-    s = await _db(request, request.app[REPO].lock_status, request["user"], _parcel(request))
+    s = await _db(request, request.app[REPO].lock_status, request[USER], _parcel(request))
     return _json(wire.lock_json(s))
 
 
 async def acquire(request: web.Request) -> web.Response:
     body = await _body_json(request)
-    holder = Holder(_field(body, "site", str)[:200], _field(body, "host", str)[:200], request["user"])
-    s = await _db(request, request.app[REPO].acquire, request["user"], _parcel(request), holder)
+    holder = Holder(_field(body, "site", str)[:200], _field(body, "host", str)[:200], request[USER])
+    s = await _db(request, request.app[REPO].acquire, request[USER], _parcel(request), holder)
     return _json(wire.lock_json(s))
 
 
 async def release(request: web.Request) -> web.Response:
     body = await _body_json(request)
-    s = await _db(request, request.app[REPO].release, request["user"], _parcel(request), _field(body, "epoch", int))
+    s = await _db(request, request.app[REPO].release, request[USER], _parcel(request), _field(body, "epoch", int))
     return _json(wire.lock_json(s))
 
 
 async def break_lock(request: web.Request) -> web.Response:
     body = await _body_json(request)
     s = await _db(
-        request, request.app[REPO].break_lock, request["user"], _parcel(request),
+        request, request.app[REPO].break_lock, request[USER], _parcel(request),
         _field(body, "reason", str, "")[:500],
     )
-    log.warning("lock broken", extra={"user": request["user"], "parcel": str(s.parcel), "epoch": s.epoch})
+    log.warning("lock broken", extra={"user": request[USER], "parcel": str(s.parcel), "epoch": s.epoch})
     return _json(wire.lock_json(s))
 
 
@@ -307,16 +362,18 @@ async def commit(request: web.Request) -> web.Response:
     req = wire.decode_commit(await _read_limited(request, wire.MAX_COMMIT))
     request.app[INFLIGHT].add(asyncio.current_task())
     try:
-        v = await _db(request, request.app[REPO].commit, request["user"], _parcel(request), req)
+        v = await _db(request, request.app[REPO].commit, request[USER], _parcel(request), req)
     finally:
         request.app[INFLIGHT].discard(asyncio.current_task())
     return _json(wire.version_json(v), 201)
 
 
 def make_app(repo: Repository) -> web.Application:
-    app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=wire.MAX_JSON)
+    app = web.Application(middlewares=[track_mw, errors_mw, auth_mw], client_max_size=wire.MAX_JSON)
+    app[ACTIVE] = set()
     app[REPO] = repo
     app[INFLIGHT] = set()
+    app[UPLOAD_LOCKS] = {}
     p = f"{wire.API}/parcels/{{parcel}}"
     app.add_routes([
         web.get(f"{wire.API}/health", health),
@@ -329,6 +386,7 @@ def make_app(repo: Repository) -> web.Application:
         web.get(f"{p}/manifests", get_manifests),
         web.get(f"{p}/uploads/{{pack}}", upload_offset),
         web.put(f"{p}/packs/{{pack}}", put_pack),
+        web.post(f"{p}/packs/{{pack}}", put_pack),
         web.get(f"{p}/packs/{{pack}}", get_pack),
         web.post(f"{p}/have-packs", have_packs),
         web.post(f"{p}/locate", locate),
@@ -357,7 +415,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         self.logger.info(json.dumps({
             "time": round(time.time(), 3),
             "remote": request.remote,
-            "user": request.get("user"),
+            "user": request.get(USER),
             "method": request.method,
             "path": request.path[:300],
             "status": response.status,

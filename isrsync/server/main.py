@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..errors import UsageError
 from ..store.repo import Repository
-from .app import JsonAccessLogger, make_app
+from .app import ACTIVE, JsonAccessLogger, make_app
 from .maint import collect_garbage
 
 log = logging.getLogger("isrsync.server")
@@ -79,6 +79,12 @@ async def serve(cfg: ServeConfig, on_ready: Callable[[str, int], None] | None = 
     finally:
         gc_task.cancel()
         log.info("shutting down: finishing in-flight requests")
+        # Stop accepting, then let every request already started finish (a
+        # body may still be arriving), then close what is left.
+        await site.stop()
+        active = [t for t in app[ACTIVE] if not t.done()]
+        if active:
+            await asyncio.wait(active, timeout=120)
         await runner.cleanup()
         repo.close()
 

@@ -43,23 +43,35 @@ def collect_garbage(repo: Repository, grace: float = STAGING_GRACE, now: float |
         orphans = [r[0] for r in db.execute(
             "SELECT id FROM packs WHERE added < ? AND id NOT IN (SELECT pack FROM parcel_packs)", (cutoff,)
         )]
-        db.executemany("DELETE FROM packs WHERE id=?", [(p,) for p in orphans])
-    for p in orphans:
-        with contextlib.suppress(FileNotFoundError):
-            repo.pack_path(p).unlink()
-            removed += 1
-    known = {r[0].hex() for r in repo._q("SELECT id FROM packs")}
-    for f in (repo.root / "packs").glob("*/*"):
-        # A crash between placing a file and recording it leaves a file no row names.
-        if f.name not in known and _older(f, cutoff):
-            f.unlink(missing_ok=True)
-            removed += 1
-    for f in (repo.root / "uploads").glob("*/*"):
+        removed += _delete_packs(repo, db, orphans)
+        # A crash between placing a file and recording it leaves a file no row
+        # names; under the write lock no upload can be placing one right now.
+        known = {r[0].hex() for r in db.execute("SELECT id FROM packs")}
+        for f in (repo.root / "packs").glob("*/*"):
+            if f.name not in known and _older(f, cutoff):
+                f.unlink(missing_ok=True)
+                removed += 1
+    for f in [*(repo.root / "uploads").glob("*/*"), *(repo.root / "uploads").glob(".*.tmp")]:
         limit = now - TMP_GRACE if f.name.endswith(".tmp") else cutoff
-        if _older(f, limit):
+        if f.is_file() and _older(f, limit):
             f.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def _delete_packs(repo: Repository, db, ids: list[bytes]) -> int:
+    """Delete pack rows and files inside the caller's write transaction.
+
+    Files are unlinked while the write lock is held, so an upload of the same
+    pack (which places its file under that lock too) cannot interleave.
+    """
+    db.executemany("DELETE FROM packs WHERE id=?", [(p,) for p in ids])
+    n = 0
+    for p in ids:
+        with contextlib.suppress(FileNotFoundError):
+            repo.pack_path(p).unlink()
+            n += 1
+    return n
 
 
 def _older(p: Path, cutoff: float) -> bool:
@@ -246,10 +258,7 @@ def _drop_unreferenced(repo: Repository) -> int:
         gone = db.execute(
             "SELECT id, size FROM packs WHERE id NOT IN (SELECT pack FROM parcel_packs)"
         ).fetchall()
-        db.executemany("DELETE FROM packs WHERE id=?", [(g[0],) for g in gone])
-    freed = 0
-    for pid, size in gone:
-        with contextlib.suppress(FileNotFoundError):
-            repo.pack_path(pid).unlink()
-            freed += size
-    return freed
+        present = [pid for pid, _ in gone if repo.pack_path(pid).exists()]
+        _delete_packs(repo, db, [g[0] for g in gone])
+    sizes = dict(gone)
+    return sum(sizes[p] for p in present)

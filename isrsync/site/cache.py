@@ -114,6 +114,7 @@ class SiteCache:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._files: dict[tuple[str, str], BinaryIO] = {}
+        self._unsynced: set[str] = set()  # segments written since the last sync()
         if self.path.exists() and not self.path.is_dir():
             raise CacheError(
                 f"the cache path {self.path} is not a directory",
@@ -143,8 +144,10 @@ class SiteCache:
                     self.path / "index.db", timeout=60, isolation_level=None, check_same_thread=False
                 )
                 self._db.execute("PRAGMA journal_mode=WAL")
-                # FULL: a commit point survives power loss, not just a killed process.
-                self._db.execute("PRAGMA synchronous=FULL")
+                # NORMAL in WAL mode: a commit survives a killed process; power-loss
+                # durability comes at commit points (durable puts and sync()),
+                # which switch to FULL so the WAL is fsynced with them.
+                self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
                 self._check_schema()
             finally:
@@ -270,11 +273,14 @@ class SiteCache:
     def put(self, tag: bytes, data: bytes) -> bool:
         return self.put_many([(tag, data)]) == 1
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        """Store verified chunks; returns how many were new. One commit point.
+    def put_many(self, items: Iterable[tuple[bytes, bytes]], *, durable: bool = True) -> int:
+        """Store verified chunks; returns how many were new.
 
-        A chunk whose bytes do not match its tag is refused (IntegrityError)
-        before anything is written.
+        ``durable`` makes this call a commit point (bytes and index fsynced).
+        Without it the chunks survive a killed process but not a power cut until
+        the next :meth:`sync` (the guest's writes take this path; its FLUSH
+        calls sync). A chunk whose bytes do not match its tag is refused
+        (IntegrityError) before anything is written.
         """
         batch: list[tuple[bytes, bytes]] = []
         seen: set[bytes] = set()
@@ -286,11 +292,11 @@ class SiteCache:
                 batch.append((tag, data))
         if not batch:
             return 0
-        with self._lock, self._write_tx():
+        with self._lock, self._write_tx(durable):
             new = [(t, d) for t, d in batch if not self._db.execute(
                 "SELECT 1 FROM chunks WHERE tag=?", (t,)).fetchone()]
             if new:
-                rows, undo = self._append(new)
+                rows, undo = self._append(new, durable)
                 try:
                     self._db.executemany(
                         "INSERT INTO chunks(tag, file, offset, length, atime) VALUES (?,?,?,?,?)", rows
@@ -302,10 +308,13 @@ class SiteCache:
         return len(new)
 
     @contextlib.contextmanager
-    def _write_tx(self) -> Iterator[None]:
+    def _write_tx(self, durable: bool = True) -> Iterator[None]:
         """BEGIN IMMEDIATE (serializes appenders across processes) ... COMMIT,
-        with SQLite's own failures (a full disk above all) mapped to our errors."""
+        with SQLite's own failures (a full disk above all) mapped to our errors.
+        A durable transaction fsyncs the WAL at its commit (and all before it)."""
         try:
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -315,13 +324,33 @@ class SiteCache:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as e:
             raise _sqlite_error(e, self.path) from None
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
 
-    def _append(self, items: list[tuple[bytes, bytes]]) -> tuple[list[tuple], Callable[[], None]]:
+    def sync(self) -> None:
+        """A commit point: everything stored so far survives a power cut."""
+        with self._lock:
+            dirty, self._unsynced = self._unsynced, set()
+            try:
+                for name in dirty:
+                    fd = os.open(self.path / "segments" / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                with self._write_tx(durable=True):
+                    self._db.execute("UPDATE meta SET value=value WHERE key='schema'")
+            except OSError as e:
+                self._unsynced |= dirty
+                raise os_error(e, f"the cache at {self.path}") from e
+
+    def _append(self, items: list[tuple[bytes, bytes]], durable: bool = True) -> tuple[list[tuple], Callable[[], None]]:
         """Append records durably; returns index rows and an undo that cuts them off."""
         try:
             file_id, name = self._current_segment()
@@ -339,7 +368,10 @@ class SiteCache:
                     _write_all(fd, _REC.pack(_REC_MAGIC, tag, len(data)) + data)
                     rows.append((tag, file_id, pos + _REC.size, len(data), now))
                     pos += _REC.size + len(data)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
+                else:
+                    self._unsynced.add(name)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)

@@ -13,9 +13,9 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
-from ..chunk import CHUNK_SIZE, Encoded, chunk_count, encode_many
+from ..chunk import CHUNK_SIZE, ChunkRef, Encoded, chunk_count, encode_many
 from ..fsutil import fsync_dir, os_error
 from ..manifest import Keyring
 from ..pack import PackInfo, PackWriter
@@ -120,27 +120,30 @@ class PackSink:
         self._writer = self._file = self._tmp = None
 
 
-def pack_stream(
-    src: BinaryIO,
-    size: int,
+def pack_chunks(
+    plains: Iterable[bytes],
     secret: bytes,
     out_dir: str | os.PathLike[str],
     *,
     known: Callable[[bytes], bool] | None = None,
     limit: int = DEFAULT_PACK_LIMIT,
-    progress: Progress | None = None,
-) -> PackedImage:
-    """Encode ``size`` bytes of ``src`` into a keyring and new packs in ``out_dir``."""
+) -> tuple[list[ChunkRef], PackedImage]:
+    """Encode a stream of plaintext chunks into refs (in order) and new packs.
+
+    The returned PackedImage's keyring is a placeholder; callers that know the
+    size build it from the refs (see :func:`pack_stream`).
+    """
     out = Path(out_dir)
-    result = PackedImage(Keyring(size))
+    result = PackedImage(Keyring(0))
+    refs: list[ChunkRef] = []
     sink = PackSink(out, limit)
     seen: set[bytes] = set()
     try:
-        for i, enc in enumerate(encode_many(read_chunks(src, size, progress), secret)):
+        for enc in encode_many(plains, secret):
+            refs.append(enc.ref)
             if enc.ref.is_zero:
                 result.zero_chunks += 1
-                continue  # a fresh keyring already says ZERO
-            result.keyring[i] = enc.ref
+                continue
             if enc.tag in seen or (known is not None and known(enc.tag)):
                 result.reused_chunks += 1
                 continue
@@ -155,7 +158,42 @@ def pack_stream(
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
-    assert len(result.keyring) == chunk_count(size)
     result.packs = sink.done
     result.stored_bytes = sink.bytes
+    return refs, result
+
+
+def pack_stream(
+    src: BinaryIO,
+    size: int,
+    secret: bytes,
+    out_dir: str | os.PathLike[str],
+    *,
+    known: Callable[[bytes], bool] | None = None,
+    limit: int = DEFAULT_PACK_LIMIT,
+    progress: Progress | None = None,
+) -> PackedImage:
+    """Encode ``size`` bytes of ``src`` into a keyring and new packs in ``out_dir``."""
+    refs, result = pack_chunks(read_chunks(src, size, progress), secret, out_dir, known=known, limit=limit)
+    assert len(refs) == chunk_count(size)
+    result.keyring = Keyring.from_refs(size, refs)
     return result
+
+
+def fd_chunks(fd: int, counter: list[int] | None = None) -> Iterator[bytes]:
+    """Chunk a stream of unknown length (a pipe) into 128 KiB plaintexts."""
+    buf = bytearray()
+    total = 0
+    while True:
+        b = os.read(fd, 1 << 20)
+        if not b:
+            break
+        total += len(b)
+        buf += b
+        while len(buf) >= CHUNK_SIZE:
+            yield bytes(buf[:CHUNK_SIZE])
+            del buf[:CHUNK_SIZE]
+    if buf:
+        yield bytes(buf)
+    if counter is not None:
+        counter.append(total)

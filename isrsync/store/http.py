@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..errors import Conflict, FormatError, IsrError, Unreachable, UsageError
+from ..errors import Conflict, FormatError, IntegrityError, IsrError, Unreachable, UsageError
 from ..pack import PackEntry
 from . import wire
 from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
@@ -169,34 +169,47 @@ class HttpStore:
     # -- packs -----------------------------------------------------------------------------
 
     async def put_pack(self, parcel: uuid.UUID, pack_id: bytes, path: Path) -> None:
-        """Upload a pack, resuming from wherever the server's copy stops."""
+        """Upload a pack, resuming from wherever the server's copy stops.
+
+        Returns only once the server says the pack is verified and staged.
+        """
         path = Path(path)
         size = path.stat().st_size
         url = f"{self._p(parcel)}/packs/{pack_id.hex()}"
-        for _ in range(self._retries + 3):
+        restarts = 0
+        for _ in range(self._retries + 8):
             st = await self._json("GET", f"{self._p(parcel)}/uploads/{pack_id.hex()}")
             if st["complete"]:
                 return
             offset = int(st["offset"])
-            if offset > size:
-                raise Conflict("the server holds a longer partial upload than this pack")
             try:
+                if offset > size:
+                    raise Conflict("the server holds a longer partial upload than this pack")
+                if offset == size:
+                    # Every byte arrived but was never verified (a cut or a crash
+                    # in between): ask the server to finish.
+                    await self._call_once("POST", url, b"", {"Content-Range": f"bytes */{size}"})
+                    continue
                 while offset < size:
                     end = min(size, offset + UPLOAD_PIECE) - 1
                     with open(path, "rb") as f:
                         f.seek(offset)
                         body = f.read(end - offset + 1)
-                    # One attempt per piece: on failure we re-ask the offset.
-                    status, raw, _ = await self._call_once(
-                        "PUT", url, body,
+                    # POST, not PUT: aiohttp silently replays an idempotent
+                    # request after a cut, which would resend a whole piece.
+                    await self._call_once(
+                        "POST", url, body,
                         {"Content-Range": f"bytes {offset}-{end}/{size}",
                          "Content-Type": "application/octet-stream"},
                     )
                     offset = end + 1
-                return
             except (Unreachable, Conflict):
                 await asyncio.sleep(self._backoff)
-                continue
+            except IntegrityError:
+                # The server's partial copy was damaged and dropped: start over, once.
+                restarts += 1
+                if restarts > 1:
+                    raise
         raise Unreachable(f"could not upload pack {pack_id.hex()[:16]} to {self.url}")
 
     async def _call_once(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, Any]:
@@ -222,7 +235,8 @@ class HttpStore:
             headers["Range"] = f"bytes={offset}-{end}"
         _, raw, _ = await self._call("GET", f"{self._p(parcel)}/packs/{pack_id.hex()}", headers=headers)
         if length is not None and len(raw) != length:
-            raise FormatError("the server sent a short range")
+            # The server clips a range at the end of the pack, as HTTP allows.
+            raise UsageError(f"range {offset}+{length} is outside the pack")
         return raw
 
     async def pack_size(self, parcel: uuid.UUID, pack_id: bytes) -> int | None:

@@ -73,19 +73,21 @@ CREATE INDEX IF NOT EXISTS parcel_packs_pack ON parcel_packs(pack);
 CREATE TABLE IF NOT EXISTS refs (
     parcel TEXT NOT NULL REFERENCES parcels(id) ON DELETE CASCADE, tag BLOB NOT NULL,
     first INTEGER NOT NULL, last INTEGER);
-CREATE INDEX IF NOT EXISTS refs_tag ON refs(parcel, tag);
-CREATE INDEX IF NOT EXISTS refs_last ON refs(parcel, last);
+CREATE INDEX IF NOT EXISTS refs_by_tag ON refs(parcel, tag, last);
+CREATE INDEX IF NOT EXISTS refs_by_last ON refs(parcel, last, tag);
 CREATE TABLE IF NOT EXISTS audit (
     time REAL NOT NULL, user TEXT NOT NULL, parcel TEXT, event TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
 
 def hash_token(token: str) -> bytes:
-    return hashlib.blake2b(token.encode(), digest_size=32, person=b"isrsync-token").digest()
+    # errors="replace": a token of undecodable bytes hashes to something no
+    # user has, rather than raising.
+    return hashlib.blake2b(token.encode("utf-8", "replace"), digest_size=32, person=b"isrsync-token").digest()
 
 
 def check_user_name(name: str) -> str:
-    if not USER_RE.match(name):
+    if not USER_RE.fullmatch(name):
         raise UsageError(
             f"{name[:80]!r} is not a valid user name",
             hint="use lower-case letters, digits, '_', '.', '-' (at most 64)",
@@ -94,7 +96,7 @@ def check_user_name(name: str) -> str:
 
 
 def check_parcel_name(name: str) -> str:
-    if not PARCEL_NAME_RE.match(name):
+    if not PARCEL_NAME_RE.fullmatch(name):
         raise UsageError(
             f"{name[:80]!r} is not a valid parcel name",
             hint="use letters, digits, '_', '.', '-' (at most 128), not starting with a symbol",
@@ -195,6 +197,8 @@ class Repository:
         return rows[0][0] if rows else None
 
     def put_key_bundle(self, user: str, sealed: bytes, expect: bytes | None) -> None:
+        if not sealed:
+            raise FormatError("key bundle is empty")
         with self._tx() as db:
             row = db.execute("SELECT hash FROM bundles WHERE user=?", (user,)).fetchone()
             current = row[0] if row else None
@@ -241,6 +245,8 @@ class Repository:
 
     def parcel(self, user: str, ref: uuid.UUID | str) -> ParcelInfo:
         pid = parse_parcel_id(ref)
+        if pid is None:
+            check_parcel_name(str(ref))
         if pid is not None:
             rows = self._q(f"SELECT {self._PARCEL_COLS} FROM parcels WHERE owner=? AND id=?", (user, str(pid)))
         else:
@@ -301,50 +307,49 @@ class Repository:
         Returns the pack size. ``src`` must be on the data directory's filesystem.
         """
         self.parcel(user, parcel)
-        known = self._q("SELECT size FROM packs WHERE id=?", (pack_id,))
-        if not known:
-            with open(src, "rb") as f:
+        # Verify even when the id is known: staging a pack for a parcel must
+        # prove possession of its bytes, or anyone who learned an id could
+        # claim another user's pack.
+        try:
+            with open(src, "rb+") as f:
                 try:
                     info = verify_stream(f, pack_id)
                 except (IntegrityError, FormatError):
                     src.unlink(missing_ok=True)
                     raise
-            dest = self.pack_path(pack_id)
-            try:
-                dest.parent.mkdir(mode=0o700, exist_ok=True)
-                os.replace(src, dest)
-                fsync_dir(dest.parent)
-            except OSError as e:
-                raise os_error(e, f"pack {pack_id.hex()[:16]}") from e
-            size = info.size
-        else:
-            src.unlink(missing_ok=True)
-            size = known[0][0]
-            info = None
+                os.fsync(f.fileno())  # durable before any row names it
+        except OSError as e:
+            raise os_error(e, f"pack {pack_id.hex()[:16]}") from e
+        dest = self.pack_path(pack_id)
+        # Placing the file and recording it happen under the write lock, which
+        # the deleters (prune, GC) also hold while they unlink: a re-upload can
+        # never land between a deleter's decision and its unlink.
         with self._tx() as db:
-            if info is None and not db.execute("SELECT 1 FROM packs WHERE id=?", (pack_id,)).fetchone():
-                # Garbage collection removed it between our check and now.
-                raise Conflict(f"pack {pack_id.hex()[:16]} was collected meanwhile", hint="upload it again")
-            if info is not None:
-                db.execute("INSERT OR IGNORE INTO packs VALUES (?,?,?)", (pack_id, size, time.time()))
+            self._owned(db, user, parcel)
+            if db.execute("SELECT 1 FROM packs WHERE id=?", (pack_id,)).fetchone() and dest.exists():
+                src.unlink(missing_ok=True)
+            else:
+                try:
+                    dest.parent.mkdir(mode=0o700, exist_ok=True)
+                    os.replace(src, dest)
+                    fsync_dir(dest.parent)
+                except OSError as e:
+                    raise os_error(e, f"pack {pack_id.hex()[:16]}") from e
+                db.execute("INSERT OR IGNORE INTO packs VALUES (?,?,?)", (pack_id, info.size, time.time()))
                 db.executemany(
                     "INSERT OR IGNORE INTO pack_entries VALUES (?,?,?,?)",
                     [(pack_id, e.tag, e.offset, e.length) for e in info.entries],
                 )
-            self._owned(db, user, parcel)
             db.execute(
-                "INSERT OR IGNORE INTO parcel_packs VALUES (?,?, 'staged', ?)",
+                "INSERT INTO parcel_packs VALUES (?,?, 'staged', ?) ON CONFLICT(parcel, pack) DO UPDATE"
+                " SET since=excluded.since WHERE state='staged'",
                 (str(parcel), pack_id, time.time()),
             )
-        return size
+        return info.size
 
     def put_pack_file(self, user: str, parcel: uuid.UUID, pack_id: bytes, path: Path) -> int:
         """Copy a pack from anywhere into the data directory and adopt it."""
         self.parcel(user, parcel)
-        if self._q("SELECT 1 FROM packs WHERE id=?", (pack_id,)):
-            tmp = self.upload_dir(user) / f".{secrets.token_hex(8)}.tmp"
-            tmp.touch()
-            return self.adopt_pack(user, parcel, pack_id, tmp)
         tmp = self.upload_dir(user) / f".{secrets.token_hex(8)}.tmp"
         try:
             shutil.copyfile(path, tmp)
@@ -357,6 +362,7 @@ class Repository:
 
     def reachable_pack(self, user: str, parcel: uuid.UUID, pack_id: bytes) -> int | None:
         """Size of a pack the user's parcel has (staged or live), else None."""
+        self.parcel(user, parcel)
         rows = self._q(
             "SELECT p.size FROM packs p JOIN parcel_packs pp ON pp.pack=p.id "
             "JOIN parcels c ON c.id=pp.parcel WHERE c.owner=? AND pp.parcel=? AND p.id=?",

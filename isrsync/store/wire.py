@@ -10,6 +10,7 @@ site sees identical behaviour from a LocalStore and an HttpStore.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import uuid
 from typing import Any
@@ -75,13 +76,14 @@ def _by_status(status: int) -> type[IsrError]:
 # -- values ------------------------------------------------------------------------
 
 
+_HEX = re.compile(r"[0-9a-f]+")
+
+
 def hexid(raw: Any, what: str = "id", size: int = 32) -> bytes:
-    if not isinstance(raw, str) or len(raw) != 2 * size:
-        raise FormatError(f"{what} must be {2 * size} hex digits")
-    try:
-        return bytes.fromhex(raw)
-    except ValueError:
-        raise FormatError(f"{what} must be {2 * size} hex digits") from None
+    # fullmatch: bytes.fromhex alone would skip whitespace.
+    if not isinstance(raw, str) or len(raw) != 2 * size or not _HEX.fullmatch(raw):
+        raise FormatError(f"{what} must be {2 * size} lower-case hex digits")
+    return bytes.fromhex(raw)
 
 
 def hexids(raw: Any, what: str, limit: int = 1_000_000) -> list[bytes]:
@@ -191,17 +193,20 @@ def decode_commit(raw: bytes) -> CommitRequest:
         meta = json.loads(raw[4 : 4 + n])
         pos = 4 + n
         m, a, r, k = (int(meta[x]) for x in ("manifest", "added", "removed", "memory"))
+        epoch, parent = int(meta["epoch"]), int(meta["parent"])
+        if not (0 <= epoch < 1 << 62 and 0 <= parent < 1 << 62):
+            raise FormatError("commit epoch or parent is out of range")
         if min(m, a, r, k) < 0 or pos + m + 32 * (a + r + k) != len(raw):
             raise FormatError("commit body length does not match its header")
         manifest = raw[pos : pos + m]
         pos += m
         tags = [raw[i : i + 32] for i in range(pos, len(raw), 32)]
         return CommitRequest(
-            epoch=int(meta["epoch"]), parent=int(meta["parent"]), manifest=manifest,
+            epoch=epoch, parent=parent, manifest=manifest,
             packs=hexids(meta["packs"], "pack id", 100_000), added=tags[:a], removed=tags[a : a + r],
             memory=tags[a + r :], release=bool(meta["release"]), site=str(meta.get("site", ""))[:200],
         )
     except FormatError:
         raise
-    except (ValueError, KeyError, TypeError, struct.error, RecursionError):
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError, OverflowError):
         raise FormatError("commit body is malformed") from None

@@ -1,0 +1,41 @@
+"""Fixtures for the maintenance tests: a data directory, a store over it, a client."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from maintkit import USER, Client
+
+from isrsync.store.local import LocalStore
+from isrsync.store.repo import Repository
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "server-data"
+
+
+@pytest.fixture
+async def store(data_dir: Path) -> AsyncIterator[LocalStore]:
+    repo = Repository(data_dir)
+    repo.add_user(USER)
+    s = LocalStore(repo, USER, owns_repo=True)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def make_client(store: LocalStore, tmp_path: Path) -> Callable[..., Client]:
+    n = 0
+
+    def make(chunks: int, seed: int = 1, full_every: int = 4) -> Client:
+        nonlocal n
+        n += 1
+        return Client(store, tmp_path / f"client-{n}", chunks, full_every=full_every, rng=random.Random(seed))
+
+    return make
