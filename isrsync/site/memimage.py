@@ -1,0 +1,142 @@
+"""Memory images: encode QEMU's migration stream as it is produced, and feed a
+saved one back while its chunks are still arriving.
+
+Saving chunks the stream into 128 KiB plaintexts, encodes them on all cores,
+and appends new chunks to packs in the site cache: the plaintext never lands
+on disk and the encoded image is ready to upload (or to resume from locally,
+offline) the moment QEMU finishes writing it.
+
+Restoring walks the image's refs in order with a prefetch window: chunks come
+from the cache or the source chain, are decoded on worker threads, and a
+writer thread pushes them into QEMU's incoming pipe, so QEMU restores pages
+while later chunks are still on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..chunk import ChunkRef, chunk_length, decode, default_pool
+from ..manifest import MemoryImage
+from .cache import SiteCache
+from .packer import fd_chunks, pack_chunks
+from .sources import SourceChain
+
+WINDOW = 16  # chunks per fetch batch
+AHEAD = 4  # batches in flight ahead of the writer
+
+
+@dataclass
+class SavedImage:
+    memory: MemoryImage
+    pack_ids: list[bytes]
+    stored_bytes: int
+    seconds: float
+
+
+def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
+    """Worker thread: read a migration stream to EOF and encode it into the cache."""
+    t0 = time.perf_counter()
+    total: list[int] = []
+    staging = Path(tempfile.mkdtemp(prefix=".mem-", dir=cache.path / "packs"))
+    try:
+        refs, packed = pack_chunks(fd_chunks(fd, total), secret, staging, known=cache.has)
+        for info, path in packed.packs:
+            cache.add_pack(path, info.pack_id)
+    finally:
+        for p in staging.glob("*"):
+            p.unlink(missing_ok=True)
+        staging.rmdir()
+    length = total[0] if total else 0
+    mem = MemoryImage.from_refs(length, refs)
+    return SavedImage(mem, [i.pack_id for i, _ in packed.packs], packed.stored_bytes, time.perf_counter() - t0)
+
+
+async def restore_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> "Feeder":
+    """Start fetching a memory image in order; returns the feeder QEMU's writer uses."""
+    feeder = Feeder(mem, cache, chain)
+    feeder.start()
+    return feeder
+
+
+class Feeder:
+    """Fetches and decodes an image in order into a bounded queue; ``produce`` writes it."""
+
+    def __init__(self, mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> None:
+        self.mem = mem
+        self.cache = cache
+        self.chain = chain
+        self.q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=WINDOW * AHEAD * 2)
+        self.task: asyncio.Task | None = None
+        self.fetched = 0
+        self.written = 0
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pool = default_pool()
+        n = len(self.mem.refs)
+        batches = [list(range(i, min(n, i + WINDOW))) for i in range(0, n, WINDOW)]
+        try:
+            pending: list[asyncio.Task] = []
+            for b in batches:
+                pending.append(asyncio.create_task(self._batch(b, pool)))
+                if len(pending) >= AHEAD:
+                    for plain in await pending.pop(0):
+                        await loop.run_in_executor(None, self.q.put, plain)
+            for t in pending:
+                for plain in await t:
+                    await loop.run_in_executor(None, self.q.put, plain)
+            await loop.run_in_executor(None, self.q.put, None)
+        except BaseException as e:  # hand the failure to the writer thread
+            await loop.run_in_executor(None, self.q.put, e)
+            raise
+
+    async def _batch(self, idxs: list[int], pool) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        refs = [self.mem.refs[i] for i in idxs]
+        local = await loop.run_in_executor(pool, self._local, idxs, refs)
+        miss = [k for k, p in enumerate(local) if p is None]
+        if miss:
+            got = await self.chain.fetch_many([refs[k].tag for k in miss])
+            dec = await loop.run_in_executor(
+                pool,
+                lambda: [decode(refs[k], got[refs[k].tag], chunk_length(self.mem.length, idxs[k])) for k in miss],
+            )
+            for k, plain in zip(miss, dec):
+                local[k] = plain
+        self.fetched += len(idxs)
+        return local  # type: ignore[return-value]
+
+    def _local(self, idxs: list[int], refs: list[ChunkRef]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for i, r in zip(idxs, refs):
+            n = chunk_length(self.mem.length, i)
+            if r.is_zero:
+                out.append(bytes(n))
+            else:
+                data = self.cache.get(r.tag)
+                out.append(None if data is None else decode(r, data, n))
+        return out
+
+    def produce(self, fd: int) -> None:
+        """Worker thread: write the decoded image to QEMU's incoming pipe."""
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            view = memoryview(item)
+            while view:
+                k = os.write(fd, view)
+                view = view[k:]
+            self.written += len(item)

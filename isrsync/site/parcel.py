@@ -1,0 +1,441 @@
+"""Parcel operations that need no running VM: init, version lookup, commit, hoard,
+discard, rollback.
+
+A commit sends only what the server lacks: the tags the new version adds (disk
+chunks the guest wrote, the memory image) are looked up on the server, the
+missing ones are packed from the site cache and uploaded (several packs in
+parallel), and the commit names those packs plus any the trickle already
+staged. Its cost grows with what changed, never with the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .. import manifest
+from ..chunk import chunk_length, decode
+from ..errors import IntegrityError, NotFound, UsageError
+from ..keys import KeyBundle, new_master_key
+from ..manifest import Keyring, Manifest, MemoryImage
+from ..pack import PackInfo
+from ..store.base import CommitRequest, Holder, Store, VersionInfo
+from .account import Account, add_parcel_key, host_name, open_store, session_keys
+from .cache import SiteCache
+from .packer import DEFAULT_PACK_LIMIT, PackSink, pack_stream
+from .sources import ServerSource, SourceChain
+from .state import ParcelState
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Site:
+    """This site as seen by one user: cache, home store, account and keys."""
+
+    cache: SiteCache
+    store: Store
+    acct: Account
+    bundle: KeyBundle
+    host: str
+
+    @property
+    def site_id(self) -> str:
+        return self.cache.site_id
+
+    def holder(self) -> Holder:
+        return Holder(self.site_id, self.host, self.acct.user)
+
+    def secret(self) -> bytes:
+        return self.bundle.convergence_secret
+
+    def master_key(self, parcel: uuid.UUID) -> bytes:
+        return self.bundle.master_key(str(parcel))
+
+    def state(self, parcel: uuid.UUID) -> ParcelState:
+        return ParcelState(self.cache, parcel, self.master_key(parcel))
+
+    def chain(self, parcel: uuid.UUID) -> SourceChain:
+        chain = SourceChain(self.cache)
+        chain.add(ServerSource(self.store, parcel))
+        return chain
+
+    async def close(self) -> None:
+        await self.store.close()
+        self.cache.close()
+
+
+async def open_site(cache: SiteCache, acct: Account) -> Site:
+    bundle, _ = session_keys(acct)
+    return Site(cache, open_store(acct), acct, bundle, host_name())
+
+
+# -- versions ------------------------------------------------------------------------
+
+
+async def load_version(site: Site, parcel: uuid.UUID, version: int, state: ParcelState | None = None) -> Manifest:
+    """Fetch, authenticate and resolve a version (keyring rebuilt from its base).
+
+    Manifests are kept in the parcel's local state, so a site that has seen a
+    version can open it again while the server is unreachable.
+    """
+    mk = site.master_key(parcel)
+    raws = state.manifests(version, version) if state else None
+    if raws is None:
+        raws = await site.store.get_manifests(parcel, version, version)
+    head = manifest.decode(raws[0], mk, parcel)
+    base = head.header.keyring_base
+    chain_raw = (state.manifests(base, version) if state else None) or await site.store.get_manifests(parcel, base, version)
+    if state is not None:
+        state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
+    chain = [manifest.decode(r, mk, parcel) for r in chain_raw]
+    return manifest.resolve(chain)
+
+
+# -- boot files kept inside the parcel ------------------------------------------------
+
+
+def blob_json(length: int, refs: Keyring) -> dict[str, Any]:
+    return {"length": length, "refs": refs.to_bytes().hex()}
+
+
+def blob_from(d: dict[str, Any]) -> MemoryImage:
+    length = int(d["length"])
+    return MemoryImage(length, Keyring.from_bytes(length, bytes.fromhex(d["refs"])))
+
+
+def boot_tags(vm: dict[str, Any]) -> set[bytes]:
+    out: set[bytes] = set()
+    for key in ("kernel", "initrd"):
+        if vm.get("boot", {}).get(key):
+            out |= blob_from(vm["boot"][key]).refs.tags()
+    return out
+
+
+async def read_blob(blob: MemoryImage, cache: SiteCache, chain: SourceChain) -> bytes:
+    """A small object (kernel, initrd) decoded into memory, fetched as needed."""
+    tags = [r.tag for r in blob.refs if not r.is_zero]
+    missing = await asyncio.to_thread(cache.missing, tags)
+    if missing:
+        await chain.fetch_many(missing)
+    out = bytearray()
+    for i, ref in enumerate(blob.refs):
+        data = None if ref.is_zero else cache.get(ref.tag)
+        out += decode(ref, data, chunk_length(blob.length, i))
+    return bytes(out)
+
+
+# -- init ----------------------------------------------------------------------------
+
+
+def image_format(path: Path) -> tuple[str, int]:
+    try:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except FileNotFoundError:
+        raise UsageError("qemu-img is not installed", hint="run scripts/setup") from None
+    except subprocess.CalledProcessError as e:
+        raise UsageError(f"cannot read the image {path}: {e.stderr.strip()[:200]}") from None
+    info = json.loads(out)
+    fmt = info["format"]
+    if fmt not in ("raw", "qcow2"):
+        raise UsageError(f"the image {path} is {fmt}; isrsync takes raw or qcow2")
+    return fmt, int(info["virtual-size"])
+
+
+@contextlib.contextmanager
+def raw_stream(path: Path, fmt: str):
+    """A readable raw stream of an image; qcow2 is served by qemu-nbd and copied
+    by nbdcopy into a pipe, so its plaintext never lands in a temporary file."""
+    if fmt == "raw":
+        with open(path, "rb") as f:
+            yield f
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="isrsync-img-"))
+    sock = tmp / "nbd.sock"
+    server = subprocess.Popen(
+        ["qemu-nbd", "--read-only", "--format", fmt, "--socket", str(sock), "--shared", "1", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    copy = None
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.02)
+        copy = subprocess.Popen(["nbdcopy", f"nbd+unix:///?socket={sock}", "-"], stdout=subprocess.PIPE)
+        assert copy.stdout is not None
+        yield copy.stdout
+    finally:
+        if copy is not None:
+            copy.kill()
+            copy.wait()
+        server.kill()
+        server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hardware_tag(vm: dict[str, Any]) -> str:
+    return f"x86_64 mem={vm['memory_mib']}M cpus={vm['cpus']} machine={vm['machine']} cpu={vm['cpu_model']}"
+
+
+async def upload_packs(store: Store, parcel: uuid.UUID, packs: list[tuple[PackInfo, Path]], *, parallel: int = 3,
+                       progress: Progress | None = None) -> None:
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(info: PackInfo, path: Path) -> None:
+        async with sem:
+            await store.put_pack(parcel, info.pack_id, path)
+            if progress:
+                progress(info.size)
+
+    await asyncio.gather(*(one(i, p) for i, p in packs))
+
+
+async def init_parcel(
+    site: Site,
+    name: str,
+    image: Path,
+    *,
+    memory_mib: int = 256,
+    cpus: int = 1,
+    machine: str = "q35",
+    cpu_model: str = "max",
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str | None = None,
+    encode_progress: Callable[[int, int], None] | None = None,
+    upload_progress: Callable[[int, int], None] | None = None,
+) -> tuple[uuid.UUID, VersionInfo]:
+    """Turn an image into a parcel at version 1 (no memory image: it cold-boots)."""
+    fmt, size = image_format(image)
+    parcel = uuid.uuid4()
+    vm: dict[str, Any] = {
+        "memory_mib": memory_mib, "cpus": cpus, "machine": machine, "cpu_model": cpu_model, "accel": "auto",
+    }
+    # The key is stored (sealed) on the server before anything uses it: a parcel
+    # can never exist whose key was lost.
+    site.bundle = await add_parcel_key(site.store, site.acct, str(parcel), new_master_key())
+    await site.store.create_parcel(parcel, name, hardware_tag(vm))
+    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=site.cache.path / "packs"))
+    try:
+        done = [0]
+
+        def adv(n: int) -> None:
+            done[0] += n
+            if encode_progress:
+                encode_progress(done[0], size)
+
+        with raw_stream(image, fmt) as src:
+            packed = await asyncio.to_thread(
+                pack_stream, src, size, site.secret(), staging, progress=adv, limit=DEFAULT_PACK_LIMIT
+            )
+        packs = list(packed.packs)
+        added = set(packed.keyring.tags())
+        boot: dict[str, Any] = {}
+        for key, path in (("kernel", kernel), ("initrd", initrd)):
+            if path is not None:
+                blob_size = path.stat().st_size
+                with open(path, "rb") as f:
+                    bp = await asyncio.to_thread(pack_stream, f, blob_size, site.secret(), staging)
+                packs += bp.packs
+                added |= bp.keyring.tags()
+                boot[key] = blob_json(blob_size, bp.keyring)
+        if boot:
+            boot["cmdline"] = append or ""
+            vm["boot"] = boot
+        total = sum(i.size for i, _ in packs)
+        sent = [0]
+
+        def up(n: int) -> None:
+            sent[0] += n
+            if upload_progress:
+                upload_progress(sent[0], total)
+
+        await upload_packs(site.store, parcel, packs, progress=up)
+        for info, path in packs:  # the creating site starts fully hoarded
+            await asyncio.to_thread(site.cache.add_pack, path, info.pack_id)
+        lock = await site.store.acquire(parcel, site.holder())
+        raw = manifest.encode(
+            parcel=parcel, version=1, master_key=site.master_key(parcel), vm=vm, keyring=packed.keyring,
+            site=site.host, time=time.time(),
+        )
+        v = await site.store.commit(parcel, CommitRequest(
+            epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packs],
+            added=sorted(added), release=True, site=site.site_id,
+        ))
+        return parcel, v
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- commit ------------------------------------------------------------------------
+
+
+async def commit_version(
+    site: Site,
+    parcel: uuid.UUID,
+    *,
+    epoch: int,
+    parent: Manifest,
+    keyring: Keyring,
+    dirty: Iterable[int],
+    memory: MemoryImage | None,
+    trace: list[int],
+    release: bool,
+    staged: Iterable[bytes] = (),
+    staged_tags: Iterable[bytes] = (),
+) -> VersionInfo:
+    """Upload what the server lacks and commit ``parent.version + 1``."""
+    assert parent.keyring is not None
+    dirty = sorted(set(dirty))
+    old_tags = parent.keyring.tags()
+    new_tags = keyring.tags()
+    written = {keyring[i].tag for i in dirty if i < len(keyring) and not keyring[i].is_zero}
+    added = sorted(written - old_tags)
+    replaced = {parent.keyring[i].tag for i in dirty if i < len(parent.keyring) and not parent.keyring[i].is_zero}
+    if keyring.size < parent.keyring.size:
+        replaced |= {parent.keyring[i].tag for i in range(len(keyring), len(parent.keyring))}
+    removed = sorted(replaced - new_tags)
+    mem_tags = sorted(memory.refs.tags()) if memory is not None else []
+    needed = set(added) | set(mem_tags)
+    known = set(staged_tags)
+    ask = sorted(needed - known)
+    located = await site.store.locate(parcel, ask) if ask else {}
+    missing = [t for t in ask if t not in located]
+    staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=site.cache.path / "packs"))
+    try:
+        sink = PackSink(staging)
+        for t in missing:
+            data = await asyncio.to_thread(site.cache.get, t)
+            if data is None:
+                raise IntegrityError(
+                    f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
+                    hint="run `isrsync cache verify`; the local changes are kept",
+                )
+            sink.add(_Enc(t, data))
+        sink.flush()
+        await upload_packs(site.store, parcel, sink.done)
+        raw = manifest.encode(
+            parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
+            keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=trace,
+            site=site.host, time=time.time(),
+        )
+        return await site.store.commit(parcel, CommitRequest(
+            epoch=epoch, parent=parent.version, manifest=raw,
+            packs=[*staged, *(i.pack_id for i, _ in sink.done)],
+            added=added, removed=removed, memory=mem_tags, release=release, site=site.site_id,
+        ))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Enc:
+    tag: bytes
+    data: bytes
+
+
+# -- hoard, discard, rollback --------------------------------------------------------------
+
+
+async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Fetch every chunk of a version into the cache (fully proactive policy).
+
+    Restartable: what is already cached is skipped. Returns (fetched, total).
+    """
+    info = await site.store.parcel(parcel)
+    v = version or info.version
+    if v < 1:
+        raise NotFound(f"parcel {info.name} has no version yet")
+    state = site.state(parcel)
+    try:
+        m = await load_version(site, parcel, v, state)
+    finally:
+        state.close()
+    assert m.keyring is not None
+    tags = set(m.keyring.tags()) | boot_tags(m.vm)
+    if m.memory is not None:
+        tags |= m.memory.refs.tags()
+    missing = await asyncio.to_thread(site.cache.missing, sorted(tags))
+    chain = site.chain(parcel)
+    done = 0
+    for i in range(0, len(missing), 64):
+        batch = missing[i : i + 64]
+        await chain.fetch_many(batch)
+        done += len(batch)
+        if progress:
+            progress(done, len(missing))
+    return len(missing), len(tags)
+
+
+async def discard(site: Site, parcel: uuid.UUID) -> dict[str, Any]:
+    """Forget this site's uncommitted changes and give up the lock if we hold it."""
+    state = site.state(parcel)
+    meta = state.get_meta()
+    n = len(state.dirty())
+    state.clear_dirty()
+    state.save_memory(None)
+    state.set_meta(status="idle", staged=[], staged_tags=[])
+    state.close()
+    lock = await site.store.lock_status(parcel)
+    released = False
+    if lock.holder is not None and lock.holder.site == site.site_id:
+        await site.store.release(parcel, lock.epoch)
+        released = True
+    return {"dirty_chunks_dropped": n, "released_lock": released, "base": meta.get("base")}
+
+
+async def rollback(site: Site, parcel: uuid.UUID, target: int) -> VersionInfo:
+    """Commit a new version equal to version ``target`` (history is kept)."""
+    info = await site.store.parcel(parcel)
+    if not 1 <= target <= info.version:
+        raise NotFound(f"parcel {info.name} has no version {target}")
+    lock = await site.store.acquire(parcel, site.holder())
+    try:
+        state = site.state(parcel)
+        try:
+            head = await load_version(site, parcel, info.version, state)
+            old = await load_version(site, parcel, target, state)
+        finally:
+            state.close()
+        assert old.keyring is not None and head.keyring is not None
+        ring = old.keyring.copy()
+        dirty = manifest.dirty_since(head.keyring, ring) if ring.size == head.keyring.size else list(range(len(ring)))
+        return await commit_version(
+            site, parcel, epoch=lock.epoch, parent=head, keyring=ring, dirty=dirty, memory=old.memory,
+            trace=list(old.trace), release=True,
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await site.store.release(parcel, lock.epoch)
+        raise
+
+
+def hardware_problems(vm: dict[str, Any], accel: str) -> list[str]:
+    """Why this site cannot run the parcel's machine (paper section 8.3)."""
+    problems = []
+    need = int(vm.get("memory_mib", 0)) << 20
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = need
+    if need + (256 << 20) > avail:
+        problems.append(f"it needs {need >> 20} MiB of memory and this site has {avail >> 20} MiB free")
+    if vm.get("accel") == "kvm" and accel != "kvm":
+        problems.append("it requires KVM, which this site cannot run")
+    if int(vm.get("cpus", 1)) > (os.cpu_count() or 1) * 4:
+        problems.append(f"it has {vm['cpus']} CPUs, too many for this site's {os.cpu_count()} cores")
+    return problems

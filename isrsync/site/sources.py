@@ -1,0 +1,233 @@
+"""Lookaside sources and the chain that asks them (DESIGN.md, "Site").
+
+A :class:`Source` is anything that may hold an encoded chunk by tag: the home
+server, a USB medium, a LAN peer. It need not be trusted: the chain checks
+every answer against the tag and asks the next source when the check fails, so
+a stale or hostile source can only fail to help. Sources are asked in order of
+their cost estimate; they can be added and withdrawn while a guest runs (a USB
+key plugged in or yanked), and the disk code never knows which one answered.
+
+The site cache is not a Source here: it is consulted before the chain (on the
+disk's worker threads) and every chunk the chain fetches is stored in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+from ..chunk import tag_of
+from ..errors import ChunkUnavailable, IsrError, Unreachable
+from ..pack import PackEntry
+from ..store.base import Store
+from .cache import SiteCache
+
+log = logging.getLogger("isrsync.sources")
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Something that may hold encoded chunks by tag."""
+
+    name: str
+
+    def cost(self) -> float:
+        """Estimated seconds to fetch one chunk (lower is asked first)."""
+
+    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Whatever of ``tags`` this source can supply (unverified bytes).
+
+        Never raises for a missing chunk; raises only when the source as a whole
+        failed (it is then skipped for this request)."""
+
+
+@dataclass
+class SourceStats:
+    hits: int = 0
+    bytes: int = 0
+    bad: int = 0  # answers that failed the tag check
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_latency(self) -> float:
+        return self.seconds / self.hits if self.hits else 0.0
+
+
+@dataclass
+class _Entry:
+    source: Source
+    stats: SourceStats = field(default_factory=SourceStats)
+
+
+class SourceChain:
+    """Fetch chunks by tag from the cheapest source that has them, once each."""
+
+    def __init__(self, cache: SiteCache) -> None:
+        self.cache = cache
+        self._sources: dict[str, _Entry] = {}
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self.cache_stats = SourceStats()
+
+    # -- membership ----------------------------------------------------------------
+
+    def add(self, source: Source) -> None:
+        self._sources[source.name] = _Entry(source, self._sources.get(source.name, _Entry(source)).stats)
+
+    def remove(self, name: str) -> None:
+        self._sources.pop(name, None)
+
+    def names(self) -> list[str]:
+        return [e.source.name for e in self._ordered()]
+
+    def stats(self) -> dict[str, SourceStats]:
+        return {"cache": self.cache_stats, **{n: e.stats for n, e in self._sources.items()}}
+
+    def _ordered(self) -> list[_Entry]:
+        return sorted(self._sources.values(), key=lambda e: e.source.cost())
+
+    # -- fetching ------------------------------------------------------------------
+
+    async def fetch(self, tag: bytes) -> bytes:
+        """The verified ciphertext of one chunk (also stored in the cache)."""
+        got = await self.fetch_many([tag])
+        return got[tag]
+
+    async def fetch_many(self, tags: Sequence[bytes], *, required: bool = True) -> dict[bytes, bytes]:
+        """Fetch several chunks, sharing in-flight fetches with other callers.
+
+        With ``required``, raises ChunkUnavailable if any tag could not be
+        found; otherwise returns what was found.
+        """
+        loop = asyncio.get_running_loop()
+        mine: list[bytes] = []
+        waits: dict[bytes, asyncio.Future[bytes]] = {}
+        for t in dict.fromkeys(tags):
+            fut = self._inflight.get(t)
+            if fut is None:
+                fut = loop.create_future()
+                self._inflight[t] = fut
+                mine.append(t)
+            waits[t] = fut
+        if mine:
+            try:
+                found = await self._from_sources(mine)
+                if found:
+                    await asyncio.to_thread(self.cache.put_many, list(found.items()))
+            except BaseException as e:
+                for t in mine:
+                    fut = self._inflight.pop(t)
+                    if not fut.done():
+                        fut.set_exception(e)
+                        fut.exception()  # retrieved: others may not be waiting
+                raise
+            for t in mine:
+                fut = self._inflight.pop(t)
+                if t in found:
+                    fut.set_result(found[t])
+                else:
+                    fut.set_exception(ChunkUnavailable(f"no source has chunk {t.hex()[:16]}"))
+                    fut.exception()
+        out: dict[bytes, bytes] = {}
+        for t, fut in waits.items():
+            try:
+                out[t] = await asyncio.shield(fut)
+            except ChunkUnavailable:
+                if required:
+                    raise
+        return out
+
+    async def _from_sources(self, tags: list[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        missing = list(tags)
+        for entry in self._ordered():
+            if not missing:
+                break
+            t0 = time.perf_counter()
+            try:
+                answer = await entry.source.get_many(missing)
+            except (IsrError, OSError, asyncio.TimeoutError) as e:
+                entry.stats.errors += 1
+                log.info("source %s failed: %s", entry.source.name, e)
+                continue
+            dt = time.perf_counter() - t0
+            good = 0
+            for t in missing:
+                data = answer.get(t)
+                if data is None:
+                    continue
+                if tag_of(data) != t:
+                    entry.stats.bad += 1
+                    continue
+                found[t] = data
+                good += 1
+                entry.stats.bytes += len(data)
+            entry.stats.hits += good
+            entry.stats.seconds += dt if good else 0.0
+            missing = [t for t in missing if t not in found]
+        return found
+
+
+class ServerSource:
+    """The home server as a source: tag -> (pack, offset, length) -> a Range read.
+
+    Locations come from the server's pack index, learned in bulk (one request
+    for a whole keyring at resume) and on demand for anything not yet known.
+    Adjacent chunks of one pack are fetched in one range.
+    """
+
+    name = "server"
+    GAP = 256 << 10  # merge ranges separated by less than this
+
+    def __init__(self, store: Store, parcel: uuid.UUID, rtt: float = 0.05) -> None:
+        self.store = store
+        self.parcel = parcel
+        self._where: dict[bytes, PackEntry] = {}
+        self._rtt = rtt
+
+    def cost(self) -> float:
+        return self._rtt + 0.01
+
+    async def learn(self, tags: Sequence[bytes]) -> None:
+        unknown = [t for t in tags if t not in self._where]
+        for i in range(0, len(unknown), 50_000):
+            self._where.update(await self.store.locate(self.parcel, unknown[i : i + 50_000]))
+
+    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
+        try:
+            await self.learn(tags)
+        except Unreachable:
+            raise
+        by_pack: dict[bytes, list[PackEntry]] = defaultdict(list)
+        for t in tags:
+            e = self._where.get(t)
+            if e is not None:
+                by_pack[e.pack_id].append(e)
+        out: dict[bytes, bytes] = {}
+        jobs = []
+        for pack_id, entries in by_pack.items():
+            entries.sort(key=lambda e: e.offset)
+            run = [entries[0]]
+            for e in entries[1:]:
+                if e.offset - (run[-1].offset + run[-1].length) <= self.GAP:
+                    run.append(e)
+                else:
+                    jobs.append(self._range(pack_id, run, out))
+                    run = [e]
+            jobs.append(self._range(pack_id, run, out))
+        await asyncio.gather(*jobs)
+        return out
+
+    async def _range(self, pack_id: bytes, run: list[PackEntry], out: dict[bytes, bytes]) -> None:
+        lo, hi = run[0].offset, run[-1].offset + run[-1].length
+        t0 = time.perf_counter()
+        blob = await self.store.get_pack(self.parcel, pack_id, lo, hi - lo)
+        # A running estimate of the round trip keeps the cost order honest.
+        self._rtt = 0.8 * self._rtt + 0.2 * (time.perf_counter() - t0)
+        for e in run:
+            out[e.tag] = blob[e.offset - lo : e.offset - lo + e.length]

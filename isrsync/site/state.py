@@ -1,0 +1,214 @@
+"""A parcel's local state at one site: what it runs from and what it changed.
+
+    <cache>/parcels/<uuid>/state.db   SQLite (WAL)
+
+It records the version the site runs from (base) and the lock epoch it holds,
+the dirty map (chunk index -> the ref of the chunk the guest wrote), a memory
+image saved by a suspend that has not reached the server yet, the access trace
+of the session, and the manifests the site has seen (so that a site can resume
+again while offline).
+
+Chunk keys are as sensitive as plaintext (a key and its ciphertext are the
+plaintext), so every row that holds one is sealed with XChaCha20-Poly1305 under
+a local key derived from the parcel master key, bound to its row by the
+associated data. The ciphertext of the chunks themselves lives in the cache.
+Nothing here is readable without the master key, and a row moved to another
+slot or another parcel fails to open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import struct
+import uuid
+from array import array
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import nacl.utils
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+from ..chunk import ChunkRef
+from ..errors import CacheError, IntegrityError
+from ..manifest import Keyring, MemoryImage
+from .cache import SiteCache, _sqlite_error
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dirty (idx INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, sealed BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS manifests (version INTEGER PRIMARY KEY, raw BLOB NOT NULL);
+"""
+_REF = struct.Struct("<32s32sB")
+
+
+def local_key(master_key: bytes) -> bytes:
+    return hashlib.blake2b(master_key, digest_size=32, person=b"isrsync-local").digest()
+
+
+class ParcelState:
+    def __init__(self, cache: SiteCache, parcel: uuid.UUID, master_key: bytes) -> None:
+        self.parcel = parcel
+        self.dir = cache.path / "parcels" / str(parcel)
+        self._key = local_key(master_key)
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.dir / "state.db", timeout=60, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise _sqlite_error(e, self.dir) from None
+        except OSError as e:
+            raise CacheError(f"cannot open the local state of parcel {parcel}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @classmethod
+    def exists(cls, cache: SiteCache, parcel: uuid.UUID) -> bool:
+        return (cache.path / "parcels" / str(parcel) / "state.db").exists()
+
+    @contextlib.contextmanager
+    def _tx(self, durable: bool) -> Iterator[sqlite3.Connection]:
+        try:
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise _sqlite_error(e, self.dir) from None
+
+    # -- sealing -------------------------------------------------------------------
+
+    def _seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = nacl.utils.random(24)
+        return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, self._ad(aad), nonce, self._key)
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed[24:], self._ad(aad), sealed[:24], self._key
+            )
+        except (CryptoError, ValueError):
+            raise IntegrityError(
+                f"the local state of parcel {self.parcel} is damaged or belongs to another key",
+                hint="discard the local changes with `isrsync discard`, or restore the cache from a backup",
+            ) from None
+
+    def _ad(self, aad: bytes) -> bytes:
+        return self.parcel.bytes + aad
+
+    # -- meta ----------------------------------------------------------------------
+
+    def get_meta(self) -> dict:
+        rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def set_meta(self, durable: bool = True, **values: object) -> None:
+        with self._tx(durable) as db:
+            for k, v in values.items():
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+
+    # -- dirty map -----------------------------------------------------------------
+
+    def dirty(self) -> dict[int, ChunkRef]:
+        out = {}
+        for idx, sealed in self._db.execute("SELECT idx, sealed FROM dirty"):
+            tag, key, flags = _REF.unpack(self._open(sealed, b"dirty" + struct.pack("<Q", idx)))
+            out[idx] = ChunkRef(tag, key, flags)
+        return out
+
+    def set_dirty(self, refs: Mapping[int, ChunkRef], durable: bool = False) -> None:
+        rows = [
+            (i, self._seal(_REF.pack(r.tag, r.key, r.flags), b"dirty" + struct.pack("<Q", i)))
+            for i, r in refs.items()
+        ]
+        with self._tx(durable) as db:
+            db.executemany("INSERT OR REPLACE INTO dirty VALUES (?, ?)", rows)
+
+    def drop_dirty(self, idxs: list[int]) -> None:
+        """Forget dirty entries that a commit has made part of the base."""
+        with self._tx(True) as db:
+            db.executemany("DELETE FROM dirty WHERE idx=?", [(i,) for i in idxs])
+
+    def clear_dirty(self) -> None:
+        with self._tx(True) as db:
+            db.execute("DELETE FROM dirty")
+
+    def sync(self) -> None:
+        """A durability point for everything recorded so far."""
+        with self._tx(True) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', ?)", (json.dumps(os.getpid()),))
+
+    # -- sealed blobs: memory image, trace ---------------------------------------------
+
+    def _put_blob(self, name: str, data: bytes | None) -> None:
+        with self._tx(True) as db:
+            if data is None:
+                db.execute("DELETE FROM blobs WHERE name=?", (name,))
+            else:
+                db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?)", (name, self._seal(data, name.encode())))
+
+    def _get_blob(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT sealed FROM blobs WHERE name=?", (name,)).fetchone()
+        return None if row is None else self._open(row[0], name.encode())
+
+    def save_memory(self, mem: MemoryImage | None) -> None:
+        self._put_blob("memory", None if mem is None else struct.pack("<Q", mem.length) + mem.refs.to_bytes())
+
+    def load_memory(self) -> MemoryImage | None:
+        raw = self._get_blob("memory")
+        if raw is None:
+            return None
+        (length,) = struct.unpack_from("<Q", raw)
+        return MemoryImage(length, Keyring.from_bytes(length, raw[8:]))
+
+    def save_trace(self, trace: list[int]) -> None:
+        self._put_blob("trace", array("I", trace).tobytes())
+
+    def load_trace(self) -> list[int]:
+        raw = self._get_blob("trace")
+        return [] if raw is None else list(array("I", raw))
+
+    # -- manifests seen ------------------------------------------------------------
+
+    def put_manifests(self, raws: Mapping[int, bytes]) -> None:
+        with self._tx(True) as db:
+            db.executemany("INSERT OR REPLACE INTO manifests VALUES (?, ?)", list(raws.items()))
+
+    def manifests(self, first: int, last: int) -> list[bytes] | None:
+        rows = self._db.execute(
+            "SELECT version, raw FROM manifests WHERE version BETWEEN ? AND ? ORDER BY version", (first, last)
+        ).fetchall()
+        if [r[0] for r in rows] != list(range(first, last + 1)):
+            return None
+        return [r[1] for r in rows]
+
+    def forget(self) -> None:
+        """Drop all local state of this parcel (after a discard)."""
+        self.close()
+        for p in sorted(self.dir.glob("*"), reverse=True):
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+def state_dir(cache_path: Path, parcel: uuid.UUID) -> Path:
+    return cache_path / "parcels" / str(parcel)

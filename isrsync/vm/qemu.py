@@ -1,0 +1,286 @@
+"""QEMU launcher and QMP control, including the memory image streams.
+
+The guest's disk is our NBD server (``-blockdev driver=nbd`` with
+``reconnect-delay``). Memory moves through migration to and from pipes whose
+other ends we hold: saving does ``stop`` + ``getfd`` + ``migrate fd:`` and reads
+the stream as QEMU writes it; restoring starts QEMU with ``-incoming defer``,
+then ``getfd`` + ``migrate-incoming fd:`` and feeds the stream while its chunks
+are still arriving. (QEMU 7.2 has no ``file:`` URI and no mapped-ram.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from ..errors import QemuError
+
+log = logging.getLogger("isrsync.qemu")
+PIPE_BUF = 1 << 20
+
+
+def kvm_usable() -> bool:
+    """/dev/kvm can exist on a CPU without virtualization, where a KVM guest hangs."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " vmx" in flags or " svm" in flags
+
+
+def accelerator(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    if requested == "kvm" and not kvm_usable():
+        raise QemuError("KVM was asked for, but this CPU or /dev/kvm cannot run it", hint="use --accel tcg")
+    return requested
+
+
+def qemu_binary() -> str:
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        raise QemuError("qemu-system-x86_64 is not installed", hint="run scripts/setup or apt-get install qemu-system-x86")
+    return exe
+
+
+@dataclass
+class VmConfig:
+    """What QEMU needs to run a parcel's machine (from the manifest's VM spec)."""
+
+    memory_mib: int = 256
+    cpus: int = 1
+    machine: str = "q35"
+    cpu_model: str = "qemu64"
+    accel: str = "tcg"
+    kernel: str | None = None  # path (a /proc/self/fd/N of a memfd for parcels)
+    initrd: str | None = None
+    cmdline: str | None = None
+    display: str = "none"
+    extra: list[str] = field(default_factory=list)
+
+
+class Qemu:
+    """One running QEMU with a QMP connection."""
+
+    def __init__(self, cfg: VmConfig, rundir: Path, nbd_socket: Path, *, serial: Path | None = None) -> None:
+        self.cfg = cfg
+        self.rundir = rundir
+        self.nbd_socket = nbd_socket
+        self.serial = serial
+        self.qmp_path = rundir / "qmp.sock"
+        self.proc: subprocess.Popen | None = None
+        self.qmp = QMPClient("isrsync")
+        self._stderr = rundir / "qemu.log"
+        self._pass_fds: tuple[int, ...] = ()
+
+    def args(self, incoming: bool) -> list[str]:
+        c = self.cfg
+        a = [
+            qemu_binary(), "-name", "isrsync", "-nodefaults", "-no-user-config",
+            "-machine", f"{c.machine},accel={c.accel}", "-cpu", c.cpu_model,
+            "-m", str(c.memory_mib), "-smp", str(c.cpus),
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-blockdev",
+            f"driver=nbd,node-name=disk0,server.type=unix,server.path={self.nbd_socket},export=disk,"
+            "reconnect-delay=10,cache.direct=off",
+            "-device", "virtio-blk-pci,drive=disk0,id=vda",
+        ]
+        if c.display == "none":
+            a += ["-display", "none", "-vga", "none"]
+        elif c.display == "vnc":
+            a += ["-display", f"vnc=unix:{self.rundir / 'vnc.sock'}", "-vga", "std"]
+        else:
+            a += ["-display", c.display, "-vga", "std"]
+        if c.kernel:
+            a += ["-kernel", c.kernel]
+        if c.initrd:
+            a += ["-initrd", c.initrd]
+        if c.cmdline:
+            a += ["-append", c.cmdline]
+        if self.serial is not None:
+            a += ["-chardev", f"socket,id=ser0,path={self.serial},server=on,wait=off", "-serial", "chardev:ser0"]
+        if incoming:
+            a += ["-incoming", "defer"]
+        return a + c.extra
+
+    async def start(self, *, incoming: bool = False, pass_fds: Iterable[int] = ()) -> None:
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+        err = open(self._stderr, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.args(incoming), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                pass_fds=tuple(pass_fds), start_new_session=True,
+            )
+        finally:
+            err.close()
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise QemuError(f"QEMU exited at start ({self.proc.returncode}): {self.log_tail()}")
+            if self.qmp_path.exists():
+                try:
+                    await self.qmp.connect(str(self.qmp_path))
+                    break
+                except (OSError, QMPError):
+                    pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise QemuError("QEMU did not open its QMP socket within 30 s")
+            await asyncio.sleep(0.05)
+
+    def log_tail(self, n: int = 600) -> str:
+        try:
+            return self._stderr.read_text(errors="replace")[-n:].strip() or "(no output)"
+        except OSError:
+            return "(no log)"
+
+    async def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self.qmp.execute(name, args)
+        except QMPError as e:
+            raise QemuError(f"QEMU refused {name}: {e}") from None
+        except (EOFError, ConnectionError):
+            raise QemuError(f"QEMU went away during {name}: {self.log_tail()}") from None
+
+    async def status(self) -> str:
+        return (await self.cmd("query-status"))["status"]
+
+    async def cont(self) -> None:
+        await self.cmd("cont")
+
+    async def stop(self) -> None:
+        await self.cmd("stop")
+
+    async def _send_fd(self, fd: int, name: str) -> None:
+        self.qmp.send_fd_scm(fd)
+        await self.cmd("getfd", {"fdname": name})
+
+    # -- memory image --------------------------------------------------------------
+
+    async def save_memory(self, consume: Callable[[int], Any]) -> None:
+        """Stop the guest and stream its RAM and device state to ``consume(fd)``.
+
+        ``consume`` runs in a worker thread and must read the pipe to EOF; it is
+        where the stream is chunked and encoded as it arrives.
+        """
+        await self.stop()
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(r, 1031, PIPE_BUF)  # F_SETPIPE_SZ: fewer wake-ups
+        try:
+            await self._send_fd(w, "isrsync-out")
+        finally:
+            os.close(w)
+        reader = asyncio.create_task(asyncio.to_thread(consume, r))
+        try:
+            # QEMU's default bandwidth cap is meant for live migration over a
+            # network; a stopped guest into a local pipe should go flat out.
+            await self.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30})
+            await self.cmd("migrate", {"uri": "fd:isrsync-out"})
+            await self._wait_migration()
+            await reader
+        except BaseException:
+            reader.cancel()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(r)
+
+    async def load_memory(self, produce: Callable[[int], Any]) -> None:
+        """Feed a saved stream into a QEMU started with ``incoming=True``.
+
+        ``produce(fd)`` runs in a worker thread writing the stream (it may wait
+        for chunks still on their way) and closes nothing; we close the pipe.
+        """
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(w, 1031, PIPE_BUF)
+        try:
+            await self._send_fd(r, "isrsync-in")
+        finally:
+            os.close(r)
+        await self.cmd("migrate-incoming", {"uri": "fd:isrsync-in"})
+
+        def feed() -> None:
+            try:
+                produce(w)
+            finally:
+                os.close(w)
+
+        writer = asyncio.create_task(asyncio.to_thread(feed))
+        try:
+            await writer
+            await self._wait_incoming()
+        except BrokenPipeError:
+            raise QemuError(f"QEMU stopped reading the memory image: {self.log_tail()}") from None
+
+    async def _wait_migration(self) -> None:
+        while True:
+            st = await self.cmd("query-migrate")
+            s = st.get("status")
+            if s == "completed":
+                return
+            if s in ("failed", "cancelled"):
+                raise QemuError(f"saving the memory image failed: {st.get('error-desc', s)}")
+            await asyncio.sleep(0.02)
+
+    async def _wait_incoming(self) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            s = await self.status()
+            if s in ("paused", "running"):
+                return
+            if s in ("internal-error", "shutdown", "guest-panicked"):
+                raise QemuError(f"restoring the memory image failed (QEMU is {s}): {self.log_tail()}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise QemuError(f"QEMU exited while restoring memory: {self.log_tail()}")
+            await asyncio.sleep(0.02)
+        raise QemuError("restoring the memory image did not finish")
+
+    # -- ending ----------------------------------------------------------------------
+
+    async def quit(self, timeout: float = 30.0) -> None:
+        with contextlib.suppress(QemuError, EOFError, ConnectionError, QMPError):
+            await self.qmp.execute("quit")
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        await self.wait(timeout)
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+        except asyncio.TimeoutError:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
