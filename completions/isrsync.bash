@@ -12,7 +12,7 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo cache server'
+            subs='serve demo login logout init resume suspend sync hoard discard rollback ls status cache server lock'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -23,6 +23,52 @@ _isrsync_spec() {
         'isrsync demo')
             opts='--disk-mib --workdir --json --help'
             vopts='--disk-mib --workdir'
+            ;;
+        'isrsync login')
+            opts='-u --user --token --cacert --json --help'
+            vopts='-u --user --token --cacert'
+            args=1
+            ;;
+        'isrsync logout')
+            opts='--help'
+            ;;
+        'isrsync init')
+            opts='--image --memory --cpus --machine --kernel --initrd --append --json --help'
+            vopts='--image --memory --cpus --machine --kernel --initrd --append'
+            args=1
+            ;;
+        'isrsync resume')
+            opts='--policy --version --display --serial --json --help'
+            vopts='--policy --version --display --serial'
+            args=1
+            ;;
+        'isrsync suspend')
+            opts='--keep-lock --json --help'
+            args=1
+            ;;
+        'isrsync sync')
+            opts='--json --help'
+            args=1
+            ;;
+        'isrsync hoard')
+            opts='--follow --interval --json --help'
+            vopts='--interval'
+            args=1
+            ;;
+        'isrsync discard')
+            opts='-y --yes --json --help'
+            args=1
+            ;;
+        'isrsync rollback')
+            opts='--json --help'
+            args=1
+            ;;
+        'isrsync ls')
+            opts='--json --help'
+            ;;
+        'isrsync status')
+            opts='--json --help'
+            args=1
             ;;
         'isrsync cache')
             subs='info verify'
@@ -61,6 +107,19 @@ _isrsync_spec() {
             vopts='--keep --data'
             args=1
             ;;
+        'isrsync lock')
+            subs='break status'
+            opts='--help'
+            ;;
+        'isrsync lock break')
+            opts='--reason -y --yes --json --help'
+            vopts='--reason'
+            args=1
+            ;;
+        'isrsync lock status')
+            opts='--json --help'
+            args=1
+            ;;
     esac
 }
 
@@ -70,6 +129,10 @@ _isrsync_values() {
     choices='' files=1
     case "$1 $2" in
         'isrsync demo --disk-mib') files=0 ;;
+        'isrsync init --memory') files=0 ;;
+        'isrsync init --cpus') files=0 ;;
+        'isrsync resume --version') files=0 ;;
+        'isrsync hoard --interval') files=0 ;;
         'isrsync server prune --keep') files=0 ;;
     esac
 }

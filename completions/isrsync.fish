@@ -7,11 +7,13 @@
 function __fish_isrsync_subcommands --description 'Subcommands of an isrsync command path'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'cache' 'server'
+            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'rollback' 'ls' 'status' 'cache' 'server' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
             printf '%s\n' 'add-user' 'remove-user' 'list-users' 'check' 'prune'
+        case 'isrsync lock'
+            printf '%s\n' 'break' 'status'
     end
 end
 
@@ -23,6 +25,14 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
             printf '%s\n' '--data' '--listen' '--tls-cert' '--tls-key'
         case 'isrsync demo'
             printf '%s\n' '--disk-mib' '--workdir'
+        case 'isrsync login'
+            printf '%s\n' '-u' '--user' '--token' '--cacert'
+        case 'isrsync init'
+            printf '%s\n' '--image' '--memory' '--cpus' '--machine' '--kernel' '--initrd' '--append'
+        case 'isrsync resume'
+            printf '%s\n' '--policy' '--version' '--display' '--serial'
+        case 'isrsync hoard'
+            printf '%s\n' '--interval'
         case 'isrsync server add-user'
             printf '%s\n' '--data'
         case 'isrsync server remove-user'
@@ -33,6 +43,8 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
             printf '%s\n' '--data'
         case 'isrsync server prune'
             printf '%s\n' '--keep' '--data'
+        case 'isrsync lock break'
+            printf '%s\n' '--reason'
     end
 end
 
@@ -67,8 +79,20 @@ end
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'serve' -d 'Run the home server until SIGTERM or Ctrl-C'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'demo' -d 'Run a complete local demo: a home server, two sites, a parcel moving between them'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'login' -d 'Log in to a home server and unlock your keys with your passphrase'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'logout' -d 'Forget the unlocked keys and the token of this session'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'init' -d 'Create a parcel from a disk image: encode, upload, commit version 1'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'resume' -d 'Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'suspend' -d 'Suspend a running parcel: save memory and disk, commit, release the lock'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sync' -d 'Commit now: a running parcel pauses briefly; a locally suspended one is committed'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'hoard' -d 'Fetch every chunk of the latest version into this site\'s cache'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'discard' -d 'Drop this site\'s uncommitted changes to a parcel and release its lock'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'rollback' -d 'Commit a new version equal to an older one (history is kept)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'ls' -d 'List your parcels with their versions and lock holders'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'status' -d 'What runs here, with dirty/trickled chunks and per-source hits and latency'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'cache' -d 'Inspect and check this site\'s cache'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'server' -d 'Administer a home server\'s data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'lock' -d 'Inspect and break parcel locks'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'debug' -d 'Show tracebacks and debug logging'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'cache-dir' -r -F -d 'Site cache directory'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'version' -d 'Print the version and exit'
@@ -88,6 +112,78 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'disk-mib' -x -d 
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'workdir' -r -F -d 'Keep the demo\'s files here'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync login
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -s 'u' -l 'user' -r -F -d 'Your user name on the server'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'token' -r -F -d 'Bearer token from `isrsync server add-user`'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'cacert' -r -F -d 'CA certificate that signs the server\'s TLS certificate'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync logout
+complete -c isrsync -n '__fish_isrsync_is \'isrsync logout\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync logout\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync init
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'image' -r -F -d 'Disk image, raw or qcow2'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'memory' -x -d 'Guest memory in MiB'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'cpus' -x -d 'Guest CPUs'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'machine' -r -F -d 'QEMU machine type'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'kernel' -r -F -d 'Boot this kernel (kept inside the parcel)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'initrd' -r -F -d 'Initial ramdisk for --kernel'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'append' -r -F -d 'Kernel command line for --kernel'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync resume
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'policy' -r -F -d 'Transfer policy: auto, demand, lookaside, proactive, baseline'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'version' -x -d 'Resume this version (default: latest)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -r -F -d 'gtk, sdl, vnc or none'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'serial' -r -F -d 'Expose the guest\'s serial console on this unix socket'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync suspend
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'keep-lock' -d 'Commit but keep this site\'s ownership'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync sync
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sync\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sync\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sync\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync hoard
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'follow' -d 'Keep hoarding new versions as they are committed'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'interval' -x -d 'Seconds between checks with --follow'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync discard
+complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -s 'y' -l 'yes' -d 'Do not ask for confirmation'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync rollback
+complete -c isrsync -n '__fish_isrsync_is \'isrsync rollback\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync rollback\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync rollback\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync ls
+complete -c isrsync -n '__fish_isrsync_is \'isrsync ls\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync ls\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync ls\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync status
+complete -c isrsync -n '__fish_isrsync_is \'isrsync status\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync status\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync status\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync cache
 complete -c isrsync -n '__fish_isrsync_is \'isrsync cache\'' -f
@@ -144,3 +240,21 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'keep' -x
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'data' -r -F -d 'Server data directory'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync lock
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f -a 'break' -d 'Break a parcel\'s lock held by a lost or stolen site'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f -a 'status' -d 'Show who holds a parcel\'s lock'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync lock break
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock break\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock break\'' -l 'reason' -r -F -d 'Recorded in the server\'s audit log'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock break\'' -s 'y' -l 'yes' -d 'Do not ask for confirmation'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock break\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock break\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync lock status
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock status\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock status\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync lock status\'' -l 'help' -d 'Show this message and exit'

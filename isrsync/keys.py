@@ -113,31 +113,41 @@ class KeyBundle:
         return cls(secret, parcels)
 
     def seal(self, passphrase: str, limits: KdfLimits | None = None) -> bytes:
-        limits = limits or KdfLimits()
-        limits.check()
-        salt = nacl.utils.random(pwhash.argon2id.SALTBYTES)
+        return self.seal_with(SealKey.derive(passphrase, limits))
+
+    def seal_with(self, sk: "SealKey") -> bytes:
+        """Seal under an already derived key (a logged-in session re-sealing
+        after adding a parcel needs neither the passphrase nor Argon2id again)."""
+        sk.limits.check()
         nonce = nacl.utils.random(24)
-        header = _HEADER.pack(MAGIC, VERSION, 0, limits.opslimit, limits.memlimit, salt, nonce)
-        key = _derive(passphrase, salt, limits)
-        body = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(self.to_json(), header, nonce, key)
+        header = _HEADER.pack(MAGIC, VERSION, 0, sk.limits.opslimit, sk.limits.memlimit, sk.salt, nonce)
+        body = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(self.to_json(), header, nonce, sk.key)
         out = header + body
         return out + hashlib.blake2b(out, digest_size=_SUM).digest()
 
     @classmethod
     def unseal(cls, sealed: bytes, passphrase: str) -> "KeyBundle":
-        if len(sealed) < _HEADER.size + _SUM + 16:
-            raise FormatError("key bundle is truncated")
-        magic, version, _, ops, mem, salt, nonce = _HEADER.unpack_from(sealed)
-        if magic != MAGIC:
-            raise FormatError("not an isrsync key bundle (bad magic)")
-        if hashlib.blake2b(sealed[:-_SUM], digest_size=_SUM).digest() != sealed[-_SUM:]:
-            raise IntegrityError("key bundle is damaged (checksum mismatch)")
-        if version != VERSION:
-            raise UnsupportedVersion(f"key bundle format version {version} is not supported")
+        return cls.unseal_keyed(sealed, passphrase)[0]
+
+    @classmethod
+    def unseal_with(cls, sealed: bytes, sk: "SealKey") -> "KeyBundle":
+        """Open with a session's derived key; WrongPassphrase if the bundle was
+        re-sealed under another passphrase (or salt) since."""
+        ops, mem, salt, nonce, header = _parse_sealed(sealed)
+        if salt != sk.salt:
+            raise WrongPassphrase("the key bundle was re-sealed elsewhere", hint="log in again with `isrsync login`")
+        return cls._open(sealed, header, nonce, sk.key)
+
+    @classmethod
+    def unseal_keyed(cls, sealed: bytes, passphrase: str) -> tuple["KeyBundle", "SealKey"]:
+        ops, mem, salt, nonce, header = _parse_sealed(sealed)
         limits = KdfLimits(ops, mem)
         limits.check()
-        key = _derive(passphrase, salt, limits)
-        header = sealed[: _HEADER.size]
+        sk = SealKey(_derive(passphrase, salt, limits), salt, limits)
+        return cls._open(sealed, header, nonce, sk.key), sk
+
+    @classmethod
+    def _open(cls, sealed: bytes, header: bytes, nonce: bytes, key: bytes) -> "KeyBundle":
         try:
             raw = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
                 sealed[_HEADER.size : -_SUM], header, nonce, key
@@ -145,6 +155,42 @@ class KeyBundle:
         except CryptoError:
             raise WrongPassphrase("the passphrase does not unlock this key bundle") from None
         return cls.from_json(raw)
+
+
+@dataclass
+class SealKey:
+    """The Argon2id-derived key of a sealed bundle, with the salt and limits it came from."""
+
+    key: bytes
+    salt: bytes
+    limits: KdfLimits
+
+    @classmethod
+    def derive(cls, passphrase: str, limits: KdfLimits | None = None) -> "SealKey":
+        limits = limits or KdfLimits()
+        limits.check()
+        salt = nacl.utils.random(pwhash.argon2id.SALTBYTES)
+        return cls(_derive(passphrase, salt, limits), salt, limits)
+
+    def to_json(self) -> dict:
+        return {"key": self.key.hex(), "salt": self.salt.hex(), "ops": self.limits.opslimit, "mem": self.limits.memlimit}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SealKey":
+        return cls(bytes.fromhex(d["key"]), bytes.fromhex(d["salt"]), KdfLimits(int(d["ops"]), int(d["mem"])))
+
+
+def _parse_sealed(sealed: bytes) -> tuple[int, int, bytes, bytes, bytes]:
+    if len(sealed) < _HEADER.size + _SUM + 16:
+        raise FormatError("key bundle is truncated")
+    magic, version, _, ops, mem, salt, nonce = _HEADER.unpack_from(sealed)
+    if magic != MAGIC:
+        raise FormatError("not an isrsync key bundle (bad magic)")
+    if hashlib.blake2b(sealed[:-_SUM], digest_size=_SUM).digest() != sealed[-_SUM:]:
+        raise IntegrityError("key bundle is damaged (checksum mismatch)")
+    if version != VERSION:
+        raise UnsupportedVersion(f"key bundle format version {version} is not supported")
+    return ops, mem, salt, nonce, sealed[: _HEADER.size]
 
 
 def _derive(passphrase: str, salt: bytes, limits: KdfLimits) -> bytes:

@@ -417,6 +417,21 @@ class Runtime:
         self.state.set_meta(base=v.version, staged=[], staged_tags=[])
         return {"version": v.version, "paused_seconds": round(paused, 3), "seconds": round(time.perf_counter() - t0, 3)}
 
+    async def commit_after_poweroff(self) -> dict[str, Any]:
+        """The guest shut itself down: commit its disk (the next resume cold-boots)."""
+        await self._stop_tasks()
+        assert self.nbd is not None and self.disk is not None and self.state is not None
+        await self.nbd.close()
+        await self.disk.flush()
+        self.state.save_memory(None)
+        self.state.save_trace(self.disk.stats.first_access)
+        self.state.set_meta(status="suspended-local")
+        try:
+            v = await self._commit(None, release=True)
+        except Unreachable as e:
+            return {"committed": False, "reason": e.message}
+        return {"committed": True, "version": v.version}
+
     async def wait_guest(self) -> int | None:
         assert self.qemu is not None
         return await self.qemu.wait()
@@ -475,3 +490,76 @@ async def sync_offline(site: Site, parcel: uuid.UUID) -> dict[str, Any]:
         return {"version": v.version, "committed": True}
     finally:
         state.close()
+
+
+async def run_parcel(
+    site: Site,
+    parcel: uuid.UUID,
+    *,
+    policy: str = "auto",
+    version: int | None = None,
+    display: str = "none",
+    serial: Path | None = None,
+    events: Events | None = None,
+    lookaside: list | None = None,
+) -> dict[str, Any]:
+    """Resume a parcel and serve it until it is suspended or the guest powers off.
+
+    Control requests (status, sync, suspend) arrive on the run's control
+    socket; SIGINT and SIGTERM suspend too. Returns how the run ended.
+    """
+    import signal
+
+    from .control import ControlServer, run_dir
+
+    say = events or (lambda kind, data: None)
+    rundir = run_dir(site.site_id, parcel)
+    rt = Runtime(site, parcel, policy=policy, display=display, serial=serial, rundir=rundir, events=say,
+                 lookaside=lookaside)
+    ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    busy = asyncio.Lock()  # one control operation at a time
+
+    async def handle(req: dict[str, Any]) -> Any:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return rt.status()
+        async with busy:
+            if ended.done():
+                raise UsageError("the parcel is already suspended")
+            if cmd == "sync":
+                return await rt.sync()
+            if cmd == "suspend":
+                res = await rt.suspend(bool(req.get("keep_lock")))
+                ended.set_result({"how": "suspended", **res})
+                return res
+        raise UsageError(f"unknown control command {cmd!r}")
+
+    ctl = ControlServer(rundir / "control.sock", handle)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        report = await rt.resume(version)
+        await ctl.start()
+        say("resumed", report.__dict__)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        guest = asyncio.create_task(rt.wait_guest())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([guest, stopper, ended], return_when=asyncio.FIRST_COMPLETED)
+        if not ended.done():
+            async with busy:
+                if not ended.done() and stop.is_set() and rt.qemu is not None and rt.qemu.alive:
+                    res = await rt.suspend()
+                    ended.set_result({"how": "suspended", **res})
+                elif not ended.done():
+                    # The guest powered off: keep its disk, no memory image.
+                    res = await rt.commit_after_poweroff()
+                    ended.set_result({"how": "powered-off", **res})
+        stopper.cancel()
+        return ended.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await ctl.close()
+        await rt.close()

@@ -1,0 +1,448 @@
+"""Parcel commands: login, init, resume, suspend, sync, hoard, discard, rollback, ls, status, lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from ..errors import NotFound, Unreachable, UsageError
+from ..keys import KdfLimits
+from ..site import account
+from ..site.cache import open_cache
+from ..site.control import call, running
+from ..site.parcel import Site, discard, hoard, init_parcel, open_site, rollback
+from ..site.runtime import POLICIES, run_parcel, sync_offline
+from ..site.state import ParcelState
+from .render import emit_json, err, human_bytes, out
+from .state import JsonOpt, state
+
+ParcelArg = Annotated[str, typer.Argument(help="Parcel name or id.")]
+OptParcel = Annotated[Optional[str], typer.Argument(help="Parcel name or id (default: the one running here).")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+lock_app = typer.Typer(help="Inspect and break parcel locks.", no_args_is_help=True)
+
+
+@contextlib.asynccontextmanager
+async def _site() -> AsyncIterator[Site]:
+    acct = account.load_account()
+    site = await open_site(open_cache(state.cache_dir), acct)
+    try:
+        yield site
+    finally:
+        await site.close()
+
+
+async def _resolve(site: Site, ref: str) -> uuid.UUID:
+    try:
+        return (await site.store.parcel(ref)).parcel
+    except Unreachable:
+        # Offline: parcels this site has local state for can still be named.
+        for d in (site.cache.path / "parcels").glob("*"):
+            with contextlib.suppress(ValueError):
+                pid = uuid.UUID(d.name)
+                st = ParcelState(site.cache, pid, site.master_key(pid)) if str(pid) in site.bundle.parcels else None
+                if st is not None:
+                    meta = st.get_meta()
+                    st.close()
+                    if ref in (str(pid), meta.get("name")):
+                        return pid
+        raise
+
+
+def _progress(json_out: bool) -> Progress:
+    return Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err, transient=True, disable=json_out,
+    )
+
+
+def _passphrase(confirm: bool = False) -> str:
+    env = os.environ.get("ISRSYNC_PASSPHRASE")
+    if env is not None:
+        return env
+    return typer.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+
+
+# -- account -----------------------------------------------------------------------------
+
+
+def login(
+    server: Annotated[str, typer.Argument(help="Home server URL (https://..., or file:///path for a directory).")],
+    user: Annotated[str, typer.Option("--user", "-u", help="Your user name on the server.")],
+    token: Annotated[Optional[str], typer.Option("--token", envvar="ISRSYNC_TOKEN", help="Bearer token from `isrsync server add-user`.", show_envvar=True)] = None,
+    cacert: Annotated[Optional[Path], typer.Option("--cacert", help="CA certificate that signs the server's TLS certificate.")] = None,
+    kdf_min: Annotated[bool, typer.Option("--kdf-min", hidden=True)] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Log in to a home server and unlock your keys with your passphrase.
+
+    The first login creates your key bundle (sealed under the passphrase). The
+    passphrase is read from ISRSYNC_PASSPHRASE if set, else asked for.
+    """
+    if server.startswith(("http://", "https://")) and not token:
+        token = typer.prompt("token", hide_input=True, err=True)
+    acct = account.Account(server.rstrip("/"), user, token or "", str(cacert) if cacert else None)
+    bundle, created = asyncio.run(account.login(acct, _passphrase(), limits=KdfLimits.MIN if kdf_min else None))
+    if json_out:
+        emit_json({"server": acct.server, "user": user, "created_keys": created, "parcels": len(bundle.parcels)})
+    else:
+        out.print(f"logged in to {acct.server} as {user}" + ("; a new key bundle was created" if created else ""))
+
+
+def logout() -> None:
+    """Forget the unlocked keys and the token of this session."""
+    out.print("logged out" if account.logout() else "not logged in")
+
+
+# -- parcels -----------------------------------------------------------------------------
+
+
+def init(
+    name: ParcelArg,
+    image: Annotated[Path, typer.Option("--image", exists=True, dir_okay=False, help="Disk image, raw or qcow2.")],
+    memory: Annotated[int, typer.Option("--memory", min=16, help="Guest memory in MiB.")] = 256,
+    cpus: Annotated[int, typer.Option("--cpus", min=1, help="Guest CPUs.")] = 1,
+    machine: Annotated[str, typer.Option("--machine", help="QEMU machine type.")] = "q35",
+    kernel: Annotated[Optional[Path], typer.Option("--kernel", exists=True, help="Boot this kernel (kept inside the parcel).")] = None,
+    initrd: Annotated[Optional[Path], typer.Option("--initrd", exists=True, help="Initial ramdisk for --kernel.")] = None,
+    append: Annotated[Optional[str], typer.Option("--append", help="Kernel command line for --kernel.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a parcel from a disk image: encode, upload, commit version 1."""
+
+    async def go() -> tuple[uuid.UUID, Any]:
+        async with _site() as site:
+            with _progress(json_out) as prog:
+                enc = prog.add_task("encoding", total=None)
+                up = prog.add_task("uploading", total=None, visible=False)
+                return await init_parcel(
+                    site, name, image, memory_mib=memory, cpus=cpus, machine=machine, kernel=kernel,
+                    initrd=initrd, append=append,
+                    encode_progress=lambda d, t: prog.update(enc, completed=d, total=t),
+                    upload_progress=lambda d, t: prog.update(up, completed=d, total=t, visible=True),
+                )
+
+    pid, v = asyncio.run(go())
+    if json_out:
+        emit_json({"parcel": str(pid), "name": name, "version": v.version, "uploaded": v.new_pack_bytes})
+    else:
+        out.print(f"parcel {name} ({pid}) created at version {v.version}; uploaded {human_bytes(v.new_pack_bytes)}")
+
+
+def resume(
+    parcel: ParcelArg,
+    policy: Annotated[str, typer.Option("--policy", help=f"Transfer policy: {', '.join(POLICIES)}.")] = "auto",
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="Resume this version (default: latest).")] = None,
+    display: Annotated[str, typer.Option("--display", help="gtk, sdl, vnc or none.")] = "none",
+    serial: Annotated[Optional[Path], typer.Option("--serial", help="Expose the guest's serial console on this unix socket.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)."""
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r}", hint=f"use one of {', '.join(POLICIES)}")
+    if display not in ("gtk", "sdl", "vnc", "none"):
+        raise UsageError(f"unknown display {display!r}", hint="use gtk, sdl, vnc or none")
+
+    def events(kind: str, data: dict[str, Any]) -> None:
+        if json_out:
+            print(json.dumps({"event": kind, **data}, default=str), flush=True)
+        elif kind == "resumed":
+            _render_resume(data)
+        else:
+            err.print(f"{kind}: {data.get('message', data)}")
+
+    async def go() -> dict[str, Any]:
+        async with _site() as site:
+            pid = await _resolve(site, parcel)
+            st = site.state(pid)
+            st.set_meta(name=parcel if not _is_uuid(parcel) else st.get_meta().get("name", parcel))
+            st.close()
+            return await run_parcel(site, pid, policy=policy, version=version, display=display, serial=serial,
+                                    events=events)
+
+    res = asyncio.run(go())
+    if json_out:
+        print(json.dumps({"event": "ended", **res}, default=str), flush=True)
+    else:
+        _render_end(res)
+
+
+def _is_uuid(s: str) -> bool:
+    try:
+        uuid.UUID(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _render_resume(data: dict[str, Any]) -> None:
+    t = Table("step", "seconds", title=f"resumed version {data['version']} ({data['policy']}, {data['accel']})")
+    for k in ("manifest", "lock", "fetch_before_start", "qemu_start", "memory_image", "total"):
+        if k in data["seconds"]:
+            t.add_row(k.replace("_", " "), f"{data['seconds'][k]:.3f}")
+    out.print(t)
+    out.print("cold boot (no memory image)" if data["cold_boot"] else "memory image restored")
+    out.print("running; `isrsync suspend` (or Ctrl-C) suspends it")
+
+
+def _render_end(res: dict[str, Any]) -> None:
+    if res.get("committed"):
+        out.print(f"{res['how']}: committed version {res['version']}")
+    else:
+        out.print(f"{res['how']} locally: {res.get('reason', '')}; the lock is still yours, "
+                  "run `isrsync sync` when the server is reachable")
+
+
+async def _control(site: Site, ref: str | None) -> Path:
+    runs = running(site.site_id)
+    if ref is None:
+        if len(runs) == 1:
+            return runs[0][1]
+        if not runs:
+            raise NotFound("no parcel is running at this site")
+        raise UsageError("several parcels run here", hint="name the one you mean")
+    pid = await _resolve(site, ref)
+    for prefix, sock in runs:
+        if str(pid).startswith(prefix):
+            return sock
+    raise NotFound(f"parcel {ref} is not running at this site")
+
+
+def suspend(
+    parcel: OptParcel = None,
+    keep_lock: Annotated[bool, typer.Option("--keep-lock", help="Commit but keep this site's ownership.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Suspend a running parcel: save memory and disk, commit, release the lock."""
+
+    async def go() -> dict[str, Any]:
+        async with _site() as site:
+            return await call(await _control(site, parcel), {"cmd": "suspend", "keep_lock": keep_lock})
+
+    res = asyncio.run(go())
+    if json_out:
+        emit_json(res)
+    elif res.get("committed"):
+        out.print(f"suspended: version {res['version']} committed ({human_bytes(res['memory_bytes'])} of memory,"
+                  f" {res['dirty_chunks']} dirty chunks) in {res['seconds']:.2f} s")
+    else:
+        out.print(f"suspended locally ({res.get('reason')}); the lock is still yours: "
+                  "run `isrsync sync` when the server is reachable")
+
+
+def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
+    """Commit now: a running parcel pauses briefly; a locally suspended one is committed."""
+
+    async def go() -> dict[str, Any]:
+        async with _site() as site:
+            try:
+                sock = await _control(site, parcel)
+            except NotFound:
+                if parcel is None:
+                    raise
+                return await sync_offline(site, await _resolve(site, parcel))
+            return await call(sock, {"cmd": "sync"})
+
+    res = asyncio.run(go())
+    if json_out:
+        emit_json(res)
+    else:
+        out.print(f"committed version {res['version']}")
+
+
+def hoard_cmd(
+    parcel: ParcelArg,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep hoarding new versions as they are committed.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between checks with --follow.")] = 30.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fetch every chunk of the latest version into this site's cache."""
+
+    async def go() -> None:
+        async with _site() as site:
+            pid = await _resolve(site, parcel)
+            last = -1
+            while True:
+                info = await site.store.parcel(pid)
+                if info.version != last:
+                    with _progress(json_out) as prog:
+                        task = prog.add_task(f"hoarding version {info.version}", total=None)
+                        fetched, total = await hoard(site, pid, info.version,
+                                                     lambda d, t: prog.update(task, completed=d, total=t))
+                    if json_out:
+                        print(json.dumps({"version": info.version, "fetched": fetched, "chunks": total}), flush=True)
+                    else:
+                        out.print(f"version {info.version}: fetched {fetched} of {total} chunks; all cached")
+                    last = info.version
+                if not follow:
+                    return
+                await asyncio.sleep(interval)
+
+    asyncio.run(go())
+
+
+def discard_cmd(parcel: ParcelArg, yes: YesOpt = False, json_out: JsonOpt = False) -> None:
+    """Drop this site's uncommitted changes to a parcel and release its lock."""
+    if not yes:
+        typer.confirm(f"drop the uncommitted changes to {parcel} at this site?", abort=True, err=True)
+
+    async def go() -> dict[str, Any]:
+        async with _site() as site:
+            return await discard(site, await _resolve(site, parcel))
+
+    res = asyncio.run(go())
+    if json_out:
+        emit_json(res)
+    else:
+        out.print(f"dropped {res['dirty_chunks_dropped']} dirty chunk(s)"
+                  + ("; lock released" if res["released_lock"] else ""))
+
+
+def rollback_cmd(parcel: ParcelArg, version: Annotated[int, typer.Argument(min=1, help="Version to return to.")],
+                 json_out: JsonOpt = False) -> None:
+    """Commit a new version equal to an older one (history is kept)."""
+
+    async def go() -> Any:
+        async with _site() as site:
+            return await rollback(site, await _resolve(site, parcel), version)
+
+    v = asyncio.run(go())
+    if json_out:
+        emit_json({"version": v.version, "equal_to": version})
+    else:
+        out.print(f"version {v.version} committed, equal to version {version}")
+
+
+def ls(json_out: JsonOpt = False) -> None:
+    """List your parcels with their versions and lock holders."""
+
+    async def go() -> list[Any]:
+        async with _site() as site:
+            return await site.store.list_parcels()
+
+    parcels = asyncio.run(go())
+    if json_out:
+        emit_json([{"parcel": str(p.parcel), "name": p.name, "version": p.version,
+                    "holder": p.lock.holder.__dict__ if p.lock.holder else None, "epoch": p.lock.epoch}
+                   for p in parcels])
+        return
+    t = Table("name", "version", "held by", "since", "id")
+    for p in parcels:
+        h = p.lock.holder
+        t.add_row(p.name, str(p.version), f"{h.host} ({h.site[:8]})" if h else "-",
+                  time.strftime("%Y-%m-%d %H:%M", time.localtime(h.since)) if h else "-", str(p.parcel))
+    out.print(t)
+
+
+def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
+    """What runs here, with dirty/trickled chunks and per-source hits and latency."""
+
+    async def go() -> list[Any]:
+        async with _site() as site:
+            runs = running(site.site_id)
+            res = []
+            for prefix, sock in runs:
+                with contextlib.suppress(NotFound):
+                    res.append(await call(sock, {"cmd": "status"}, timeout=30))
+            if parcel is not None:
+                pid = await _resolve(site, parcel)
+                res = [r for r in res if r["parcel"] == str(pid)]
+            st = site.cache.stats()
+            return [{"cache": st.__dict__, "running": res}]
+
+    doc = asyncio.run(go())[0]
+    if json_out:
+        emit_json(doc)
+        return
+    c = doc["cache"]
+    out.print(f"cache {c['path']}: {c['chunks']} chunks, {human_bytes(c['chunk_bytes'])}")
+    if not doc["running"]:
+        out.print("no parcel is running here")
+    for r in doc["running"]:
+        out.print(f"parcel {r['parcel']} (base version {r['base']}, policy {r['policy']}): {r['dirty_chunks']} dirty,"
+                  f" {r['trickled_chunks']} trickled, residue {r['residue_chunks']}")
+        t = Table("source", "hits", "bytes", "bad", "errors", "mean latency ms")
+        for n, s in r["sources"].items():
+            t.add_row(n, str(s["hits"]), human_bytes(s["bytes"]), str(s["bad"]), str(s["errors"]),
+                      f"{s['mean_latency_ms']:.2f}")
+        out.print(t)
+
+
+@lock_app.command("break")
+def lock_break(
+    parcel: ParcelArg,
+    reason: Annotated[str, typer.Option("--reason", help="Recorded in the server's audit log.")] = "",
+    yes: YesOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Break a parcel's lock held by a lost or stolen site.
+
+    The old site is fenced off: its later commits are refused and whatever it
+    did not commit stays there, never merged.
+    """
+
+    async def go() -> Any:
+        async with _site() as site:
+            pid = await _resolve(site, parcel)
+            lock = await site.store.lock_status(pid)
+            if lock.holder is None:
+                raise UsageError(f"parcel {parcel} is not locked")
+            if not yes:
+                err.print(f"parcel {parcel} is held by {lock.holder.host} (site {lock.holder.site}) since "
+                          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}. Breaking the lock "
+                          "fences that site off: anything it has not committed stays there and is never merged.")
+                if not typer.confirm("break the lock?", err=True):
+                    raise typer.Abort()
+            return await site.store.break_lock(pid, reason or f"broken from {site.host}")
+
+    lock = asyncio.run(go())
+    if json_out:
+        emit_json({"parcel": str(lock.parcel), "epoch": lock.epoch})
+    else:
+        out.print(f"lock broken; epoch is now {lock.epoch}")
+
+
+@lock_app.command("status")
+def lock_status(parcel: ParcelArg, json_out: JsonOpt = False) -> None:
+    """Show who holds a parcel's lock."""
+
+    async def go() -> Any:
+        async with _site() as site:
+            return await site.store.lock_status(await _resolve(site, parcel))
+
+    lock = asyncio.run(go())
+    if json_out:
+        emit_json({"parcel": str(lock.parcel), "epoch": lock.epoch, "version": lock.version,
+                   "holder": lock.holder.__dict__ if lock.holder else None})
+    elif lock.holder is None:
+        out.print(f"free (epoch {lock.epoch}, version {lock.version})")
+    else:
+        out.print(f"held by {lock.holder.host} (site {lock.holder.site}) since "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}; epoch {lock.epoch}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("login")(login)
+    app.command("logout")(logout)
+    app.command("init")(init)
+    app.command("resume")(resume)
+    app.command("suspend")(suspend)
+    app.command("sync")(sync)
+    app.command("hoard")(hoard_cmd)
+    app.command("discard")(discard_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("ls")(ls)
+    app.command("status")(status)
+    app.add_typer(lock_app, name="lock")
+
