@@ -21,8 +21,8 @@ _isrsync_spec() {
             vopts='--data --listen --tls-cert --tls-key'
             ;;
         'isrsync demo')
-            opts='--disk-mib --workdir --json --help'
-            vopts='--disk-mib --workdir'
+            opts='--memory --workdir --json --help'
+            vopts='--memory --workdir'
             ;;
         'isrsync login')
             opts='-u --user --token --cacert --json --help'
@@ -128,7 +128,7 @@ _isrsync_spec() {
 _isrsync_values() {
     choices='' files=1
     case "$1 $2" in
-        'isrsync demo --disk-mib') files=0 ;;
+        'isrsync demo --memory') files=0 ;;
         'isrsync init --memory') files=0 ;;
         'isrsync init --cpus') files=0 ;;
         'isrsync resume --version') files=0 ;;

@@ -24,7 +24,7 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
         case 'isrsync serve'
             printf '%s\n' '--data' '--listen' '--tls-cert' '--tls-key'
         case 'isrsync demo'
-            printf '%s\n' '--disk-mib' '--workdir'
+            printf '%s\n' '--memory' '--workdir'
         case 'isrsync login'
             printf '%s\n' '-u' '--user' '--token' '--cacert'
         case 'isrsync init'
@@ -78,7 +78,7 @@ end
 # isrsync
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'serve' -d 'Run the home server until SIGTERM or Ctrl-C'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'demo' -d 'Run a complete local demo: a home server, two sites, a parcel moving between them'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'demo' -d 'Run the complete ISR cycle locally: a home server, two sites, a guest moving between them'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'login' -d 'Log in to a home server and unlock your keys with your passphrase'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'logout' -d 'Forget the unlocked keys and the token of this session'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'init' -d 'Create a parcel from a disk image: encode, upload, commit version 1'
@@ -108,7 +108,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'help' -d 'Show 
 
 # isrsync demo
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -f
-complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'disk-mib' -x -d 'Size of the demo disk'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'memory' -x -d 'Guest memory in MiB'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'workdir' -r -F -d 'Keep the demo\'s files here'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'help' -d 'Show this message and exit'

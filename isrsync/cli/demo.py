@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..site.demo import Advance, DemoUI, run_demo
-from .render import emit_json, out
+from ..site.demo import DemoUI, _short_runtime, run_demo
+from .render import emit_json, err, out
 from .state import JsonOpt
 
 
@@ -27,48 +26,37 @@ class RichUI(DemoUI):
         if self.quiet:
             yield
             return
-        with out.status(title):
+        with err.status(title):
             yield
-        out.print(f"[green]✓[/] {title}")
-
-    @contextlib.contextmanager
-    def bar(self, title: str, total: int) -> Iterator[Advance]:
-        if self.quiet:
-            yield lambda n: None
-            return
-        with Progress(
-            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=out, transient=True,
-        ) as prog:
-            task = prog.add_task(title, total=total)
-            yield lambda n: prog.advance(task, n)
-        out.print(f"[green]✓[/] {title}")
+        err.print(f"[green]✓[/] {title}")
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            out.print(text)
+            err.print(text)
 
 
 def demo(
-    disk_mib: Annotated[int, typer.Option("--disk-mib", min=1, max=4096, help="Size of the demo disk.")] = 64,
+    memory: Annotated[int, typer.Option("--memory", min=64, max=4096, help="Guest memory in MiB.")] = 256,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the demo's files here.")] = None,
+    guest_cache: Annotated[Optional[Path], typer.Option("--guest-cache", hidden=True)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a complete local demo: a home server, two sites, a parcel moving between them."""
+    """Run the complete ISR cycle locally: a home server, two sites, a guest moving between them."""
     tmp = None
     if workdir is None:
         tmp = Path(tempfile.mkdtemp(prefix="isrsync-demo-"))
         workdir = tmp
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        rep = asyncio.run(run_demo(workdir, RichUI(json_out), disk_mib=disk_mib))
+        rep = asyncio.run(run_demo(workdir, RichUI(json_out), memory_mib=memory, guest_cache=guest_cache))
     finally:
+        shutil.rmtree(_short_runtime(workdir), ignore_errors=True)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if json_out:
-        emit_json(rep)
+        emit_json({**rep.__dict__, "memory_moved": rep.memory_moved, "disk_moved": rep.disk_moved})
     else:
-        facts = Table("what", "value", title="parcel")
+        facts = Table("what", "value", title=f"parcel demo-vm ({rep.parcel})")
         for k, v in rep.facts:
             facts.add_row(k, v)
         out.print(facts)
@@ -76,7 +64,14 @@ def demo(
         for k, v in rep.timings:
             times.add_row(k, f"{v:.2f}")
         out.print(times)
-        out.print(f"site B rebuilt the disk byte for byte: [bold]{'yes' if rep.identical else 'NO'}[/]")
-        out.print(f"site A, after site B took the lock, was refused: {rep.refused}")
-    if not rep.identical or not rep.refused:
+        b = Table("resume at site B", "seconds")
+        for k in ("manifest", "lock", "qemu_start", "memory_image", "total"):
+            if k in rep.resume_b:
+                b.add_row(k.replace("_", " "), f"{rep.resume_b[k]:.3f}")
+        out.print(b)
+        out.print(f"memory came along: counter {rep.counter_a} at suspend, {rep.counter_b} after resume at B: "
+                  f"[bold]{'yes' if rep.memory_moved else 'NO'}[/]")
+        out.print(f"disk came along: {rep.file_at_b!r}: [bold]{'yes' if rep.disk_moved else 'NO'}[/]")
+        out.print(f"site A, while site B runs the parcel, is refused: {rep.refused}")
+    if not (rep.memory_moved and rep.disk_moved and rep.refused):
         raise typer.Exit(1)

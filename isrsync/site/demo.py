@@ -1,41 +1,39 @@
-"""`isrsync demo`: a complete local run on embedded defaults, no set-up needed.
+"""`isrsync demo`: the complete ISR cycle on embedded defaults, no set-up needed.
 
-An embedded home server on loopback, a user with a passphrase-sealed key
-bundle, and two sites (two cache directories). Site A turns a generated disk
-image into a parcel (version 1), changes 1 % of it and commits version 2 as a
-keyring delta; site B unlocks the keys with the passphrase, takes the lock,
-rebuilds the keyring from the manifests, fetches every chunk into its own cache
-and checks the disk byte for byte. Site A, now fenced off, is refused.
-
-The VM runtime (NBD + QEMU) joins this demo with the resume/suspend issue.
+An embedded home server on loopback (the real HTTP server, in process), a
+user whose keys are sealed under a passphrase, a tiny Linux guest built on
+the spot, and two sites (two cache directories). Site A creates the parcel
+and resumes it (a cold boot); the guest writes a file and counts in memory;
+site A suspends. Site B, starting from an empty cache, resumes it: the counter
+continues (memory came along) and the file is there (disk came along). While B
+runs, A is refused the lock. Every step is timed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
+import contextlib
 import os
 import socket
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import platformdirs
 from aiohttp import web
 
-from .. import chunk, manifest
-from ..chunk import CHUNK_SIZE
 from ..errors import LockHeld
-from ..keys import KdfLimits, KeyBundle
+from ..keys import KdfLimits
 from ..server.app import make_app
-from ..store.base import CommitRequest, Holder
-from ..store.http import HttpStore
 from ..store.repo import Repository
+from ..vm.console import GuestConsole
+from ..vm.guest import build_guest, make_disk_image
+from . import account
 from .cache import SiteCache
-from .packer import pack_stream
+from .parcel import Site, init_parcel, open_site
+from .runtime import Runtime
 
 Advance = Callable[[int], None]
 
@@ -46,9 +44,6 @@ class DemoUI:
     def step(self, title: str) -> ContextManager[None]:
         raise NotImplementedError
 
-    def bar(self, title: str, total: int) -> ContextManager[Advance]:
-        raise NotImplementedError
-
     def note(self, text: str) -> None:
         raise NotImplementedError
 
@@ -56,25 +51,22 @@ class DemoUI:
 @dataclass
 class DemoReport:
     server: str = ""
-    disk_bytes: int = 0
+    parcel: str = ""
     timings: list[tuple[str, float]] = field(default_factory=list)
+    resume_b: dict[str, float] = field(default_factory=dict)
     facts: list[tuple[str, str]] = field(default_factory=list)
-    identical: bool = False
+    counter_a: int = 0
+    counter_b: int = 0
+    file_at_b: str = ""
     refused: str = ""
 
+    @property
+    def memory_moved(self) -> bool:
+        return 0 < self.counter_a <= self.counter_b
 
-def sample_image(size: int, seed: int = 7) -> bytes:
-    """A disk-like image: zeros, text, binary, random, and repeated regions."""
-    rnd = hashlib.shake_256(seed.to_bytes(4, "little"))
-    text = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60])
-    quarter = size // 4
-    parts = [
-        bytes(quarter),  # never written
-        (text * (quarter // max(1, len(text)) + 1))[:quarter],
-        rnd.digest(quarter),
-    ]
-    parts.append(parts[1][: size - 3 * quarter])  # a copy: dedup finds it
-    return b"".join(parts)[:size]
+    @property
+    def disk_moved(self) -> bool:
+        return self.file_at_b == "GUEST: DATA written-at-site-a"
 
 
 async def _embedded_server(data: Path) -> tuple[web.AppRunner, Repository, str]:
@@ -83,149 +75,89 @@ async def _embedded_server(data: Path) -> tuple[web.AppRunner, Repository, str]:
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     return runner, repo, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def run_demo(work: Path, ui: DemoUI, *, disk_mib: int = 64, passphrase: str = "correct horse") -> DemoReport:
+async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache: Path | None = None) -> DemoReport:
     rep = DemoReport()
-    t_all = time.perf_counter()
+    # The demo's sites keep their config and unlocked keys inside the workdir.
+    os.environ[account.ENV_CONFIG] = str(work / "config.json")
+    os.environ[account.ENV_RUNTIME] = str(_short_runtime(work))
 
-    def timed(title: str, t0: float) -> None:
+    async def timed(title: str, coro):
+        t0 = time.perf_counter()
+        with ui.step(title):
+            result = await coro
         rep.timings.append((title, time.perf_counter() - t0))
+        return result
 
-    with ui.step("starting an embedded home server on loopback"):
-        runner, repo, url = await _embedded_server(work / "home")
-        token = repo.add_user("demo")
-        rep.server = url
-    store_a = HttpStore(url, token)
-    store_b = HttpStore(url, token)
+    with ui.step("building a tiny Linux guest (kernel + busybox), cached after the first run"):
+        guest = await asyncio.to_thread(
+            build_guest, guest_cache or Path(platformdirs.user_cache_dir("isrsync")) / "demo-guest"
+        )
+    runner, repo, url = await timed("starting the home server on loopback", _embedded_server(work / "home"))
+    rep.server = url
+    token = repo.add_user("demo")
+    acct = account.Account(url, "demo", token)
+    sites: list[Site] = []
     try:
-        # -- the user's keys, sealed under their passphrase, kept on the server.
-        t0 = time.perf_counter()
-        with ui.step("sealing the key bundle under the passphrase (Argon2id)"):
-            bundle = KeyBundle.new()
-            parcel = uuid.uuid4()
-            bundle.parcels[str(parcel)] = os.urandom(32)
-            sealed = await asyncio.to_thread(bundle.seal, passphrase, KdfLimits())
-            await store_a.put_key_bundle(sealed, None)
-            await store_a.create_parcel(parcel, "demo-vm")
-        timed("seal keys + create parcel", t0)
+        await timed("logging in (the key bundle is sealed under the passphrase)",
+                    account.login(acct, "correct horse battery staple", limits=KdfLimits.MIN))
+        site_a = await open_site(SiteCache(work / "site-a"), acct)
+        sites.append(site_a)
+        img = work / "disk.img"
+        make_disk_image(img, 64, {"hello.txt": b"made at init"})
+        pid, _ = await timed("site A: isrsync init (encode, upload, commit version 1)", init_parcel(
+            site_a, "demo-vm", img, memory_mib=memory_mib, kernel=guest.kernel, initrd=guest.initrd,
+            append=guest.cmdline))
+        img.unlink()
+        rep.parcel = str(pid)
 
-        size = disk_mib << 20
-        image = bytearray(sample_image(size))
-        rep.disk_bytes = size
-        cache_a = SiteCache(work / "site-a")
-        cache_b = SiteCache(work / "site-b")
-        holder_a = Holder(cache_a.site_id, "site-a")
-        holder_b = Holder(cache_b.site_id, "site-b")
-        secret = bundle.convergence_secret
-        mkey = bundle.parcels[str(parcel)]
-
-        # -- site A: version 1 from the image.
-        t0 = time.perf_counter()
-        with ui.bar("site A: encoding the disk into packs", size) as adv:
-            packed = await asyncio.to_thread(
-                pack_stream, io.BytesIO(bytes(image)), size, secret, work / "site-a", progress=adv,
-                limit=16 << 20,
-            )
-        timed("encode disk (v1)", t0)
-        t0 = time.perf_counter()
-        with ui.bar("site A: uploading packs", sum(i.size for i, _ in packed.packs)) as adv:
-            for info, path in packed.packs:
-                await store_a.put_pack(parcel, info.pack_id, path)
-                cache_a.add_pack(path, info.pack_id)
-                adv(info.size)
-        lock = await store_a.acquire(parcel, holder_a)
-        raw1 = manifest.encode(parcel=parcel, version=1, master_key=mkey, vm={"memory_mib": 256},
-                               keyring=packed.keyring, site=holder_a.host, time=time.time())
-        await store_a.commit(parcel, CommitRequest(
-            epoch=lock.epoch, parent=0, manifest=raw1, packs=[i.pack_id for i, _ in packed.packs],
-            added=sorted(packed.keyring.tags()), release=False, site=holder_a.site))
-        timed("upload + commit v1", t0)
+        run_a = Runtime(site_a, pid, policy="auto", serial=work / "a.ser", rundir=_short_runtime(work) / "a")
+        rep_a = await timed("site A: isrsync resume (cold boot: no memory image yet)", run_a.resume())
+        con = await asyncio.to_thread(GuestConsole, work / "a.ser")
+        await timed("site A: the guest boots", asyncio.to_thread(con.wait_for, "GUEST: READY"))
+        await asyncio.to_thread(con.command, "write note written-at-site-a")
+        await asyncio.sleep(1.5)  # let the in-memory counter run
+        rep.counter_a = int((await asyncio.to_thread(con.command, "counter")).split()[-1])
+        con.close()
+        res_a = await timed("site A: isrsync suspend (save memory, commit version 2)", run_a.suspend())
+        await run_a.close()
         rep.facts += [
-            ("disk", f"{size >> 20} MiB in {len(packed.keyring)} chunks of 128 KiB"),
-            ("v1: zero chunks (never stored)", str(packed.zero_chunks)),
-            ("v1: chunks deduplicated", str(packed.reused_chunks)),
-            ("v1: bytes stored on the server", f"{packed.stored_bytes:,}"),
-            ("v1: manifest (full keyring)", f"{len(raw1):,} bytes"),
+            ("guest", f"Linux {guest.kernel_version}, {memory_mib} MiB, {rep_a.accel.upper()}"),
+            ("memory image", f"{res_a['memory_bytes'] / 2**20:.1f} MiB"),
+            ("dirty disk chunks at suspend", str(res_a["dirty_chunks"])),
         ]
 
-        # -- site A: the guest writes 1 % of the disk; version 2 is a delta.
-        t0 = time.perf_counter()
-        v1 = manifest.decode(raw1, mkey, parcel)
-        ring2 = v1.keyring.copy()
-        n = len(ring2)
-        dirty = sorted({(i * 7919) % n for i in range(max(1, n // 100))})
-        for i in dirty:
-            image[i * CHUNK_SIZE : i * CHUNK_SIZE + 64] = os.urandom(64)
-        before = {ring2.tag_at(i) for i in dirty}
-        encs = list(chunk.encode_many((bytes(image[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE]) for i in dirty), secret))
-        for i, enc in zip(dirty, encs):
-            ring2[i] = enc.ref
-        sub = work / "site-a" / "v2"
-        sub.mkdir()
-        buf = b"".join(bytes(image[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE]) for i in dirty)
-        packed2 = pack_stream(io.BytesIO(buf), len(buf), secret, sub)
-        for info, path in packed2.packs:
-            await store_a.put_pack(parcel, info.pack_id, path)
-        raw2 = manifest.encode(parcel=parcel, version=2, master_key=mkey, vm=v1.vm, keyring=ring2,
-                               parent=v1, dirty=dirty, site=holder_a.host, time=time.time())
-        live2 = ring2.tags()
-        await store_a.commit(parcel, CommitRequest(
-            epoch=lock.epoch, parent=1, manifest=raw2, packs=[i.pack_id for i, _ in packed2.packs],
-            added=sorted({e.tag for e in encs} - v1.keyring.tags()),
-            removed=sorted(t for t in before if t not in live2), release=True, site=holder_a.site))
-        timed("write 1% + commit v2 (delta)", t0)
-        rep.facts.append(("v2: manifest (keyring delta)", f"{len(raw2):,} bytes for {len(dirty)} dirty chunks"))
-
-        # -- site B: walk up with only the passphrase.
-        t0 = time.perf_counter()
-        with ui.step("site B: unlocking the key bundle with the passphrase"):
-            got = await store_b.get_key_bundle()
-            assert got is not None
-            bundle_b = await asyncio.to_thread(KeyBundle.unseal, got, passphrase)
-        lock_b = await store_b.acquire(parcel, holder_b)
-        info = await store_b.parcel("demo-vm")
-        raws = await store_b.get_manifests(parcel, 1, info.version)
-        mkey_b = bundle_b.master_key(str(parcel))
-        head = manifest.resolve([manifest.decode(r, mkey_b, parcel) for r in raws])
-        timed("site B: keys + lock + manifests", t0)
-
-        t0 = time.perf_counter()
-        ring = head.keyring
-        assert ring is not None
-        want = sorted(ring.tags())
-        where = await store_b.locate(parcel, want)
-        by_pack: dict[bytes, list] = defaultdict(list)
-        for e in where.values():
-            by_pack[e.pack_id].append(e)
-        with ui.bar("site B: fetching chunks from the home server", sum(e.length for e in where.values())) as adv:
-            for pack_id, entries in by_pack.items():
-                entries.sort(key=lambda e: e.offset)
-                lo, hi = entries[0].offset, entries[-1].offset + entries[-1].length
-                blob = await store_b.get_pack(parcel, pack_id, lo, hi - lo)
-                cache_b.put_many((e.tag, blob[e.offset - lo : e.offset - lo + e.length]) for e in entries)
-                adv(sum(e.length for e in entries))
-        rebuilt = bytearray()
-        for i in range(len(ring)):
-            ref = ring[i]
-            rebuilt += chunk.decode(ref, cache_b.get(ref.tag), chunk.chunk_length(size, i))
-        rep.identical = bytes(rebuilt) == bytes(image)
-        timed("site B: fetch + decode whole disk", t0)
-
+        site_b = await open_site(SiteCache(work / "site-b"), acct)
+        sites.append(site_b)
+        run_b = Runtime(site_b, pid, policy="auto", serial=work / "b.ser", rundir=_short_runtime(work) / "b")
+        rep_b = await timed("site B: isrsync resume (empty cache, demand fetch)", run_b.resume())
+        rep.resume_b = rep_b.seconds
+        con = await asyncio.to_thread(GuestConsole, work / "b.ser")
+        rep.counter_b = int((await asyncio.to_thread(con.command, "counter")).split()[-1])
+        rep.file_at_b = await asyncio.to_thread(con.command, "read note")
+        con.close()
         try:
-            await store_a.acquire(parcel, holder_a)
+            await site_a.store.acquire(pid, site_a.holder())
         except LockHeld as e:
             rep.refused = e.message
-        await store_b.release(parcel, lock_b.epoch)
-        cache_a.close()
-        cache_b.close()
+        st = run_b.status()["sources"]["server"]
+        rep.facts.append(("fetched by site B to resume", f"{st['bytes'] / 2**20:.1f} MiB in {st['hits']} chunks"))
+        await timed("site B: isrsync suspend (commit version 3)", run_b.suspend())
+        await run_b.close()
     finally:
-        await store_a.close()
-        await store_b.close()
+        for s in sites:
+            with contextlib.suppress(Exception):
+                await s.close()
         await runner.cleanup()
         repo.close()
-    rep.timings.append(("total", time.perf_counter() - t_all))
     return rep
+
+
+def _short_runtime(work: Path) -> Path:
+    # Unix socket paths must stay short; the workdir may be deep.
+    d = Path("/tmp") / f"isrsync-demo-{uuid.uuid5(uuid.NAMESPACE_URL, str(work)).hex[:10]}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
