@@ -83,6 +83,32 @@ def _sqlite_error(e: sqlite3.Error, path: Path) -> Exception:
     return CacheError(f"the cache index at {path} failed: {e}")
 
 
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection, where: Path, durable: bool = True) -> Iterator[None]:
+    """BEGIN IMMEDIATE (serializes writers across processes) ... COMMIT, with
+    SQLite's own failures (a full disk above all) mapped to our errors. A
+    durable transaction fsyncs the WAL at its commit (and everything before it).
+    A body may COMMIT itself (to act on a failed commit); then nothing is left to do.
+    """
+    try:
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if db.in_transaction:
+                db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as e:
+        raise _sqlite_error(e, where) from None
+
+
 def default_cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """Flag beats environment beats the platform's per-user cache directory."""
     if override:
@@ -237,8 +263,13 @@ class SiteCache:
                     out.append(t)
         return out
 
-    def get(self, tag: bytes) -> bytes | None:
-        """The verified ciphertext for ``tag``, or None if absent or damaged."""
+    def get(self, tag: bytes, *, verify: bool = True) -> bytes | None:
+        """The ciphertext for ``tag``, or None if absent or damaged.
+
+        ``verify=False`` skips the tag check for callers that decode at once
+        (decoding checks the tag itself; they call :meth:`forget` on failure).
+        Only the index lookup holds the lock, so readers hash in parallel.
+        """
         with self._lock:
             row = self._db.execute(
                 "SELECT f.kind, f.name, c.offset, c.length FROM chunks c JOIN files f ON f.id=c.file "
@@ -249,15 +280,22 @@ class SiteCache:
                 return None
             kind, name, off, n = row
             try:
-                data = os.pread(self._fd(kind, name), n, off)
+                fd = self._fd(kind, name)
             except OSError:
-                data = b""
-            if len(data) == n and tag_of(data) == tag:
-                return data
-            # Damaged or lost on disk: forget it so the next source is asked.
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("DELETE FROM chunks WHERE tag=?", (tag,))
-            return None
+                fd = -1
+        try:
+            data = os.pread(fd, n, off) if fd >= 0 else b""
+        except OSError:
+            data = b""
+        if len(data) == n and (not verify or tag_of(data) == tag):
+            return data
+        self.forget(tag)
+        return None
+
+    def forget(self, tag: bytes) -> None:
+        """Drop a damaged or lost chunk from the index so the next source is asked."""
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("DELETE FROM chunks WHERE tag=?", (tag,))
 
     def _fd(self, kind: str, name: str) -> int:
         f = self._files.get((kind, name))
@@ -307,28 +345,8 @@ class SiteCache:
                     raise
         return len(new)
 
-    @contextlib.contextmanager
-    def _write_tx(self, durable: bool = True) -> Iterator[None]:
-        """BEGIN IMMEDIATE (serializes appenders across processes) ... COMMIT,
-        with SQLite's own failures (a full disk above all) mapped to our errors.
-        A durable transaction fsyncs the WAL at its commit (and all before it)."""
-        try:
-            if durable:
-                self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                if self._db.in_transaction:
-                    self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-            finally:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as e:
-            raise _sqlite_error(e, self.path) from None
+    def _write_tx(self, durable: bool = True) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self._db, self.path, durable)
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
@@ -402,15 +420,18 @@ class SiteCache:
         fsync_dir(self.path / "segments")
         return cur.lastrowid, name  # type: ignore[return-value]
 
-    def add_pack(self, src: str | os.PathLike[str], pack_id: bytes) -> PackInfo:
+    def add_pack(self, src: str | os.PathLike[str], pack_id: bytes, info: PackInfo | None = None) -> PackInfo:
         """Adopt a whole pack file: verify it against its id, move it in, index it.
 
         ``src`` must be on the same filesystem (it is renamed, not copied). A
-        pack that does not verify raises and is left where it was.
+        pack that does not verify raises and is left where it was. ``info``
+        from the writer that just made the pack skips the verification pass
+        (reads verify every chunk by tag anyway).
         """
         src = Path(src)
-        with open(src, "rb") as f:
-            info = verify_stream(f, pack_id)
+        if info is None or info.pack_id != pack_id:
+            with open(src, "rb") as f:
+                info = verify_stream(f, pack_id)
         name = pack_id.hex()
         dest = self.path / "packs" / name
         with self._lock, self._write_tx():

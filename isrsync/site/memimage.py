@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chunk import ChunkRef, chunk_length, decode, default_pool
+from ..chunk import CHUNK_SIZE, ChunkRef, chunk_length, decode, default_pool
 from ..manifest import MemoryImage
 from .cache import SiteCache
+from .disk import decode_cached
 from .packer import fd_chunks, pack_chunks
 from .sources import SourceChain
 
@@ -48,7 +49,7 @@ def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
     try:
         refs, packed = pack_chunks(fd_chunks(fd, total), secret, staging, known=cache.has)
         for info, path in packed.packs:
-            cache.add_pack(path, info.pack_id)
+            cache.add_pack(path, info.pack_id, info)  # just written here: no second hash pass
     finally:
         for p in staging.glob("*"):
             p.unlink(missing_ok=True)
@@ -66,19 +67,36 @@ async def restore_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain)
 
 
 class Feeder:
-    """Fetches and decodes an image in order into a bounded queue; ``produce`` writes it."""
+    """Fetches and decodes an image in order into a bounded queue; ``produce`` writes it.
+
+    Decoding runs ahead of QEMU (the queue can hold the whole image of a small
+    guest), so a restore waits on the pipe, not on the codec.
+    """
+
+    MAX_QUEUED = 256 << 20
 
     def __init__(self, mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> None:
         self.mem = mem
         self.cache = cache
         self.chain = chain
-        self.q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=WINDOW * AHEAD * 2)
+        batches = max(AHEAD, self.MAX_QUEUED // (WINDOW * CHUNK_SIZE))
+        self.q: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=batches)
         self.task: asyncio.Task | None = None
+        self._stopped = False
         self.fetched = 0
         self.written = 0
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
+
+    def _put(self, item: list[bytes] | BaseException | None) -> None:
+        # Give up if the writer is gone, rather than block a thread forever.
+        while not self._stopped:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,14 +108,15 @@ class Feeder:
             for b in batches:
                 pending.append(asyncio.create_task(self._batch(b, pool)))
                 if len(pending) >= AHEAD:
-                    for plain in await pending.pop(0):
-                        await loop.run_in_executor(None, self.q.put, plain)
+                    await loop.run_in_executor(None, self._put, await pending.pop(0))
             for t in pending:
-                for plain in await t:
-                    await loop.run_in_executor(None, self.q.put, plain)
-            await loop.run_in_executor(None, self.q.put, None)
+                await loop.run_in_executor(None, self._put, await t)
+            await loop.run_in_executor(None, self._put, None)
+        except asyncio.CancelledError:
+            self._stopped = True
+            raise
         except BaseException as e:  # hand the failure to the writer thread
-            await loop.run_in_executor(None, self.q.put, e)
+            await loop.run_in_executor(None, self._put, e)
             raise
 
     async def _batch(self, idxs: list[int], pool) -> list[bytes]:
@@ -123,20 +142,30 @@ class Feeder:
             if r.is_zero:
                 out.append(bytes(n))
             else:
-                data = self.cache.get(r.tag)
-                out.append(None if data is None else decode(r, data, n))
+                out.append(decode_cached(self.cache, r, n))
         return out
 
     def produce(self, fd: int) -> None:
         """Worker thread: write the decoded image to QEMU's incoming pipe."""
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            view = memoryview(item)
-            while view:
-                k = os.write(fd, view)
-                view = view[k:]
-            self.written += len(item)
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                _write_all(fd, item)
+                self.written += sum(len(b) for b in item)
+        finally:
+            self._stopped = True
+
+
+def _write_all(fd: int, bufs: list[bytes]) -> None:
+    views = [memoryview(b) for b in bufs if b]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]

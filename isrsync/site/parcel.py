@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .. import manifest
-from ..chunk import chunk_length, decode
+from ..chunk import chunk_length, decode_many
 from ..errors import IntegrityError, NotFound, UsageError
 from ..keys import KeyBundle, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
@@ -128,11 +128,10 @@ async def read_blob(blob: MemoryImage, cache: SiteCache, chain: SourceChain) -> 
     missing = await asyncio.to_thread(cache.missing, tags)
     if missing:
         await chain.fetch_many(missing)
-    out = bytearray()
-    for i, ref in enumerate(blob.refs):
-        data = None if ref.is_zero else cache.get(ref.tag)
-        out += decode(ref, data, chunk_length(blob.length, i))
-    return bytes(out)
+    items = [(ref, None if ref.is_zero else cache.get(ref.tag, verify=False), chunk_length(blob.length, i))
+             for i, ref in enumerate(blob.refs)]
+    # decode_many verifies every tag, on the codec's threads, off the event loop.
+    return b"".join(await asyncio.to_thread(decode_many, items))
 
 
 # -- init ----------------------------------------------------------------------------

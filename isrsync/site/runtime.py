@@ -114,6 +114,7 @@ class Runtime:
         self.staged: list[bytes] = []
         self.staged_tags: set[bytes] = set()
         self.report: ResumeReport | None = None
+        self._fresh_lock = False
 
     # -- resume --------------------------------------------------------------------------
 
@@ -154,7 +155,10 @@ class Runtime:
         t0 = time.perf_counter()
         if online:
             lock = await site.store.acquire(parcel, site.holder())
+            # Ours before this call only if our own local state was made under it.
+            self._fresh_lock = not (local and lock.epoch == meta.get("epoch"))
             if local and lock.epoch != meta.get("epoch"):
+                await site.store.release(parcel, lock.epoch)
                 raise Conflict(
                     f"this site's uncommitted changes on version {base_v} were fenced off (the lock was broken "
                     f"or taken elsewhere since)",
@@ -167,7 +171,20 @@ class Runtime:
         else:
             self.epoch = int(meta["epoch"])
         marks["lock"] = time.perf_counter() - t0
+        try:
+            return await self._start(base, base_v, memory_from_local=local, meta=meta, accel=accel,
+                                     marks=marks, t_all=t_all, online=online)
+        except BaseException:
+            # Nothing runs: a lock this call took must not stay taken.
+            if online and self._fresh_lock:
+                with contextlib.suppress(IsrError):
+                    await site.store.release(parcel, self.epoch)
+            raise
 
+    async def _start(self, base: Manifest, base_v: int, *, memory_from_local: bool, meta: dict[str, Any],
+                     accel: str, marks: dict[str, float], t_all: float, online: bool) -> ResumeReport:
+        site, parcel, state, local = self.site, self.parcel, self.state, memory_from_local
+        assert state is not None
         self.staged = [bytes.fromhex(x) for x in meta.get("staged", [])] if local else []
         self.staged_tags = {bytes.fromhex(x) for x in meta.get("staged_tags", [])} if local else set()
         memory = state.load_memory() if local else base.memory
@@ -190,6 +207,10 @@ class Runtime:
         marks["fetch_before_start"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # The memory image starts arriving and decoding now, while QEMU starts.
+        feeder = Feeder(memory, site.cache, chain) if memory is not None else None
+        if feeder is not None:
+            feeder.start()
         self.nbd = NbdServer(disk)
         sock = self.rundir / "nbd.sock"
         await self.nbd.start_unix(sock)
@@ -199,9 +220,7 @@ class Runtime:
         marks["qemu_start"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if memory is not None:
-            feeder = Feeder(memory, site.cache, chain)
-            feeder.start()
+        if feeder is not None:
             try:
                 await q.load_memory(feeder.produce)
             finally:
@@ -529,7 +548,15 @@ async def run_parcel(
             if cmd == "sync":
                 return await rt.sync()
             if cmd == "suspend":
-                res = await rt.suspend(bool(req.get("keep_lock")))
+                try:
+                    res = await rt.suspend(bool(req.get("keep_lock")))
+                except BaseException as e:
+                    if rt.qemu is None or not rt.qemu.alive:
+                        # The guest is saved locally but the commit was refused
+                        # (fenced): end the run with that error, keep the state.
+                        ended.set_exception(e)
+                        ended.exception()
+                    raise
                 ended.set_result({"how": "suspended", **res})
                 return res
         raise UsageError(f"unknown control command {cmd!r}")
@@ -552,9 +579,13 @@ async def run_parcel(
                     res = await rt.suspend()
                     ended.set_result({"how": "suspended", **res})
                 elif not ended.done():
-                    # The guest powered off: keep its disk, no memory image.
+                    # The guest powered off (or QEMU died): keep its disk, no memory image.
+                    code = rt.qemu.proc.returncode if rt.qemu and rt.qemu.proc else None
+                    how = "powered-off" if code == 0 else "qemu-died"
+                    if how == "qemu-died" and rt.qemu is not None:
+                        say("error", {"message": f"QEMU exited with status {code}: {rt.qemu.log_tail(300)}"})
                     res = await rt.commit_after_poweroff()
-                    ended.set_result({"how": "powered-off", **res})
+                    ended.set_result({"how": how, "qemu_status": code, **res})
         stopper.cancel()
         return ended.result()
     finally:

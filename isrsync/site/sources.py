@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from ..chunk import tag_of
-from ..errors import ChunkUnavailable, IsrError, Unreachable
+from ..errors import ChunkUnavailable, Unreachable
 from ..pack import PackEntry
 from ..store.base import Store
 from .cache import SiteCache
@@ -73,6 +73,7 @@ class SourceChain:
         self._sources: dict[str, _Entry] = {}
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self.cache_stats = SourceStats()
+        self.source_timeout = 30.0  # seconds one source may take for one request
 
     # -- membership ----------------------------------------------------------------
 
@@ -107,9 +108,15 @@ class SourceChain:
         loop = asyncio.get_running_loop()
         mine: list[bytes] = []
         waits: dict[bytes, asyncio.Future[bytes]] = {}
+        out: dict[bytes, bytes] = {}
         for t in dict.fromkeys(tags):
             fut = self._inflight.get(t)
             if fut is None:
+                # Another fetch may have landed it since the caller looked.
+                cached = self.cache.get(t) if self.cache.has(t) else None
+                if cached is not None:
+                    out[t] = cached
+                    continue
                 fut = loop.create_future()
                 self._inflight[t] = fut
                 mine.append(t)
@@ -133,7 +140,6 @@ class SourceChain:
                 else:
                     fut.set_exception(ChunkUnavailable(f"no source has chunk {t.hex()[:16]}"))
                     fut.exception()
-        out: dict[bytes, bytes] = {}
         for t, fut in waits.items():
             try:
                 out[t] = await asyncio.shield(fut)
@@ -150,10 +156,16 @@ class SourceChain:
                 break
             t0 = time.perf_counter()
             try:
-                answer = await entry.source.get_many(missing)
-            except (IsrError, OSError, asyncio.TimeoutError) as e:
+                # A source is never trusted to answer, or to answer in time: a
+                # silent peer or a buggy medium reader can only fail to help.
+                answer = await asyncio.wait_for(entry.source.get_many(missing), self.source_timeout)
+                if not isinstance(answer, dict):
+                    raise TypeError(f"source answered {type(answer).__name__}, not a dict")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - see above
                 entry.stats.errors += 1
-                log.info("source %s failed: %s", entry.source.name, e)
+                log.info("source %s failed: %s", entry.source.name, e or type(e).__name__)
                 continue
             dt = time.perf_counter() - t0
             good = 0

@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 import struct
+import threading
 import uuid
 from array import array
 from pathlib import Path
@@ -36,7 +37,7 @@ from nacl.exceptions import CryptoError
 from ..chunk import ChunkRef
 from ..errors import CacheError, IntegrityError
 from ..manifest import Keyring, MemoryImage
-from .cache import SiteCache, _sqlite_error
+from .cache import SiteCache, _sqlite_error, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,6 +57,7 @@ class ParcelState:
         self.parcel = parcel
         self.dir = cache.path / "parcels" / str(parcel)
         self._key = local_key(master_key)
+        self._lock = threading.RLock()
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -78,22 +80,9 @@ class ParcelState:
 
     @contextlib.contextmanager
     def _tx(self, durable: bool) -> Iterator[sqlite3.Connection]:
-        try:
-            if durable:
-                self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-            finally:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as e:
-            raise _sqlite_error(e, self.dir) from None
+        # One connection, used from the disk's worker threads: one transaction at a time.
+        with self._lock, write_transaction(self._db, self.dir, durable):
+            yield self._db
 
     # -- sealing -------------------------------------------------------------------
 
@@ -118,7 +107,8 @@ class ParcelState:
     # -- meta ----------------------------------------------------------------------
 
     def get_meta(self) -> dict:
-        rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM meta").fetchall()
         return {k: json.loads(v) for k, v in rows}
 
     def set_meta(self, durable: bool = True, **values: object) -> None:
@@ -130,7 +120,9 @@ class ParcelState:
 
     def dirty(self) -> dict[int, ChunkRef]:
         out = {}
-        for idx, sealed in self._db.execute("SELECT idx, sealed FROM dirty"):
+        with self._lock:
+            rows = self._db.execute("SELECT idx, sealed FROM dirty").fetchall()
+        for idx, sealed in rows:
             tag, key, flags = _REF.unpack(self._open(sealed, b"dirty" + struct.pack("<Q", idx)))
             out[idx] = ChunkRef(tag, key, flags)
         return out
@@ -167,7 +159,8 @@ class ParcelState:
                 db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?)", (name, self._seal(data, name.encode())))
 
     def _get_blob(self, name: str) -> bytes | None:
-        row = self._db.execute("SELECT sealed FROM blobs WHERE name=?", (name,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT sealed FROM blobs WHERE name=?", (name,)).fetchone()
         return None if row is None else self._open(row[0], name.encode())
 
     def save_memory(self, mem: MemoryImage | None) -> None:
@@ -194,9 +187,10 @@ class ParcelState:
             db.executemany("INSERT OR REPLACE INTO manifests VALUES (?, ?)", list(raws.items()))
 
     def manifests(self, first: int, last: int) -> list[bytes] | None:
-        rows = self._db.execute(
-            "SELECT version, raw FROM manifests WHERE version BETWEEN ? AND ? ORDER BY version", (first, last)
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, raw FROM manifests WHERE version BETWEEN ? AND ? ORDER BY version", (first, last)
+            ).fetchall()
         if [r[0] for r in rows] != list(range(first, last + 1)):
             return None
         return [r[1] for r in rows]

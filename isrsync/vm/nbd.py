@@ -304,10 +304,10 @@ class NbdServer:
         except Exception:  # noqa: BLE001 - one bad request must not kill the disk
             log.exception("nbd request %d at %d+%d failed", cmd, offset, length)
             err, data = errno.EIO, b""
+        header = _REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle)
         async with wlock:
-            writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
-            if cmd == CMD_READ and not err:
-                writer.write(data)
+            # One send per reply: header and data together.
+            writer.writelines([header, data] if cmd == CMD_READ and not err else [header])
             await writer.drain()
 
     def _check(self, cmd: int, offset: int, length: int) -> int:

@@ -142,7 +142,7 @@ class Qemu:
             if time.monotonic() > deadline:
                 self.kill()
                 raise QemuError("QEMU did not open its QMP socket within 30 s")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.005)
 
     def log_tail(self, n: int = 600) -> str:
         try:
@@ -270,10 +270,14 @@ class Qemu:
         if self.proc is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+            code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
         except asyncio.TimeoutError:
             self.kill()
-            return self.proc.returncode
+            code = self.proc.returncode
+        # QEMU is gone: close our end of QMP so its reader does not report EOF later.
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        return code
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

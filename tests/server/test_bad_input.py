@@ -28,11 +28,9 @@ from isrsync.pack import _ENTRY, _FOOTER, _HEADER, END_MAGIC, MAGIC
 from isrsync.store import wire
 from isrsync.store.base import Holder
 from isrsync.store.http import HttpStore
-from isrsync.store.repo import Repository
 
 from srvkit import (
-    API, Answer, Chain, access_log, araw, assert_json_error, bearer, call, db_snapshot, fast_pack,
-    files_snapshot, files_under, healthy, raw_answer, server_exceptions,
+    API, Answer, Chain, access_log, araw, assert_json_error, bearer, call, db_snapshot, files_snapshot, files_under, healthy, raw_answer, server_exceptions,
 )
 
 

@@ -11,6 +11,15 @@ Fixtures:
   QMP socket, returns a :class:`Vm` whose ``.serial`` is a connected
   :class:`SerialConsole`; every QEMU it started is killed (with its whole process
   group, so ``exec:`` migration helpers too) when the test ends, pass or fail.
+- ``sites`` (function): ``sites(name)`` makes a :class:`SiteEnv` logged in to the
+  ``live_server`` as alice: its own cache, config and runtime dir; ``run``,
+  ``json``, ``resume`` (waits for the ``resumed`` event, returns the process, the
+  event and a connected :class:`SerialConsole`), ``ended``. At teardown every
+  resume it started and every QEMU started from its runtime dir is killed.
+- ``parcel`` (function): ``(site_a, "vm")``, a parcel created at site A from a
+  64 MiB ext4 image holding hello.txt ("made at init"), 256 MiB of memory.
+- ``state_of`` (function): ``state_of(site, parcel_id)`` reads a site's local
+  state of a parcel (meta, number of dirty chunks, sealed blob names).
 
 Test modules should use the fixtures rather than import this file (several
 conftest.py files share one module name); the classes are reachable as
@@ -19,12 +28,18 @@ conftest.py files share one module name); the classes are reachable as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +51,7 @@ from isrsync.vm.guest import (
     QEMU_SYSTEM,
     Guest,
     build_guest,
+    make_disk_image,
     qemu_accel,
     qemu_base_args,
     serial_args,
@@ -273,3 +289,228 @@ def vm_factory(guest: Guest, accel: str, tmp_path: Path) -> Iterator[Callable[..
         for p in sockdir.iterdir():
             p.unlink()
         sockdir.rmdir()
+
+
+# -- the whole ISR cycle through the real CLI: sites, parcels --------------------------------
+#
+# ``sites(name)`` makes a logged-in site (its own cache, config and runtime dir) against the
+# ``live_server`` (tests/conftest.py); ``parcel`` is ``(site_a, "vm")``: a parcel made at
+# site A from a small ext4 image holding hello.txt, with the test guest's kernel and initrd.
+# Every `isrsync resume` a site started is killed at teardown, and so is every QEMU still
+# running from that site's runtime directory (resume starts QEMU in its own session, so
+# killing the resume process alone can leave it behind).
+
+
+def isrsync_argv() -> list[str]:
+    exe = Path(sys.executable).parent / "isrsync"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "isrsync.cli.main"]
+
+
+class ResumeProc:
+    """A running `isrsync resume --json`: its events (stdout lines) and stderr are
+    read by threads, so waiting never blocks past a deadline."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.events: list[dict[str, Any]] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._err: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(popen.stdout, self._lines.put), daemon=True),
+            threading.Thread(target=self._pump, args=(popen.stderr, self._err.append), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream: Any, put: Callable[[Any], None]) -> None:
+        for line in stream:
+            put(line)
+        put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(x for x in self._err if x is not None)
+
+    def next_event(self, deadline: float) -> dict[str, Any] | None:
+        """The next event, or None when the process closed its stdout."""
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no event from resume in time; stderr: {self.stderr[-2000:]}") from None
+            if line is None:
+                self._lines.put(None)
+                return None
+            if line.strip():
+                ev = json.loads(line)
+                self.events.append(ev)
+                return ev
+
+    def finish(self, timeout: float = 120) -> tuple[int, list[dict[str, Any]], str]:
+        """Wait for the process to end: (exit code, all its events, its stderr)."""
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"resume still running after {timeout}s; stderr: {self.stderr[-2000:]}") from None
+        for t in self._threads:
+            t.join(10)
+        while self.next_event(time.monotonic() + 5) is not None:
+            pass
+        return rc, self.events, self.stderr
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(30)
+        for t in self._threads:
+            t.join(5)
+
+
+class SiteEnv:
+    """One site: its own cache, config and runtime dir, logged in as alice."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir()
+        self.cache = self.dir / "cache"
+        # Runtime dirs hold unix sockets: keep their paths short.
+        self.runtime = Path(tempfile.mkdtemp(prefix=f"isr-{name}-", dir="/tmp"))
+        os.chmod(self.runtime, 0o700)
+        self.env = {
+            **os.environ,
+            "ISRSYNC_CACHE": str(self.cache),
+            "ISRSYNC_CONFIG": str(self.dir / "config.json"),
+            "ISRSYNC_RUNTIME": str(self.runtime),
+            "ISRSYNC_PASSPHRASE": "correct horse battery",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.consoles: list[SerialConsole] = []
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            [*isrsync_argv(), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"isrsync {' '.join(args)} failed ({r.returncode}): {r.stderr[-2000:]}")
+        return r
+
+    def json(self, *args: str, timeout: float = 300) -> Any:
+        """Run a command with --json and return its parsed output (it must succeed)."""
+        return json.loads(self.run(*args, "--json", timeout=timeout).stdout)
+
+    @property
+    def site_id(self) -> str:
+        return json.loads((self.cache / "site.json").read_text())["site_id"]
+
+    def lock(self, parcel: str) -> dict[str, Any]:
+        """`isrsync lock status --json`: epoch, version, holder (None when free)."""
+        return self.json("lock", "status", parcel)
+
+    def parcel_id(self, parcel: str) -> str:
+        (p,) = [p for p in self.json("ls") if p["name"] == parcel]
+        return p["parcel"]
+
+    def start_resume(self, parcel: str, *extra: str) -> ResumeProc:
+        serial = self.runtime / "ser.sock"
+        p = ResumeProc(subprocess.Popen(
+            [*isrsync_argv(), "resume", parcel, "--json", "--serial", str(serial), *extra],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        self.procs.append(p)
+        return p
+
+    def resume(self, parcel: str, *extra: str, timeout: float = 180) -> tuple[ResumeProc, dict[str, Any], SerialConsole]:
+        """Start `isrsync resume --json` and wait for its ``resumed`` event."""
+        p = self.start_resume(parcel, *extra)
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = p.next_event(deadline)
+            if ev is None:
+                rc, _, err = p.finish(30)
+                raise AssertionError(f"resume exited ({rc}): {err[-2000:]}")
+            if ev["event"] == "resumed":
+                con = SerialConsole(self.runtime / "ser.sock")
+                self.consoles.append(con)
+                return p, ev, con
+
+    def ended(self, p: ResumeProc, timeout: float = 120) -> dict[str, Any]:
+        """Wait for a resume process to end well; return its ``ended`` event."""
+        rc, events, err = p.finish(timeout)
+        assert rc == 0, err[-2000:]
+        assert events and events[-1]["event"] == "ended", events
+        return events[-1]
+
+    def qemu_pids(self) -> list[int]:
+        """QEMUs started by resumes at this site (their QMP socket lies in our runtime dir)."""
+        r = subprocess.run(
+            ["pgrep", "-f", f"qemu-system.*{self.runtime}/run-"], capture_output=True, text=True, check=False
+        )
+        return [int(x) for x in r.stdout.split()]
+
+    def cleanup(self) -> None:
+        for c in self.consoles:
+            with contextlib.suppress(OSError):
+                c.close()
+        for p in self.procs:
+            p.kill()
+        for pid in self.qemu_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def local_state(site: SiteEnv, parcel_id: str) -> dict[str, Any]:
+    """What a site keeps of a parcel, read straight from its state.db: the meta (plain
+    JSON), the number of dirty chunks and the names of the sealed blobs."""
+    db = sqlite3.connect(site.cache / "parcels" / parcel_id / "state.db")
+    try:
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        dirty = db.execute("SELECT COUNT(*) FROM dirty").fetchone()[0]
+        blobs = {r[0] for r in db.execute("SELECT name FROM blobs")}
+    finally:
+        db.close()
+    return {"meta": meta, "dirty": dirty, "blobs": blobs}
+
+
+@pytest.fixture
+def sites(tmp_path: Path, live_server) -> Iterator[Callable[[str], SiteEnv]]:
+    token = live_server.add_user("alice")
+    made: list[SiteEnv] = []
+
+    def make(name: str) -> SiteEnv:
+        s = SiteEnv(tmp_path, name)
+        made.append(s)
+        s.run("login", live_server.url, "--user", "alice", "--token", token, "--kdf-min")
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.cleanup()
+
+
+@pytest.fixture
+def state_of() -> Callable[[SiteEnv, str], dict[str, Any]]:
+    """``state_of(site, parcel_id)``: see :func:`local_state`."""
+    return local_state
+
+
+@pytest.fixture
+def parcel(sites, guest: Guest, tmp_path: Path) -> tuple[SiteEnv, str]:
+    a = sites("a")
+    img = tmp_path / "disk.img"
+    make_disk_image(img, 64, {"hello.txt": b"made at init"})
+    a.run("init", "vm", "--image", str(img), "--memory", "256", "--kernel", str(guest.kernel),
+          "--initrd", str(guest.initrd), "--append", guest.cmdline)
+    return a, "vm"
