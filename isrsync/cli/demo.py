@@ -65,7 +65,7 @@ def demo(
             times.add_row(k, f"{v:.2f}")
         out.print(times)
         b = Table("resume at site B", "seconds")
-        for k in ("manifest", "lock", "qemu_start", "memory_image", "total"):
+        for k in ("manifest", "lock", "boot_files", "qemu_start", "memory_image", "total"):
             if k in rep.resume_b:
                 b.add_row(k.replace("_", " "), f"{rep.resume_b[k]:.3f}")
         out.print(b)

@@ -188,7 +188,7 @@ def _is_uuid(s: str) -> bool:
 
 def _render_resume(data: dict[str, Any]) -> None:
     t = Table("step", "seconds", title=f"resumed version {data['version']} ({data['policy']}, {data['accel']})")
-    for k in ("manifest", "lock", "fetch_before_start", "qemu_start", "memory_image", "total"):
+    for k in ("manifest", "lock", "fetch_before_start", "boot_files", "qemu_start", "memory_image", "total"):
         if k in data["seconds"]:
             t.add_row(k.replace("_", " "), f"{data['seconds'][k]:.3f}")
     out.print(t)
