@@ -131,10 +131,6 @@ def session_keys(acct: Account) -> tuple[KeyBundle, SealKey]:
         raise AuthError("the unlocked keys of this session are damaged", hint="run `isrsync login` again") from None
 
 
-def unlocked_bundle(acct: Account) -> KeyBundle:
-    return session_keys(acct)[0]
-
-
 def logout() -> bool:
     """Forget the unlocked keys and the token. Returns whether anything was forgotten."""
     try:

@@ -59,13 +59,6 @@ def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
     return SavedImage(mem, [i.pack_id for i, _ in packed.packs], packed.stored_bytes, time.perf_counter() - t0)
 
 
-async def restore_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> "Feeder":
-    """Start fetching a memory image in order; returns the feeder QEMU's writer uses."""
-    feeder = Feeder(mem, cache, chain)
-    feeder.start()
-    return feeder
-
-
 class Feeder:
     """Fetches and decodes an image in order into a bounded queue; ``produce`` writes it.
 

@@ -27,7 +27,6 @@ import struct
 import threading
 import uuid
 from array import array
-from pathlib import Path
 from typing import Iterator, Mapping
 
 import nacl.utils
@@ -202,7 +201,3 @@ class ParcelState:
             p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
-
-
-def state_dir(cache_path: Path, parcel: uuid.UUID) -> Path:
-    return cache_path / "parcels" / str(parcel)
