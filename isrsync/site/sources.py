@@ -63,6 +63,16 @@ class SourceStats:
 class _Entry:
     source: Source
     stats: SourceStats = field(default_factory=SourceStats)
+    # Seconds added to the source's own cost estimate after it failed: a
+    # silent peer or a dying medium drops behind the server instead of making
+    # every miss wait for it. Halved by each answer that helps.
+    penalty: float = 0.0
+
+    def failed(self, waited: float) -> None:
+        self.penalty = min(3600.0, max(2 * self.penalty, 1.0, 2 * waited))
+
+    def helped(self) -> None:
+        self.penalty = self.penalty / 2 if self.penalty > 0.01 else 0.0
 
 
 class SourceChain:
@@ -90,7 +100,7 @@ class SourceChain:
         return {"cache": self.cache_stats, **{n: e.stats for n, e in self._sources.items()}}
 
     def _ordered(self) -> list[_Entry]:
-        return sorted(self._sources.values(), key=lambda e: e.source.cost())
+        return sorted(self._sources.values(), key=lambda e: e.source.cost() + e.penalty)
 
     # -- fetching ------------------------------------------------------------------
 
@@ -165,6 +175,7 @@ class SourceChain:
                 raise
             except Exception as e:  # noqa: BLE001 - see above
                 entry.stats.errors += 1
+                entry.failed(time.perf_counter() - t0)
                 log.info("source %s failed: %s", entry.source.name, e or type(e).__name__)
                 continue
             dt = time.perf_counter() - t0
@@ -181,6 +192,8 @@ class SourceChain:
                 entry.stats.bytes += len(data)
             entry.stats.hits += good
             entry.stats.seconds += dt if good else 0.0
+            if good:
+                entry.helped()
             missing = [t for t in missing if t not in found]
         return found
 
