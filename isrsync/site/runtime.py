@@ -207,14 +207,15 @@ class Runtime:
         marks["fetch_before_start"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        # The memory image starts arriving and decoding now, while QEMU starts.
-        feeder = Feeder(memory, site.cache, chain) if memory is not None else None
-        if feeder is not None:
-            feeder.start()
         self.nbd = NbdServer(disk)
         sock = self.rundir / "nbd.sock"
         await self.nbd.start_unix(sock)
+        # Boot files first, on all cores (QEMU cannot start without them); then
+        # the memory image starts arriving and decoding while QEMU starts.
         cfg = await self._vm_config(base, accel)
+        feeder = Feeder(memory, site.cache, chain) if memory is not None else None
+        if feeder is not None:
+            feeder.start()
         marks["boot_files"] = time.perf_counter() - t0
         self.qemu = q = Qemu(cfg, self.rundir, sock, serial=self.serial)
         await q.start(incoming=memory is not None, pass_fds=self._memfds)
