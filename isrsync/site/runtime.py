@@ -187,9 +187,15 @@ class Runtime:
         assert state is not None
         self.staged = [bytes.fromhex(x) for x in meta.get("staged", [])] if local else []
         self.staged_tags = {bytes.fromhex(x) for x in meta.get("staged_tags", [])} if local else set()
-        memory = state.load_memory() if local else base.memory
-        if local and memory is None and meta.get("status") == "running":
-            memory = None  # the last session crashed: disk changes survive, memory did not
+        status = meta.get("status")
+        if status == "suspended-local":
+            memory = state.load_memory()
+        elif status == "running" and state.dirty():
+            # A session that crashed: its disk changes survive, its memory did not
+            # (an older image would not match the disk): the guest cold-boots.
+            memory = None
+        else:
+            memory = base.memory
 
         self.chain = chain = site.chain(parcel)
         if self.policy in ("lookaside", "auto"):
@@ -233,6 +239,9 @@ class Runtime:
         marks["memory_image"] = time.perf_counter() - t0
         marks["total"] = time.perf_counter() - t_all
 
+        if local:
+            # The running guest supersedes a locally saved image: never restore it twice.
+            state.save_memory(None)
         state.set_meta(status="running", base=base_v, epoch=self.epoch, host=site.host,
                        staged=[p.hex() for p in self.staged], staged_tags=sorted(t.hex() for t in self.staged_tags))
         if self.policy == "auto":

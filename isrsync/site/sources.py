@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from ..chunk import tag_of
-from ..errors import ChunkUnavailable, Unreachable
+from ..errors import ChunkUnavailable
 from ..pack import PackEntry
 from ..store.base import Store
 from .cache import SiteCache
@@ -224,10 +224,7 @@ class ServerSource:
             self._where.update(await self.store.locate(self.parcel, unknown[i : i + 50_000]))
 
     async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
-        try:
-            await self.learn(tags)
-        except Unreachable:
-            raise
+        await self.learn(tags)
         by_pack: dict[bytes, list[PackEntry]] = defaultdict(list)
         for t in tags:
             e = self._where.get(t)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..errors import Conflict, FormatError, IntegrityError, IsrError, Unreachable, UsageError
+from ..errors import Conflict, FormatError, IntegrityError, IsrError, NotFound, Unreachable, UsageError
 from ..pack import PackEntry
 from . import wire
 from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
@@ -129,10 +129,8 @@ class HttpStore:
     async def get_key_bundle(self) -> bytes | None:
         try:
             _, raw, _ = await self._call("GET", f"{wire.API}/keybundle")
-        except IsrError as e:
-            if type(e).__name__ == "NotFound":
-                return None
-            raise
+        except NotFound:
+            return None
         return raw
 
     async def put_key_bundle(self, sealed: bytes, expect: bytes | None) -> None:

@@ -84,3 +84,44 @@ def test_suspend_with_the_server_down_stays_local_and_syncs_later(
     res = b.json("suspend", name)
     assert res["committed"] is True and res["version"] == 3
     b.ended(proc)
+
+
+def test_a_crash_after_an_offline_resume_never_restores_the_stale_image(
+    sites, parcel, live_server, state_of
+) -> None:
+    """Offline: suspend locally, resume that image, write, crash. The saved image is
+    older than the disk now: the next resume must cold-boot on the surviving disk
+    changes, never restore the stale memory over them."""
+    import os
+    import signal
+
+    a, name = parcel
+    pid = a.parcel_id(name)
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    con.close()
+    live_server.stop()
+    assert a.json("suspend", name)["committed"] is False
+    a.ended(proc)
+    assert "memory" in state_of(a, pid)["blobs"]
+
+    proc, ev, con = a.resume(name)
+    assert ev["cold_boot"] is False  # the local image, once
+    assert "memory" not in state_of(a, pid)["blobs"]  # consumed: it will not be restored twice
+    assert con.command("write after-image written-after-the-image") == "GUEST: OK"
+    assert con.command("sync") == "GUEST: OK"
+    con.close()
+    # Crash: the resume process and its QEMU die without a word.
+    os.kill(proc.pid, signal.SIGKILL)
+    for q in a.qemu_pids():
+        os.kill(q, signal.SIGKILL)
+    proc.kill()
+    time.sleep(0.5)
+
+    proc, ev, con = a.resume(name)
+    assert ev["cold_boot"] is True, ev
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("read after-image") == "GUEST: DATA written-after-the-image"
+    con.close()
+    assert a.json("suspend", name)["committed"] is False  # still offline
+    a.ended(proc)
