@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import platformdirs
 from aiohttp import web
@@ -35,7 +35,6 @@ from .cache import SiteCache
 from .parcel import Site, init_parcel, open_site
 from .runtime import Runtime
 
-Advance = Callable[[int], None]
 
 
 class DemoUI:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from ..chunk import CHUNK_SIZE, ChunkRef, Encoded, chunk_count, encode_many
+from ..chunk import CHUNK_SIZE, ChunkRef, chunk_count, encode_many
 from ..fsutil import fsync_dir, os_error
 from ..manifest import Keyring
 from ..pack import PackInfo, PackWriter
@@ -71,19 +71,20 @@ class PackSink:
         self._writer: PackWriter | None = None
         self.bytes = 0
 
-    def add(self, enc: Encoded) -> bool:
+    def add(self, tag: bytes, data: bytes) -> bool:
+        """Append one encoded chunk (ciphertext under its tag)."""
         if self._writer is None:
             fd, name = tempfile.mkstemp(prefix=".pack.", suffix=".tmp", dir=self.out_dir)
             self._tmp = Path(name)
             self._file = os.fdopen(fd, "wb", buffering=1 << 20)
             self._writer = PackWriter(self._file)
         try:
-            added = self._writer.add(enc.tag, enc.data)
+            added = self._writer.add(tag, data)
         except OSError as e:
             self.abort()
             raise os_error(e, f"a pack in {self.out_dir}") from e
         if added:
-            self.bytes += len(enc.data)
+            self.bytes += len(data)
         if self._writer.size >= self.limit:
             self.flush()
         return added
@@ -148,7 +149,7 @@ def pack_chunks(
                 result.reused_chunks += 1
                 continue
             seen.add(enc.tag)
-            sink.add(enc)
+            sink.add(enc.tag, enc.data)
         sink.flush()
     except BaseException:
         # The packs finished so far were made only for this call: remove them

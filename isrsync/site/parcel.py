@@ -313,37 +313,43 @@ async def commit_version(
     ask = sorted(needed - known)
     located = await site.store.locate(parcel, ask) if ask else {}
     missing = [t for t in ask if t not in located]
-    staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=site.cache.path / "packs"))
+    uploaded = await upload_cached(site, parcel, missing, strict=True)
+    raw = manifest.encode(
+        parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
+        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=trace,
+        site=site.host, time=time.time(),
+    )
+    return await site.store.commit(parcel, CommitRequest(
+        epoch=epoch, parent=parent.version, manifest=raw,
+        packs=[*staged, *(i.pack_id for i in uploaded)],
+        added=added, removed=removed, memory=mem_tags, release=release, site=site.site_id,
+    ))
+
+
+async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *, strict: bool) -> list[PackInfo]:
+    """Pack cached chunks into new packs and upload them (staged on the server).
+
+    ``strict``: a chunk missing from the cache is an error (a commit needs it);
+    otherwise it is skipped (the trickle will catch it at suspend).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=site.cache.path / "packs"))
     try:
         sink = PackSink(staging)
-        for t in missing:
+        for t in tags:
             data = await asyncio.to_thread(site.cache.get, t)
             if data is None:
-                raise IntegrityError(
-                    f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
-                    hint="run `isrsync cache verify`; the local changes are kept",
-                )
-            sink.add(_Enc(t, data))
+                if strict:
+                    raise IntegrityError(
+                        f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
+                        hint="run `isrsync cache verify`; the local changes are kept",
+                    )
+                continue
+            sink.add(t, data)
         sink.flush()
         await upload_packs(site.store, parcel, sink.done)
-        raw = manifest.encode(
-            parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
-            keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=trace,
-            site=site.host, time=time.time(),
-        )
-        return await site.store.commit(parcel, CommitRequest(
-            epoch=epoch, parent=parent.version, manifest=raw,
-            packs=[*staged, *(i.pack_id for i, _ in sink.done)],
-            added=added, removed=removed, memory=mem_tags, release=release, site=site.site_id,
-        ))
+        return [info for info, _ in sink.done]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class _Enc:
-    tag: bytes
-    data: bytes
 
 
 # -- hoard, discard, rollback --------------------------------------------------------------

@@ -37,17 +37,15 @@ from ..vm.nbd import NbdServer
 from ..vm.qemu import Qemu, VmConfig, accelerator
 from .disk import ParcelDisk
 from .memimage import Feeder, save_stream
-from .packer import PackSink
 from .parcel import (
     Site,
-    _Enc,
     blob_from,
     boot_tags,
     commit_version,
     hardware_problems,
     load_version,
     read_blob,
-    upload_packs,
+    upload_cached,
 )
 from .sources import SourceChain
 from .state import ParcelState
@@ -328,25 +326,12 @@ class Runtime:
             log.info("trickle paused: %s", e)
 
     async def _upload_tags(self, tags: list[bytes]) -> None:
-        staging = Path(tempfile.mkdtemp(prefix=".trickle-", dir=self.site.cache.path / "packs"))
-        try:
-            sink = PackSink(staging)
-            for t in tags:
-                data = await asyncio.to_thread(self.site.cache.get, t)
-                if data is not None:
-                    sink.add(_Enc(t, data))
-            sink.flush()
-            await upload_packs(self.site.store, self.parcel, sink.done)
-            for info, _ in sink.done:
-                self.staged.append(info.pack_id)
-                self.staged_tags |= {e.tag for e in info.entries}
-            assert self.state is not None
-            self.state.set_meta(staged=[p.hex() for p in self.staged],
-                                staged_tags=sorted(t.hex() for t in self.staged_tags))
-        finally:
-            for p in staging.glob("*"):
-                p.unlink(missing_ok=True)
-            staging.rmdir()
+        for info in await upload_cached(self.site, self.parcel, tags, strict=False):
+            self.staged.append(info.pack_id)
+            self.staged_tags |= {e.tag for e in info.entries}
+        assert self.state is not None
+        self.state.set_meta(staged=[p.hex() for p in self.staged],
+                            staged_tags=sorted(t.hex() for t in self.staged_tags))
 
     # -- status ----------------------------------------------------------------------------
 

@@ -123,7 +123,7 @@ class SourceChain:
             fut = self._inflight.get(t)
             if fut is None:
                 # Another fetch may have landed it since the caller looked.
-                cached = self.cache.get(t) if self.cache.has(t) else None
+                cached = self.cache.get(t)
                 if cached is not None:
                     out[t] = cached
                     continue

@@ -24,7 +24,6 @@ MAX_JSON = 4 << 20
 MAX_COMMIT = 512 << 20
 MAX_PACK = 4 << 30
 MAX_BUNDLE = 1 << 20
-TAG_HEX = 64
 
 _STATUS: list[tuple[type[IsrError], int]] = [
     (errors.AuthError, 401),
