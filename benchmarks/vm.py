@@ -27,14 +27,20 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
      (machine, CPU, memory, kernel/initrd/append, serial, display), except that
      the disk is the raw file (``-blockdev driver=raw,...,file.filename=RAW``,
      same node name, same virtio-blk device) and ``-incoming "exec:cat FILE"``.
-     Timed from before the exec to ``cont`` returned, with the same QMP connect
-     loop (:meth:`Qemu.start`) and the same 20 ms ``query-status`` polling as
-     isrsync, so polling granularity cancels out. The restored guest's counter
+     Timed from before the exec to ``cont`` returned, with the same QMP
+     connection (:meth:`Qemu.start`: a socketpair, no socket file to poll) and
+     the same wait for the end of the restore (:meth:`Qemu.wait_restored`:
+     QEMU's MIGRATION events, no polling) as isrsync. The floor QEMU is not
+     held in ``--preconfig`` (it has no boot files to wait for). The restored guest's counter
      is read too (the floor really restored), it runs for ``--run-seconds``,
      then it is saved (measurement 3).
 
    Ratio isrsync total / floor total, target <= 1.2. Floor and isrsync take
-   turns going first.
+   turns going first. Also the CPU each side burnt during its resume (this
+   process's ``time.process_time()``, QEMU's threads' schedstat; the floor's
+   ``cat`` is not counted): divided by the cores, a bound the wall time
+   cannot beat, which shows whether a resume waits on something or is simply
+   CPU-bound.
 
 2. NBD THROUGHPUT from a warm cache vs qemu-nbd. A 256 MiB raw image of mixed
    content in 1 MiB stripes (a shuffled quarter each of zeros, random bytes,
@@ -75,8 +81,8 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
    home included). Floor: on the floor guest of measurement 1 (restored from
    the same image, run for the same time, so same memory size and state),
    ``stop`` + ``migrate-set-parameters max-bandwidth`` (as isrsync sets it) +
-   ``migrate "exec:cat > FILE"`` until ``query-migrate`` says completed (20 ms
-   polls, as isrsync). isrsync's packs are fsynced, so the fsync of the floor's
+   ``migrate "exec:cat > FILE"`` until its MIGRATION event says completed
+   (:meth:`Qemu.migrate_out`, as isrsync). isrsync's packs are fsynced, so the fsync of the floor's
    file is timed separately and shown as floor+fsync. Ratios memory_seconds /
    floor and seconds / floor.
 
@@ -118,7 +124,6 @@ DISK_MIB = 64
 NBD_MIB = 256
 RESUME_TARGET = 1.2  # isrsync / floor, at most
 NBD_TARGET = 0.5  # isrsync / qemu-nbd, at least
-POLL = 0.02  # the QMP polling interval isrsync itself uses
 FIO_DEPTH = 16  # QEMU's NBD client keeps at most 16 requests in flight
 
 Say = Callable[[str], None]
@@ -211,8 +216,8 @@ def floor_qemu_class():
             self.raw = raw
             self.memfile = memfile
 
-        def args(self, incoming: bool) -> list[str]:
-            a = super().args(False)
+        def args(self, incoming: bool, **kw) -> list[str]:
+            a = super().args(False, **kw)
             k = a.index("-blockdev") + 1
             assert a[k].startswith("driver=nbd,node-name=disk0,"), a[k]
             a[k] = f"driver=raw,node-name=disk0,file.driver=file,file.filename={self.raw}"
@@ -221,32 +226,11 @@ def floor_qemu_class():
     return FloorQemu
 
 
-async def wait_incoming(q) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        s = await q.status()
-        if s in ("paused", "running"):
-            return
-        if s in ("internal-error", "shutdown", "guest-panicked") or not q.alive:
-            raise RuntimeError(f"the floor QEMU failed to restore ({s}): {q.log_tail()}")
-        await asyncio.sleep(POLL)
-    raise RuntimeError("the floor QEMU did not restore within 600 s")
-
-
 async def floor_save(q, out: Path) -> dict[str, float]:
     """``stop`` + ``migrate exec:cat > FILE`` to completion, then the file's fsync."""
     t0 = time.perf_counter()
     await q.stop()
-    await q.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30})
-    await q.cmd("migrate", {"uri": f"exec:cat > {shlex.quote(str(out))}"})
-    while True:
-        st = await q.cmd("query-migrate")
-        s = st.get("status")
-        if s == "completed":
-            break
-        if s in ("failed", "cancelled"):
-            raise RuntimeError(f"the floor save failed: {st.get('error-desc', s)}")
-        await asyncio.sleep(POLL)
+    await q.migrate_out(f"exec:cat > {shlex.quote(str(out))}")
     t_save = time.perf_counter() - t0
     t1 = time.perf_counter()
     fd = os.open(out, os.O_RDONLY)
@@ -260,19 +244,32 @@ async def floor_save(q, out: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------- 1 + 3: resume, suspend
 
 
+def qemu_cpu(pid: int) -> float:
+    """CPU seconds a QEMU has used so far: the sum over its threads (schedstat, ns)."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 async def floor_run(q, fdir: Path, run_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
     """Restore the floor VM from its file, prove it runs, let it run, save it to a file."""
     try:
         t0 = time.perf_counter()
         await q.start()
         t1 = time.perf_counter()
-        await wait_incoming(q)
+        await q.wait_restored()
         t2 = time.perf_counter()
         if await q.status() == "paused":
             await q.cont()
         t3 = time.perf_counter()
+        cpu = qemu_cpu(q.proc.pid)
         n = await guest_counter(fdir / "ser")
-        res = {"qemu_start": t1 - t0, "restore": t2 - t1, "cont": t3 - t2, "total": t3 - t0, "counter": n}
+        res = {"qemu_start": t1 - t0, "restore": t2 - t1, "cont": t3 - t2, "total": t3 - t0, "counter": n,
+               "cpu_qemu": cpu, "cpu": cpu}
         await asyncio.sleep(run_seconds)
         saved = await floor_save(q, fdir / "saved.bin")
         await q.quit()
@@ -284,9 +281,12 @@ async def floor_run(q, fdir: Path, run_seconds: float) -> tuple[dict[str, float]
 async def isrsync_run(rt, serial: Path, run_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Resume (timed by the Runtime itself), prove the guest runs, let it run, suspend."""
     try:
+        c0 = time.process_time()
         rep = await rt.resume()
+        cpu_self, cpu_qemu = time.process_time() - c0, qemu_cpu(rt.qemu.proc.pid)
         n = await guest_counter(serial)
-        res = {**rep.seconds, "fetched_before_start": rep.fetched_before_start, "counter": n}
+        res = {**rep.seconds, "fetched_before_start": rep.fetched_before_start, "counter": n,
+               "cpu_self": cpu_self, "cpu_qemu": cpu_qemu, "cpu": cpu_self + cpu_qemu}
         await asyncio.sleep(run_seconds)
         susp = await rt.suspend()
         if not susp.get("committed"):
@@ -306,7 +306,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         init_parcel,
         load_version,
         open_site,
-        read_blob,
+        write_blob,
     )
     from isrsync.site.runtime import Runtime
     from isrsync.vm.guest import build_guest, make_disk_image
@@ -370,8 +370,9 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
             fdir = work / f"floor{i}"
             fdir.mkdir()
             memfile, raw = fdir / "mem.bin", fdir / "disk.raw"
-            memfile.write_bytes(await read_blob(m.memory, site.cache, chain))
-            raw.write_bytes(await read_blob(MemoryImage(m.keyring.size, m.keyring), site.cache, chain))
+            for blob, path in ((m.memory, memfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
+                with open(path, "wb") as f:
+                    await write_blob(blob, f.fileno(), site.cache, chain)
 
             cfg = VmConfig(
                 memory_mib=int(m.vm.get("memory_mib", 256)), cpus=int(m.vm.get("cpus", 1)),
@@ -402,9 +403,10 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         finally:
             await site.close()
 
-    keys = ["manifest", "lock", "fetch_before_start", "boot_files", "qemu_start", "memory_image", "total"]
+    keys = ["manifest", "lock", "fetch_before_start", "boot_files", "qemu_start", "memory_image", "total",
+            "cpu_self", "cpu_qemu", "cpu"]
     r_med = {k: med([r[k] for r in resume]) for k in keys}
-    f_med = {k: med([f[k] for f in floor]) for k in ("qemu_start", "restore", "cont", "total")}
+    f_med = {k: med([f[k] for f in floor]) for k in ("qemu_start", "restore", "cont", "total", "cpu_qemu", "cpu")}
     ratios = [r["total"] / f["total"] for r, f in zip(resume, floor)]
     s_mem = [s["memory_seconds"] for s in suspend]
     s_tot = [s["seconds"] for s in suspend]
@@ -612,8 +614,8 @@ def render(console, res: dict[str, Any], args: argparse.Namespace) -> None:
         t.add_column("floor: qemu -incoming exec:cat", justify="right")
         rows = [("manifest", "manifest", None), ("lock", "lock", None),
                 ("fetch_before_start", "fetch_before_start", None),
-                ("boot_files (NBD + decode kernel/initrd)", "boot_files", None),
-                ("qemu_start (exec + QMP)", "qemu_start", "qemu_start"),
+                ("  boot_files (decoded during qemu_start)", "boot_files", None),
+                ("qemu_start (exec, QMP, board built)", "qemu_start", "qemu_start"),
                 ("memory_image (restore, cont)", "memory_image", None),
                 ("  restore to paused", None, "restore"), ("  cont", None, "cont"),
                 ("[bold]total[/]", "total", "total")]
@@ -622,6 +624,12 @@ def render(console, res: dict[str, Any], args: argparse.Namespace) -> None:
         ok = r["ratio"] <= RESUME_TARGET
         t.add_row("[bold]ratio isrsync / floor[/]", f"{r['ratio']:.2f}",
                   f"target <= {RESUME_TARGET} {_mark(ok)}")
+        t.add_section()
+        cores = os.cpu_count() or 1
+        t.add_row("CPU: this process (decode, NBD, QMP)", f"{r['isrsync']['cpu_self']:.3f}", "")
+        t.add_row("CPU: QEMU", f"{r['isrsync']['cpu_qemu']:.3f}", f"{r['floor']['cpu_qemu']:.3f} (+ cat)")
+        t.add_row(f"CPU / {cores} cores: the wall-time bound", f"{r['isrsync']['cpu'] / cores:.3f}",
+                  f"{r['floor']['cpu'] / cores:.3f}")
         console.print(t)
         fetched = [s["fetched_before_start"] for s in r["samples"]["isrsync"]]
         if any(fetched):

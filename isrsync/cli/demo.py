@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..site.demo import DemoUI, _short_runtime, run_demo
-from .render import emit_json, err, out
+from .render import emit_json, err, out, resume_rows
 from .state import JsonOpt
 
 
@@ -65,9 +65,8 @@ def demo(
             times.add_row(k, f"{v:.2f}")
         out.print(times)
         b = Table("resume at site B", "seconds")
-        for k in ("manifest", "lock", "boot_files", "qemu_start", "memory_image", "total"):
-            if k in rep.resume_b:
-                b.add_row(k.replace("_", " "), f"{rep.resume_b[k]:.3f}")
+        for row in resume_rows(rep.resume_b):
+            b.add_row(*row)
         out.print(b)
         out.print(f"memory came along: counter {rep.counter_a} at suspend, {rep.counter_b} after resume at B: "
                   f"[bold]{'yes' if rep.memory_moved else 'NO'}[/]")

@@ -23,7 +23,7 @@ from ..site.control import call, running
 from ..site.parcel import Site, discard, hoard, init_parcel, open_site, rollback
 from ..site.runtime import POLICIES, run_parcel, sync_offline
 from ..site.state import ParcelState
-from .render import emit_json, err, human_bytes, out
+from .render import emit_json, err, human_bytes, out, resume_rows
 from .state import JsonOpt, state
 
 ParcelArg = Annotated[str, typer.Argument(help="Parcel name or id.")]
@@ -188,9 +188,8 @@ def _is_uuid(s: str) -> bool:
 
 def _render_resume(data: dict[str, Any]) -> None:
     t = Table("step", "seconds", title=f"resumed version {data['version']} ({data['policy']}, {data['accel']})")
-    for k in ("manifest", "lock", "fetch_before_start", "boot_files", "qemu_start", "memory_image", "total"):
-        if k in data["seconds"]:
-            t.add_row(k.replace("_", " "), f"{data['seconds'][k]:.3f}")
+    for row in resume_rows(data["seconds"]):
+        t.add_row(*row)
     out.print(t)
     out.print("cold boot (no memory image)" if data["cold_boot"] else "memory image restored")
     out.print("running; `isrsync suspend` (or Ctrl-C) suspends it")

@@ -33,3 +33,19 @@ def human_bytes(n: float) -> str:
 def error_line(message: str, prog: str = "isrsync") -> None:
     # Messages carry paths and names: never let rich read them as markup.
     err.print(f"[bold red]{prog}:[/] {escape(message)}", markup=True, soft_wrap=True)
+
+
+# A resume's breakdown: boot files are decoded while QEMU starts, so they sit inside it.
+RESUME_STEPS = (
+    ("manifest", "manifest"),
+    ("lock", "lock"),
+    ("fetch_before_start", "fetch before start"),
+    ("qemu_start", "QEMU start (machine built)"),
+    ("boot_files", "  boot files, decoded meanwhile"),
+    ("memory_image", "memory image restored"),
+    ("total", "total"),
+)
+
+
+def resume_rows(seconds: dict[str, float]) -> list[tuple[str, str]]:
+    return [(label, f"{seconds[k]:.3f}") for k, label in RESUME_STEPS if k in seconds]

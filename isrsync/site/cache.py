@@ -267,7 +267,7 @@ class SiteCache:
         """The ciphertext for ``tag``, or None if absent or damaged.
 
         ``verify=False`` skips the tag check for callers that decode at once
-        (decoding checks the tag itself; they call :meth:`forget` on failure).
+        (the AEAD checks the bytes; they call :meth:`forget` on failure).
         Only the index lookup holds the lock, so readers hash in parallel.
         """
         with self._lock:

@@ -56,14 +56,15 @@ class DiskStats:
 def decode_cached(cache: SiteCache, ref: ChunkRef, length: int) -> bytes | None:
     """Decode a chunk from the cache, or None if it is absent or damaged there.
 
-    One hash per chunk: the cache read skips its tag check because decode
-    makes it; a chunk that fails is forgotten so a source is asked instead.
+    The tag was checked when the chunk entered the cache; here the AEAD is
+    the check (see :func:`isrsync.chunk.decode`). A chunk that fails it is
+    forgotten, so a source is asked instead.
     """
     data = cache.get(ref.tag, verify=False)
     if data is None:
         return None
     try:
-        return decode(ref, data, length)
+        return decode(ref, data, length, check_tag=False)
     except IntegrityError:
         cache.forget(ref.tag)
         return None

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chunk import CHUNK_SIZE, ChunkRef, chunk_length, decode, default_pool
+from ..chunk import CHUNK_SIZE, ChunkRef, background_pool, chunk_length, decode
 from ..manifest import MemoryImage
 from .cache import SiteCache
 from .disk import decode_cached
@@ -62,11 +62,14 @@ def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
 class Feeder:
     """Fetches and decodes an image in order into a bounded queue; ``produce`` writes it.
 
-    Decoding runs ahead of QEMU (the queue can hold the whole image of a small
-    guest), so a restore waits on the pipe, not on the codec.
+    Decoding runs a little ahead of QEMU, on niced threads so that QEMU, the
+    critical path, keeps its core. Only a little: a queue that holds the whole
+    image puts every decoded chunk in fresh pages, and those page faults cost
+    a third more CPU than decoding into buffers the allocator recycles
+    (measured on a 56 MB image: 60 ms against 40 ms on one core).
     """
 
-    MAX_QUEUED = 256 << 20
+    MAX_QUEUED = 8 << 20
 
     def __init__(self, mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> None:
         self.mem = mem
@@ -93,7 +96,7 @@ class Feeder:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        pool = default_pool()
+        pool = background_pool()
         n = len(self.mem.refs)
         batches = [list(range(i, min(n, i + WINDOW))) for i in range(0, n, WINDOW)]
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .. import manifest
-from ..chunk import chunk_length, decode_many
+from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
 from ..errors import IntegrityError, NotFound, UsageError
 from ..keys import KeyBundle, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
@@ -32,6 +32,7 @@ from ..pack import PackInfo
 from ..store.base import CommitRequest, Holder, Store, VersionInfo
 from .account import Account, add_parcel_key, host_name, open_store, session_keys
 from .cache import SiteCache
+from .disk import decode_cached
 from .packer import DEFAULT_PACK_LIMIT, PackSink, pack_stream
 from .sources import ServerSource, SourceChain
 from .state import ParcelState
@@ -122,16 +123,47 @@ def boot_tags(vm: dict[str, Any]) -> set[bytes]:
     return out
 
 
-async def read_blob(blob: MemoryImage, cache: SiteCache, chain: SourceChain) -> bytes:
-    """A small object (kernel, initrd) decoded into memory, fetched as needed."""
-    tags = [r.tag for r in blob.refs if not r.is_zero]
-    missing = await asyncio.to_thread(cache.missing, tags)
+async def write_blob(blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceChain) -> None:
+    """Decode a small object (a kernel, an initrd) into ``fd``, fetching as needed.
+
+    Every chunk goes straight to its offset from the codec's threads, which
+    also read the cache: no joined copy, and the event loop stays free for
+    the QEMU starting meanwhile. Zero chunks stay holes. A chunk the cache
+    lost or holds damaged since it was counted is fetched again.
+    """
+    os.ftruncate(fd, blob.length)
+    todo = [i for i, r in enumerate(blob.refs) if not r.is_zero]
+    missing = await asyncio.to_thread(cache.missing, [blob.refs[i].tag for i in todo])
     if missing:
         await chain.fetch_many(missing)
-    items = [(ref, None if ref.is_zero else cache.get(ref.tag, verify=False), chunk_length(blob.length, i))
-             for i, ref in enumerate(blob.refs)]
-    # decode_many verifies every tag, on the codec's threads, off the event loop.
-    return b"".join(await asyncio.to_thread(decode_many, items))
+
+    def put(i: int, plain: bytes) -> None:
+        view = memoryview(plain)
+        off = i * CHUNK_SIZE
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n
+
+    def batch(idxs: list[int]) -> list[int]:
+        lost = []
+        for i in idxs:
+            plain = decode_cached(cache, blob.refs[i], chunk_length(blob.length, i))
+            if plain is None:
+                lost.append(i)
+            else:
+                put(i, plain)
+        return lost
+
+    loop = asyncio.get_running_loop()
+    pool = default_pool()
+    lost = [i for part in await asyncio.gather(*(
+        loop.run_in_executor(pool, batch, todo[k : k + BATCH]) for k in range(0, len(todo), BATCH)
+    )) for i in part]
+    if lost:
+        got = await chain.fetch_many([blob.refs[i].tag for i in lost])
+        for i in lost:
+            ref = blob.refs[i]
+            put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
 
 
 # -- init ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
 from ..manifest import Manifest, MemoryImage, dirty_since
@@ -44,8 +44,8 @@ from .parcel import (
     commit_version,
     hardware_problems,
     load_version,
-    read_blob,
     upload_cached,
+    write_blob,
 )
 from .sources import SourceChain
 from .state import ParcelState
@@ -214,16 +214,32 @@ class Runtime:
         self.nbd = NbdServer(disk)
         sock = self.rundir / "nbd.sock"
         await self.nbd.start_unix(sock)
-        # Boot files first, on all cores (QEMU cannot start without them); then
-        # the memory image starts arriving and decoding while QEMU starts.
-        cfg = await self._vm_config(base, accel)
+        cfg, boot_files = self._vm_config(base, accel)
         feeder = Feeder(memory, site.cache, chain) if memory is not None else None
-        if feeder is not None:
+
+        async def machine() -> None:
+            # QEMU starts up meanwhile; its board (which reads -kernel and
+            # -initrd) is built once this returns. The boot files get all the
+            # cores first; then the memory image starts decoding while the
+            # board is built.
+            await boot_files
+            marks["boot_files"] = time.perf_counter() - t0
+            if feeder is not None:
+                feeder.start()
+
+        boot = asyncio.create_task(machine()) if boot_files is not None else None
+        if boot is None and feeder is not None:
             feeder.start()
-        marks["boot_files"] = time.perf_counter() - t0
         self.qemu = q = Qemu(cfg, self.rundir, sock, serial=self.serial)
-        await q.start(incoming=memory is not None, pass_fds=self._memfds)
-        marks["qemu_start"] = time.perf_counter() - t0 - marks["boot_files"]
+        try:
+            await q.start(incoming=memory is not None, pass_fds=self._memfds, machine=boot)
+        except BaseException:
+            for task in (boot, feeder and feeder.task):
+                if task is not None:
+                    task.cancel()
+            raise
+        # From the same start as boot_files, which ran inside it.
+        marks["qemu_start"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if feeder is not None:
@@ -251,28 +267,36 @@ class Runtime:
         )
         return self.report
 
-    async def _vm_config(self, m: Manifest, accel: str) -> VmConfig:
+    def _vm_config(self, m: Manifest, accel: str) -> tuple[VmConfig, Awaitable[None] | None]:
+        """QEMU's configuration, and the decoding of the boot files it names (if any).
+
+        Boot files live in memfds: decoded in memory, handed to QEMU by fd,
+        never written to disk in the clear. The memfds exist (empty) before
+        QEMU is spawned; the returned awaitable fills them.
+        """
         vm = m.vm
         cfg = VmConfig(
             memory_mib=int(vm.get("memory_mib", 256)), cpus=int(vm.get("cpus", 1)),
             machine=str(vm.get("machine", "q35")), cpu_model=str(vm.get("cpu_model", "max")),
             accel=accel, display=self.display,
         )
-        boot = vm.get("boot")
-        if boot:
+        boot = vm.get("boot") or {}
+        files: list[tuple[int, MemoryImage]] = []
+        for key in ("kernel", "initrd"):
+            if boot.get(key):
+                fd = os.memfd_create(f"isrsync-{key}", 0)
+                self._memfds.append(fd)
+                files.append((fd, blob_from(boot[key])))
+                setattr(cfg, key, f"/proc/self/fd/{fd}")
+        cfg.cmdline = boot.get("cmdline") or None
+        if not files:
+            return cfg, None
+
+        async def decode_all() -> None:
             assert self.chain is not None
-            # Boot files live in memfds: decoded in memory, handed to QEMU by fd,
-            # never written to disk in the clear.
-            for key in ("kernel", "initrd"):
-                if boot.get(key):
-                    data = await read_blob(blob_from(boot[key]), self.site.cache, self.chain)
-                    fd = os.memfd_create(f"isrsync-{key}", 0)
-                    os.write(fd, data)
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    self._memfds.append(fd)
-                    setattr(cfg, key, f"/proc/self/fd/{fd}")
-            cfg.cmdline = boot.get("cmdline") or None
-        return cfg
+            await asyncio.gather(*(write_blob(blob, fd, self.site.cache, self.chain) for fd, blob in files))
+
+        return cfg, decode_all()
 
     async def _fetch_everything(self, memory: MemoryImage | None) -> int:
         assert self.base is not None and self.base.keyring is not None and self.chain is not None
@@ -590,3 +614,4 @@ async def run_parcel(
                 loop.remove_signal_handler(sig)
         await ctl.close()
         await rt.close()
+

@@ -16,13 +16,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
 from ..errors import QemuError
@@ -81,19 +82,20 @@ class Qemu:
         self.rundir = rundir
         self.nbd_socket = nbd_socket
         self.serial = serial
-        self.qmp_path = rundir / "qmp.sock"
         self.proc: subprocess.Popen | None = None
         self.qmp = QMPClient("isrsync")
         self._stderr = rundir / "qemu.log"
         self._pass_fds: tuple[int, ...] = ()
 
-    def args(self, incoming: bool) -> list[str]:
+    def args(self, incoming: bool, *, qmp_fd: int, preconfig: bool = False) -> list[str]:
         c = self.cfg
         a = [
             qemu_binary(), "-name", "isrsync", "-nodefaults", "-no-user-config",
             "-machine", f"{c.machine},accel={c.accel}", "-cpu", c.cpu_model,
             "-m", str(c.memory_mib), "-smp", str(c.cpus),
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+            # MIGRATION events: completion is noticed when it happens, not at the next poll.
+            "-global", "migration.x-events=on",
             "-blockdev",
             f"driver=nbd,node-name=disk0,server.type=unix,server.path={self.nbd_socket},export=disk,"
             "reconnect-delay=10,cache.direct=off",
@@ -115,34 +117,54 @@ class Qemu:
             a += ["-chardev", f"socket,id=ser0,path={self.serial},server=on,wait=off", "-serial", "chardev:ser0"]
         if incoming:
             a += ["-incoming", "defer"]
+        if preconfig:
+            a.append("--preconfig")
         return a + c.extra
 
-    async def start(self, *, incoming: bool = False, pass_fds: Iterable[int] = ()) -> None:
+    async def start(
+        self, *, incoming: bool = False, pass_fds: Iterable[int] = (), machine: Awaitable[Any] | None = None
+    ) -> None:
+        """Launch QEMU and connect QMP; with ``machine``, overlap QEMU's own start-up with it.
+
+        QMP runs over a socketpair, so there is no socket file to poll for: the
+        greeting arrives the moment QEMU's main loop runs. ``machine`` is awaited
+        while QEMU sits in ``--preconfig`` (process, accelerator and back-ends
+        up, the board not yet built): it is what the board needs, such as the
+        boot files being decoded into memfds that ``-kernel`` names. Only then
+        does ``x-exit-preconfig`` build the machine, which reads them.
+        """
         self.rundir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err = open(self._stderr, "ab")
         try:
             self.proc = subprocess.Popen(
-                self.args(incoming), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                pass_fds=tuple(pass_fds), start_new_session=True,
+                self.args(incoming, qmp_fd=theirs.fileno(), preconfig=machine is not None),
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                pass_fds=(theirs.fileno(), *pass_fds), start_new_session=True,
             )
         finally:
             err.close()
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise QemuError(f"QEMU exited at start ({self.proc.returncode}): {self.log_tail()}")
-            if self.qmp_path.exists():
-                try:
-                    await self.qmp.connect(str(self.qmp_path))
-                    break
-                except (OSError, QMPError):
-                    pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise QemuError("QEMU did not open its QMP socket within 30 s")
-            await asyncio.sleep(0.005)
+            theirs.close()
+        try:
+            try:
+                await asyncio.wait_for(self.qmp.connect(ours), 30)
+            except asyncio.TimeoutError:
+                raise QemuError("QEMU did not answer on QMP within 30 s") from None
+            except (OSError, EOFError, QMPError):
+                await asyncio.to_thread(self._reap, 2.0)
+                raise QemuError(f"QEMU exited at start ({self.proc.returncode}): {self.log_tail()}") from None
+            if machine is not None:
+                await machine
+                await self.cmd("x-exit-preconfig")
+        except BaseException:
+            ours.close()
+            self.kill()
+            raise
+
+    def _reap(self, timeout: float) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
 
     def log_tail(self, n: int = 600) -> str:
         try:
@@ -191,11 +213,7 @@ class Qemu:
             os.close(w)
         reader = asyncio.create_task(asyncio.to_thread(consume, r))
         try:
-            # QEMU's default bandwidth cap is meant for live migration over a
-            # network; a stopped guest into a local pipe should go flat out.
-            await self.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30})
-            await self.cmd("migrate", {"uri": "fd:isrsync-out"})
-            await self._wait_migration()
+            await self.migrate_out("fd:isrsync-out")
             await reader
         except BaseException:
             reader.cancel()
@@ -203,6 +221,15 @@ class Qemu:
         finally:
             with contextlib.suppress(OSError):
                 os.close(r)
+
+    async def migrate_out(self, uri: str) -> None:
+        """Migrate a stopped guest to ``uri``, until QEMU has written all of it."""
+        with self.qmp.listen(events := EventListener("MIGRATION")):
+            # QEMU's default bandwidth cap is meant for live migration over a
+            # network; a stopped guest into a local pipe should go flat out.
+            await self.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30})
+            await self.cmd("migrate", {"uri": uri})
+            await self._migrated(events, self._saved)
 
     async def load_memory(self, produce: Callable[[int], Any]) -> None:
         """Feed a saved stream into a QEMU started with ``incoming=True``.
@@ -219,7 +246,6 @@ class Qemu:
             await self._send_fd(r, "isrsync-in")
         finally:
             os.close(r)
-        await self.cmd("migrate-incoming", {"uri": "fd:isrsync-in"})
 
         def feed() -> None:
             try:
@@ -227,35 +253,65 @@ class Qemu:
             finally:
                 os.close(w)
 
-        writer = asyncio.create_task(asyncio.to_thread(feed))
-        try:
-            await writer
-            await self._wait_incoming()
-        except BrokenPipeError:
-            raise QemuError(f"QEMU stopped reading the memory image: {self.log_tail()}") from None
+        with self.qmp.listen(events := EventListener("MIGRATION")):
+            try:
+                await self.cmd("migrate-incoming", {"uri": "fd:isrsync-in"})
+            except BaseException:
+                os.close(w)
+                raise
+            writer = asyncio.create_task(asyncio.to_thread(feed))
+            try:
+                await writer
+                await self._migrated(events, self._restored)
+            except BrokenPipeError:
+                raise QemuError(f"QEMU stopped reading the memory image: {self.log_tail()}") from None
 
-    async def _wait_migration(self) -> None:
-        while True:
-            st = await self.cmd("query-migrate")
-            s = st.get("status")
-            if s == "completed":
-                return
-            if s in ("failed", "cancelled"):
-                raise QemuError(f"saving the memory image failed: {st.get('error-desc', s)}")
-            await asyncio.sleep(0.02)
+    async def wait_restored(self) -> None:
+        """For a QEMU started with ``-incoming URI``: until the restore has ended."""
+        with self.qmp.listen(events := EventListener("MIGRATION")):
+            await self._migrated(events, self._restored)
 
-    async def _wait_incoming(self) -> None:
+    async def _migrated(self, events: EventListener, done: Callable[[], Awaitable[bool]]) -> None:
+        """Until a migration ends, by its MIGRATION events.
+
+        ``done`` asks QEMU directly: once at the start (the migration may have
+        ended before the listener was up) and whenever no event came for a
+        while, which also notices a QEMU that died.
+        """
         deadline = time.monotonic() + 600
+        if await done():
+            return
         while time.monotonic() < deadline:
-            s = await self.status()
-            if s in ("paused", "running"):
+            try:
+                ev = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await done():
+                    return
+                continue
+            if ev["data"]["status"] in ("completed", "failed", "cancelled") and await done():
                 return
-            if s in ("internal-error", "shutdown", "guest-panicked"):
-                raise QemuError(f"restoring the memory image failed (QEMU is {s}): {self.log_tail()}")
-            if self.proc is not None and self.proc.poll() is not None:
-                raise QemuError(f"QEMU exited while restoring memory: {self.log_tail()}")
-            await asyncio.sleep(0.02)
-        raise QemuError("restoring the memory image did not finish")
+        raise QemuError("the memory image did not finish moving within 600 s")
+
+    async def _saved(self) -> bool:
+        st = await self.cmd("query-migrate")
+        s = st.get("status")
+        if s in ("failed", "cancelled"):
+            raise QemuError(f"saving the memory image failed: {st.get('error-desc', s)}")
+        return s == "completed"
+
+    async def _restored(self) -> bool:
+        try:
+            s = await self.status()
+        except QemuError:
+            # A refused image makes QEMU exit: say why, from its log, not "Disconnected".
+            if self.proc is not None:
+                await asyncio.to_thread(self._reap, 2.0)
+                if self.proc.poll() is not None:
+                    raise QemuError(f"QEMU exited while restoring memory: {self.log_tail()}") from None
+            raise
+        if s in ("internal-error", "shutdown", "guest-panicked"):
+            raise QemuError(f"restoring the memory image failed (QEMU is {s}): {self.log_tail()}")
+        return s in ("paused", "running")
 
     # -- ending ----------------------------------------------------------------------
 

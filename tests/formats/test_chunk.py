@@ -425,6 +425,37 @@ def test_tag_is_checked_even_when_data_decrypts() -> None:
                 decode(ref, enc.data, len(plain))
 
 
+def test_without_the_tag_check_the_aead_still_rejects_every_change() -> None:
+    """check_tag=False (bytes read back from this site's cache): a flipped bit, a cut,
+    or another chunk filed under this ref all fail, because K is secret."""
+    for name in ("short-incompressible", "compressible"):
+        plain = CASES[name]
+        enc = encode(plain, SECRET)
+        assert decode(enc.ref, enc.data, len(plain), check_tag=False) == plain
+        rng = random.Random(name)
+        for pos in {0, len(enc.data) // 2, len(enc.data) - 1} | {rng.randrange(len(enc.data)) for _ in range(60)}:
+            with pytest.raises(IntegrityError):
+                decode(enc.ref, flip(enc.data, pos, rng.randrange(8)), len(plain), check_tag=False)
+        with pytest.raises(IntegrityError):
+            decode(enc.ref, enc.data[:-1], len(plain), check_tag=False)
+        other = encode(stream(b"another chunk", len(plain)), SECRET)
+        with pytest.raises(IntegrityError):
+            decode(enc.ref, other.data, len(plain), check_tag=False)
+
+
+def test_background_pool_threads_are_niced_and_work() -> None:
+    pool = chunk.background_pool()
+    assert pool is chunk.background_pool()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nices = set(pool.map(lambda _: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), range(8)))
+    assert nices == {min(19, base + chunk.BACKGROUND_NICE)}
+    enc = encode(CASES["compressible"], SECRET)
+    assert decode_many([(enc.ref, enc.data, CHUNK_SIZE)] * 4, pool=pool) == [CASES["compressible"]] * 4
+    # The default pool is untouched: the caller's own priority.
+    assert set(chunk.default_pool().map(
+        lambda _: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), range(4))) == {base}
+
+
 def test_truncated_or_extended_ciphertext_rejected() -> None:
     enc = encode(CASES["short-compressible"], SECRET)
     for bad in (enc.data[:-1], enc.data[1:], enc.data + b"\x00", b"", enc.data[:16]):

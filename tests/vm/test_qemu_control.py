@@ -1,0 +1,190 @@
+"""isrsync's own QEMU control (isrsync.vm.qemu.Qemu) under real QEMU: start-up held in
+--preconfig while the boot files are still being written, failures at every step, and
+the memory image moved out and back in through pipes, noticed by QEMU's events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from isrsync.errors import QemuError
+from isrsync.vm.guest import Guest, make_disk_image
+from isrsync.vm.nbd import NbdServer, RawFileBackend
+from isrsync.vm.qemu import Qemu, VmConfig
+
+pytestmark = pytest.mark.slow
+
+
+class Harness:
+    """A disk served by isrsync's NBD server, and short socket paths for QEMU."""
+
+    def __init__(self, guest: Guest, accel: str, root: Path, disk: Path) -> None:
+        self.guest, self.accel, self.root = guest, accel, root
+        self.disk = disk
+        self.nbd: NbdServer | None = None
+        self.qemus: list[Qemu] = []
+        self.fds: list[int] = []
+
+    async def serve(self) -> None:
+        self.nbd = NbdServer(RawFileBackend(self.disk))
+        await self.nbd.start_unix(self.root / "nbd")
+
+    def config(self, *, boot_in_memfds: bool = False) -> VmConfig:
+        cfg = VmConfig(memory_mib=256, cpu_model="max", accel=self.accel, cmdline=self.guest.cmdline)
+        if boot_in_memfds:
+            for key in ("kernel", "initrd"):
+                fd = os.memfd_create(f"test-{key}", 0)
+                self.fds.append(fd)
+                setattr(cfg, key, f"/proc/self/fd/{fd}")
+        else:
+            cfg.kernel, cfg.initrd = str(self.guest.kernel), str(self.guest.initrd)
+        return cfg
+
+    def qemu(self, cfg: VmConfig, name: str) -> Qemu:
+        q = Qemu(cfg, self.root / name, self.root / "nbd", serial=self.root / f"{name}.ser")
+        self.qemus.append(q)
+        return q
+
+    async def close(self) -> None:
+        for q in self.qemus:
+            q.kill()
+            await q.wait(5)
+        if self.nbd is not None:
+            await self.nbd.close()
+        for fd in self.fds:
+            os.close(fd)
+
+
+@pytest.fixture
+async def hx(guest: Guest, accel: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    disk = tmp_path / "disk.img"
+    make_disk_image(disk, 64, {"hello.txt": b"hi\n"})
+    root = Path(tempfile.mkdtemp(prefix="isrq-", dir="/tmp"))  # unix socket paths stay short
+    h = Harness(guest, accel, root, disk)
+    await h.serve()
+    try:
+        yield h
+    finally:
+        await h.close()
+        for p in sorted(root.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        root.rmdir()
+
+
+def serial_line(path: Path, text: str, timeout: float = 120.0) -> float:
+    """Connect to the guest's serial socket and read until a line holds ``text``."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:
+        try:
+            s.connect(str(path))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no serial socket at {path}") from None
+            time.sleep(0.01)
+    buf = b""
+    with s:
+        while text.encode() not in buf:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            data = s.recv(65536)
+            if not data:
+                raise EOFError(f"serial closed before {text!r}; got {buf[-400:]!r}")
+            buf += data
+    return time.monotonic()
+
+
+async def test_board_waits_for_boot_files_written_after_spawn(hx: Harness) -> None:
+    cfg = hx.config(boot_in_memfds=True)
+    kfd, ifd = hx.fds
+    q = hx.qemu(cfg, "a")
+    seen: dict[str, object] = {}
+
+    async def machine() -> None:
+        # QMP is up, the board is not built: QEMU has not read the (still empty) files.
+        seen["status"] = await q.cmd("query-status")
+        await asyncio.sleep(0.2)
+        for fd, path in ((kfd, hx.guest.kernel), (ifd, hx.guest.initrd)):
+            os.write(fd, path.read_bytes())
+        seen["written"] = True
+
+    await q.start(pass_fds=hx.fds, machine=machine())
+    assert seen["status"]["status"] == "prelaunch"  # type: ignore[index]
+    assert seen["written"] is True
+    assert await q.status() == "running"
+    # The guest boots from the kernel and initrd written after QEMU was spawned.
+    await asyncio.to_thread(serial_line, hx.root / "a.ser", "GUEST: READY")
+    await q.quit(30)
+    assert not q.alive
+
+
+async def test_a_failing_machine_step_leaves_no_qemu(hx: Harness) -> None:
+    q = hx.qemu(hx.config(boot_in_memfds=True), "b")
+
+    async def machine() -> None:
+        raise QemuError("the boot files could not be fetched")
+
+    with pytest.raises(QemuError, match="boot files could not be fetched"):
+        await q.start(pass_fds=hx.fds, machine=machine())
+    assert q.proc is not None and q.proc.poll() is not None
+
+
+async def test_qemu_that_exits_at_start_is_reported_with_its_reason(hx: Harness) -> None:
+    cfg = hx.config()
+    cfg.extra = ["-device", "no-such-device-model"]
+    q = hx.qemu(cfg, "c")
+    t0 = time.monotonic()
+    with pytest.raises(QemuError, match=r"QEMU exited at start .*no-such-device-model"):
+        await q.start()
+    assert time.monotonic() - t0 < 20  # noticed by the QMP socket closing, not a timeout
+
+
+async def test_memory_out_and_back_in_by_events(hx: Harness) -> None:
+    """Save through a pipe to a byte string, restore it into a new QEMU, and the guest runs on."""
+    q = hx.qemu(hx.config(), "d")
+    await q.start()
+    await asyncio.to_thread(serial_line, hx.root / "d.ser", "GUEST: READY")
+    image = bytearray()
+
+    def consume(fd: int) -> None:
+        while chunk := os.read(fd, 1 << 20):
+            image.extend(chunk)
+
+    await q.save_memory(consume)
+    assert await q.status() in ("paused", "postmigrate")
+    assert bytes(image[:4]) == b"QEVM" and len(image) > 1 << 20
+    await q.quit(30)
+
+    r = hx.qemu(hx.config(), "e")
+    await r.start(incoming=True)
+    assert await r.status() == "inmigrate"
+
+    def produce(fd: int) -> None:
+        view = memoryview(bytes(image))
+        while view:
+            view = view[os.write(fd, view[: 1 << 20]) :]
+
+    await r.load_memory(produce)
+    assert await r.status() == "paused"  # it was stopped when saved
+    await r.cont()
+    assert await r.status() == "running"
+    await r.quit(30)
+
+
+async def test_a_refused_memory_image_names_qemus_reason(hx: Harness) -> None:
+    r = hx.qemu(hx.config(), "f")
+    await r.start(incoming=True)
+
+    def produce(fd: int) -> None:
+        os.write(fd, b"QEVM\x00\x00\x00\x03" + b"\xff" * 4096)  # right magic, garbage after
+
+    with pytest.raises(QemuError, match="QEMU exited while restoring memory|restoring the memory image failed") as e:
+        await r.load_memory(produce)
+    assert "load of migration failed" in str(e.value)  # QEMU's own words, from its log
