@@ -171,22 +171,24 @@ def decode(ref: ChunkRef, data: bytes | None, length: int = CHUNK_SIZE, *, check
 # -- batches --------------------------------------------------------------------------
 
 _pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
+BACKGROUND_NICE = 10
+
+
+def _shared_pool(name: str, initializer=None) -> ThreadPoolExecutor:
+    """A process-wide pool sized to the cores, made on first use."""
+    with _pool_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix=name, initializer=initializer
+            )
+        return pool
 
 
 def default_pool() -> Executor:
-    """A process-wide thread pool sized to the cores (created on first use)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 1, thread_name_prefix="isrsync-codec"
-            )
-        return _pool
-
-
-_bg_pool: ThreadPoolExecutor | None = None
-BACKGROUND_NICE = 10
+    """The codec's process-wide thread pool."""
+    return _shared_pool("isrsync-codec")
 
 
 def _lower_priority() -> None:
@@ -205,13 +207,7 @@ def background_pool() -> Executor:
     three runnable threads share two cores and QEMU, the critical path, gets
     two thirds of one; niced, the codec fills whatever QEMU leaves idle.
     """
-    global _bg_pool
-    with _pool_lock:
-        if _bg_pool is None:
-            _bg_pool = ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 1, thread_name_prefix="isrsync-codec-bg", initializer=_lower_priority
-            )
-        return _bg_pool
+    return _shared_pool("isrsync-codec-bg", _lower_priority)
 
 
 BATCH = 8  # chunks per pool task (1 MiB): per-task overhead stays small
