@@ -21,8 +21,11 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
      fetch_before_start, qemu_start, memory_image). The guest's counter is read
      over the serial console to prove it runs, it runs for ``--run-seconds``,
      then ``suspend()`` (measurement 3) makes the next version for B_{i+1}.
-   * floor: the SAME memory image, decoded from B_i's cache into a plain file,
-     and the same version's disk decoded into a raw file. QEMU is started with
+   * floor: the SAME guest state, as plain QEMU saves and restores it: one
+     migration stream in a local file, RAM included. isrsync keeps RAM apart
+     (by address, in a memfd); so, untimed, :func:`floor_image` decodes the
+     version's RAM and device state from B_i's cache into a QEMU and has it
+     save everything to the file. The same version's disk is decoded into a raw file. QEMU is started with
      exactly the arguments isrsync's :class:`~isrsync.vm.qemu.Qemu` builds
      (machine, CPU, memory, kernel/initrd/append, serial, display), except that
      the disk is the raw file (``-blockdev driver=raw,...,file.filename=RAW``,
@@ -31,9 +34,12 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
      connection (:meth:`Qemu.start`: a socketpair, no socket file to poll) and
      the same wait for the end of the restore (:meth:`Qemu.wait_restored`:
      QEMU's MIGRATION events, no polling) as isrsync. The floor QEMU is not
-     held in ``--preconfig`` (it has no boot files to wait for). The restored guest's counter
-     is read too (the floor really restored), it runs for ``--run-seconds``,
-     then it is saved (measurement 3).
+     held in ``--preconfig`` (it has no boot files to wait for). The floor is
+     restored FLOOR_TRIES times per repeat and the fastest counts (see
+     :func:`floor_run`: it keeps this machine's noise out of the floor, which
+     only makes the target harder). The restored guest's counter is read too
+     (the floor really restored), it runs for ``--run-seconds``, then it is
+     saved (measurement 3).
 
    Ratio isrsync total / floor total, target <= 1.2. Floor and isrsync take
    turns going first. Also the CPU each side burnt during its resume (this
@@ -76,8 +82,9 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
    hot-chunk cache decodes a whole 128 KiB chunk).
 
 3. SUSPEND TIME vs saving the same memory to a local file. isrsync:
-   ``Runtime.suspend()``'s ``memory_seconds`` (stop + migrate into the
-   encoder + packs in the cache) and ``seconds`` (everything, commit to the
+   ``Runtime.suspend()``'s ``memory_seconds`` (stop + migrate the device
+   state into the encoder + guest RAM from its memfd, a chunk unchanged since
+   the resume costing one hash + packs in the cache) and ``seconds`` (everything, commit to the
    home included). Floor: on the floor guest of measurement 1 (restored from
    the same image, run for the same time, so same memory size and state),
    ``stop`` + ``migrate-set-parameters max-bandwidth`` (as isrsync sets it) +
@@ -102,6 +109,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -211,7 +219,7 @@ def floor_qemu_class():
     class FloorQemu(Qemu):
         """isrsync's own QEMU command line, with a raw disk file and ``-incoming exec:cat``."""
 
-        def __init__(self, cfg, rundir: Path, raw: Path, memfile: Path, serial: Path) -> None:
+        def __init__(self, cfg, rundir: Path, raw: Path, memfile: Path | None, serial: Path) -> None:
             super().__init__(cfg, rundir, rundir / "unused-nbd.sock", serial=serial)
             self.raw = raw
             self.memfile = memfile
@@ -221,6 +229,8 @@ def floor_qemu_class():
             k = a.index("-blockdev") + 1
             assert a[k].startswith("driver=nbd,node-name=disk0,"), a[k]
             a[k] = f"driver=raw,node-name=disk0,file.driver=file,file.filename={self.raw}"
+            if self.memfile is None:  # fed over QMP (load_memory)
+                return a + ["-incoming", "defer"]
             return a + ["-incoming", f"exec:cat {shlex.quote(str(self.memfile))}"]
 
     return FloorQemu
@@ -241,6 +251,44 @@ async def floor_save(q, out: Path) -> dict[str, float]:
     return {"save": t_save, "fsync": time.perf_counter() - t1, "bytes": out.stat().st_size}
 
 
+async def floor_image(FloorQemu, cfg, memory, cache, chain, fdir: Path, raw: Path, devfile: Path,
+                      memfile: Path) -> None:
+    """The floor's input: this version's memory as ONE plain QEMU migration stream.
+
+    isrsync keeps RAM apart from the device state; plain QEMU restores both from
+    a single stream. So (untimed) a QEMU gets the version's RAM in a memfd and
+    its device state, and saves everything, RAM included, to ``memfile``: the
+    same guest state, in the form plain QEMU restores from a local file.
+    """
+    from isrsync.site.parcel import write_blob
+    from isrsync.manifest import MemoryImage
+
+    ram_fd = os.memfd_create("floor-ram")
+    try:
+        if memory.ram is not None:
+            await write_blob(MemoryImage(memory.ram.size, memory.ram), ram_fd, cache, chain)
+        else:
+            os.ftruncate(ram_fd, cfg.memory_mib << 20)
+        q = FloorQemu(dataclasses.replace(cfg, ram_fd=ram_fd), fdir / "mk", raw, None, fdir / "mk.ser")
+        state = devfile.read_bytes()
+
+        def produce(fd: int) -> None:
+            view = memoryview(state)
+            while view:
+                view = view[os.write(fd, view[: 1 << 20]) :]
+
+        try:
+            await q.start(incoming=True, pass_fds=(ram_fd,))
+            await q.load_memory(produce, without_ram=memory.ram is not None)
+            await q.ignore_shared(False)
+            await q.migrate_out(f"exec:cat > {shlex.quote(str(memfile))}")
+            await q.quit()
+        finally:
+            q.kill()
+    finally:
+        os.close(ram_fd)
+
+
 # --------------------------------------------------------------------------- 1 + 3: resume, suspend
 
 
@@ -255,21 +303,45 @@ def qemu_cpu(pid: int) -> float:
     return total / 1e9
 
 
-async def floor_run(q, fdir: Path, run_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Restore the floor VM from its file, prove it runs, let it run, save it to a file."""
+FLOOR_TRIES = 3
+
+
+async def floor_restore(q) -> dict[str, float]:
+    """One timed floor restore, to ``cont`` returned; QEMU is left running."""
+    t0 = time.perf_counter()
+    await q.start()
+    t1 = time.perf_counter()
+    await q.wait_restored()
+    t2 = time.perf_counter()
+    if await q.status() == "paused":
+        await q.cont()
+    t3 = time.perf_counter()
+    cpu = qemu_cpu(q.proc.pid)
+    return {"qemu_start": t1 - t0, "restore": t2 - t1, "cont": t3 - t2, "total": t3 - t0,
+            "cpu_qemu": cpu, "cpu": cpu}
+
+
+async def floor_run(make_q, fdir: Path, run_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Restore the floor VM from its file (best of FLOOR_TRIES), prove it runs, let it run, save it.
+
+    On this shared machine about one plain restore in three burns 0.1-0.2 s more
+    CPU with the same page faults (noise from outside the guest, not the
+    restore's work); the best of a few tries keeps that out of the floor, which
+    only makes the target harder for isrsync.
+    """
+    tries = []
+    for k in range(FLOOR_TRIES - 1):
+        q = make_q(f"try{k}")
+        try:
+            tries.append(await floor_restore(q))
+            await q.quit()
+        finally:
+            q.kill()
+    q = make_q("run")
     try:
-        t0 = time.perf_counter()
-        await q.start()
-        t1 = time.perf_counter()
-        await q.wait_restored()
-        t2 = time.perf_counter()
-        if await q.status() == "paused":
-            await q.cont()
-        t3 = time.perf_counter()
-        cpu = qemu_cpu(q.proc.pid)
-        n = await guest_counter(fdir / "ser")
-        res = {"qemu_start": t1 - t0, "restore": t2 - t1, "cont": t3 - t2, "total": t3 - t0, "counter": n,
-               "cpu_qemu": cpu, "cpu": cpu}
+        tries.append(await floor_restore(q))
+        res = {**min(tries, key=lambda r: r["total"]), "tries": [r["total"] for r in tries]}
+        res["counter"] = await guest_counter(fdir / "ser")
         await asyncio.sleep(run_seconds)
         saved = await floor_save(q, fdir / "saved.bin")
         await q.quit()
@@ -369,8 +441,8 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
             chain = site.chain(pid)
             fdir = work / f"floor{i}"
             fdir.mkdir()
-            memfile, raw = fdir / "mem.bin", fdir / "disk.raw"
-            for blob, path in ((m.memory, memfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
+            memfile, raw, devfile = fdir / "mem.bin", fdir / "disk.raw", fdir / "device-state.bin"
+            for blob, path in ((m.memory, devfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
                 with open(path, "wb") as f:
                     await write_blob(blob, f.fileno(), site.cache, chain)
 
@@ -380,7 +452,9 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
                 accel=accelerator("auto"), display="none",
                 kernel=str(g.kernel), initrd=str(g.initrd), cmdline=g.cmdline,
             )
-            run_floor = floor_run(FloorQemu(cfg, fdir / "run", raw, memfile, fdir / "ser"), fdir, run_seconds)
+            await floor_image(FloorQemu, cfg, m.memory, site.cache, chain, fdir, raw, devfile, memfile)
+            run_floor = floor_run(lambda name: FloorQemu(cfg, fdir / name, raw, memfile, fdir / "ser"), fdir,
+                                  run_seconds)
             run_isrsync = isrsync_run(Runtime(site, pid, policy="proactive", serial=work / f"serB{i}",
                                               rundir=work / f"runB{i}"), work / f"serB{i}", run_seconds)
             steps = [run_floor, run_isrsync] if i % 2 == 0 else [run_isrsync, run_floor]
@@ -403,7 +477,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         finally:
             await site.close()
 
-    keys = ["manifest", "lock", "fetch_before_start", "boot_files", "qemu_start", "memory_image", "total",
+    keys = ["manifest", "lock", "fetch_before_start", "boot_files", "ram", "qemu_start", "memory_image", "total",
             "cpu_self", "cpu_qemu", "cpu"]
     r_med = {k: med([r[k] for r in resume]) for k in keys}
     f_med = {k: med([f[k] for f in floor]) for k in ("qemu_start", "restore", "cont", "total", "cpu_qemu", "cpu")}
@@ -420,7 +494,9 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         },
         "suspend": {
             "isrsync": {"memory_seconds": med(s_mem), "seconds": med(s_tot),
-                        "memory_bytes": med([s["memory_bytes"] for s in suspend])},
+                        "memory_bytes": med([s["memory_bytes"] for s in suspend]),
+                        "new_chunks": med([s["memory_new_chunks"] for s in suspend]),
+                        "kept_chunks": med([s["memory_kept_chunks"] for s in suspend])},
             "floor": {"save": med(fs), "fsync": med([f["fsync"] for f in floor_susp]), "save_fsync": med(fsf),
                       "bytes": med([f["bytes"] for f in floor_susp])},
             "ratio_memory": med([a / b for a, b in zip(s_mem, fs)]),
@@ -615,6 +691,7 @@ def render(console, res: dict[str, Any], args: argparse.Namespace) -> None:
         rows = [("manifest", "manifest", None), ("lock", "lock", None),
                 ("fetch_before_start", "fetch_before_start", None),
                 ("  boot_files (decoded during qemu_start)", "boot_files", None),
+                ("  RAM into its memfd (done at, from qemu_start's start)", "ram", None),
                 ("qemu_start (exec, QMP, board built)", "qemu_start", "qemu_start"),
                 ("memory_image (restore, cont)", "memory_image", None),
                 ("  restore to paused", None, "restore"), ("  cont", None, "cont"),
@@ -643,7 +720,7 @@ def render(console, res: dict[str, Any], args: argparse.Namespace) -> None:
         t = Table(title=f"3. Suspend time, {MEMORY_MIB} MiB guest (median of {args.repeat})")
         t.add_column("")
         t.add_column("seconds", justify="right")
-        t.add_column("stream MB", justify="right")
+        t.add_column("memory MB", justify="right")
         t.add_column("ratio to floor", justify="right")
         t.add_row("floor: stop + migrate exec:cat > file", f"{s['floor']['save']:.3f}",
                   f"{s['floor']['bytes'] / 1e6:.1f}", "1.00")
@@ -653,6 +730,8 @@ def render(console, res: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{s['ratio_memory']:.2f} ({s['ratio_memory_vs_fsync']:.2f} vs floor+fsync)")
         t.add_row("isrsync suspend: seconds (with commit)", f"{s['isrsync']['seconds']:.3f}", "",
                   f"{s['ratio_total']:.2f}")
+        t.add_row("  RAM chunks encoded new / kept unchanged",
+                  f"{s['isrsync']['new_chunks']:.0f} / {s['isrsync']['kept_chunks']:.0f}", "", "")
         console.print(t)
 
     if "nbd" in res:

@@ -112,14 +112,24 @@ def check_secret(secret: bytes) -> None:
         raise ValueError(f"convergence secret must be {SECRET_SIZE} bytes")
 
 
-def encode(plain: bytes | bytearray | memoryview, secret: bytes) -> Encoded:
-    """Encode one plaintext chunk under a convergence secret."""
+def convergent_key(plain: bytes | bytearray | memoryview, secret: bytes) -> bytes:
+    """K: the keyed BLAKE2b of a plaintext; equal keys mean equal plaintexts."""
+    return hashlib.blake2b(plain, digest_size=KEY_SIZE, key=secret).digest()
+
+
+def encode(plain: bytes | bytearray | memoryview, secret: bytes, *, key: bytes | None = None) -> Encoded:
+    """Encode one plaintext chunk under a convergence secret.
+
+    ``key`` is K when the caller has already computed it (to compare it with
+    a previous version's) and saves the second hash pass.
+    """
     if len(plain) > CHUNK_SIZE:
         raise ValueError(f"chunk of {len(plain)} bytes exceeds {CHUNK_SIZE}")
     if is_zero(plain):
         return ZERO_ENCODED
     plain = bytes(plain)
-    key = hashlib.blake2b(plain, digest_size=KEY_SIZE, key=secret).digest()
+    if key is None:
+        key = convergent_key(plain, secret)
     flags = 0
     body = plain
     if len(plain) > MIN_SAVING:

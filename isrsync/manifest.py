@@ -63,6 +63,7 @@ S_KEYRING_FULL = 1
 S_KEYRING_DELTA = 2
 S_MEMORY = 3
 S_TRACE = 4
+S_RAM = 5
 
 NO_PARENT = bytes(32)
 
@@ -175,14 +176,26 @@ def _check_records(raw: bytes | memoryview, stride: int = _REC, skip: int = 0) -
 
 @dataclass
 class MemoryImage:
-    """The suspended memory stream: its length and its chunks in order."""
+    """A suspended VM's memory.
+
+    ``refs`` chunk QEMU's migration stream of ``length`` bytes. With ``ram``,
+    guest RAM is kept apart as an address space (chunk i holds RAM bytes
+    i*128 KiB onwards, untouched ranges are ZERO) and the stream holds only
+    device state; without it (images from before, boot files) the stream
+    holds everything. RAM kept by address dedups against the previous
+    version chunk by chunk and restores by writing it in place.
+    """
 
     length: int
     refs: Keyring  # indexed like a disk of ``length`` bytes
+    ram: Keyring | None = None
 
     @classmethod
-    def from_refs(cls, length: int, refs: Sequence[ChunkRef]) -> "MemoryImage":
-        return cls(length, Keyring.from_refs(length, refs))
+    def from_refs(cls, length: int, refs: Sequence[ChunkRef], ram: Keyring | None = None) -> "MemoryImage":
+        return cls(length, Keyring.from_refs(length, refs), ram)
+
+    def tags(self) -> set[bytes]:
+        return self.refs.tags() | (self.ram.tags() if self.ram is not None else set())
 
 
 @dataclass(frozen=True)
@@ -305,12 +318,17 @@ def encode(
         base = parent.header.keyring_base
     if memory is not None:
         sections.append((S_MEMORY, memory.refs.to_bytes()))
+        if memory.ram is not None:
+            raw_ram = memory.ram.to_bytes()
+            _check_records(raw_ram)
+            sections.append((S_RAM, raw_ram))
     if trace:
         sections.append((S_TRACE, array("I", trace).tobytes()))
     meta = {
         "vm": dict(vm),
         "disk_size": keyring.size,
         "memory_length": memory.length if memory is not None else None,
+        "ram_size": memory.ram.size if memory is not None and memory.ram is not None else None,
         "site": site,
         "time": time,
         "codec": CODEC_VERSION,
@@ -363,6 +381,9 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
         meta = json.loads(inner[12:pos])
         disk_size = int(meta["disk_size"])
         mem_len = meta["memory_length"]
+        ram_size = meta.get("ram_size")
+        if ram_size is not None and (mem_len is None or int(ram_size) < 0):
+            raise ValueError
         vm, site, when, codec = meta["vm"], str(meta["site"]), float(meta["time"]), int(meta["codec"])
         extra = meta.get("extra", {})
         if not isinstance(vm, dict) or disk_size < 0 or not isinstance(extra, dict):
@@ -393,6 +414,12 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
         if S_MEMORY not in sections or int(mem_len) < 0:
             raise FormatError("manifest lacks its memory image")
         m.memory = MemoryImage(int(mem_len), Keyring.from_bytes(int(mem_len), bytes(sections[S_MEMORY])))
+        if ram_size is not None:
+            if S_RAM not in sections:
+                raise FormatError("manifest lacks its RAM image")
+            m.memory.ram = Keyring.from_bytes(int(ram_size), bytes(sections[S_RAM]))
+    elif S_RAM in sections:
+        raise FormatError("manifest has a RAM image without a memory image")
     if S_TRACE in sections:
         t = sections[S_TRACE]
         if len(t) % 4:

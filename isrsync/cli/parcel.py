@@ -234,7 +234,8 @@ def suspend(
         emit_json(res)
     elif res.get("committed"):
         out.print(f"suspended: version {res['version']} committed ({human_bytes(res['memory_bytes'])} of memory,"
-                  f" {res['dirty_chunks']} dirty chunks) in {res['seconds']:.2f} s")
+                  f" {res['memory_new_chunks']} RAM chunks new, {res['memory_kept_chunks']} unchanged;"
+                  f" {res['dirty_chunks']} dirty disk chunks) in {res['seconds']:.2f} s")
     else:
         out.print(f"suspended locally ({res.get('reason')}); the lock is still yours: "
                   "run `isrsync sync` when the server is reachable")

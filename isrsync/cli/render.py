@@ -42,6 +42,7 @@ RESUME_STEPS = (
     ("fetch_before_start", "fetch before start"),
     ("qemu_start", "QEMU start (machine built)"),
     ("boot_files", "  boot files, decoded meanwhile"),
+    ("ram", "  guest RAM, decoded by then"),
     ("memory_image", "memory image restored"),
     ("total", "total"),
 )

@@ -1,10 +1,20 @@
-"""Memory images: encode QEMU's migration stream as it is produced, and feed a
-saved one back while its chunks are still arriving.
+"""Memory images: guest RAM encoded in place from its memfd, and QEMU's
+migration stream (device state) encoded as it is produced and fed back while
+its chunks are still arriving.
 
-Saving chunks the stream into 128 KiB plaintexts, encodes them on all cores,
-and appends new chunks to packs in the site cache: the plaintext never lands
-on disk and the encoded image is ready to upload (or to resume from locally,
-offline) the moment QEMU finishes writing it.
+Guest RAM lives in a memfd that QEMU maps shared. Saving reads it by address
+while the guest is stopped: 128 KiB chunks at fixed offsets, so a chunk the
+guest did not change since the image it was resumed from keeps its ref after
+one hash (no compression, no encryption, no upload), and pages the guest
+never touched are holes that are not even read. Restoring decodes the chunks
+straight into a fresh memfd (:func:`~isrsync.site.parcel.write_blob`) while
+QEMU starts. QEMU's own stream then carries only device state
+(``x-ignore-shared``): a few hundred KiB instead of every page.
+
+Saving the stream chunks it into 128 KiB plaintexts, encodes them on all
+cores, and appends new chunks to packs in the site cache: the plaintext never
+lands on disk and the encoded image is ready to upload (or to resume from
+locally, offline) the moment QEMU finishes writing it.
 
 Restoring walks the image's refs in order with a prefetch window: chunks come
 from the cache or the source chain, are decoded on worker threads, and a
@@ -15,18 +25,26 @@ while later chunks are still on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import queue
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
-from ..chunk import CHUNK_SIZE, ChunkRef, background_pool, chunk_length, decode
-from ..manifest import MemoryImage
+from ..chunk import (
+    BATCH, CHUNK_SIZE, ZERO_REF, ChunkRef, Encoded, background_pool, chunk_length, convergent_key,
+    decode, default_pool, encode, is_zero,
+)
+from ..errors import QemuError
+from ..manifest import Keyring, MemoryImage
 from .cache import SiteCache
 from .disk import decode_cached
-from .packer import fd_chunks, pack_chunks
+from .packer import PackSink, fd_chunks, pack_chunks
 from .sources import SourceChain
 
 WINDOW = 16  # chunks per fetch batch
@@ -41,22 +59,137 @@ class SavedImage:
     seconds: float
 
 
-def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
-    """Worker thread: read a migration stream to EOF and encode it into the cache."""
-    t0 = time.perf_counter()
-    total: list[int] = []
+@contextlib.contextmanager
+def _staging(cache: SiteCache) -> Iterator[Path]:
+    """A directory for new packs beside the cache's, removed with whatever is left in it."""
     staging = Path(tempfile.mkdtemp(prefix=".mem-", dir=cache.path / "packs"))
     try:
-        refs, packed = pack_chunks(fd_chunks(fd, total), secret, staging, known=cache.has)
-        for info, path in packed.packs:
-            cache.add_pack(path, info.pack_id, info)  # just written here: no second hash pass
+        yield staging
     finally:
         for p in staging.glob("*"):
             p.unlink(missing_ok=True)
         staging.rmdir()
+
+
+def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
+    """Worker thread: read a migration stream to EOF and encode it into the cache."""
+    t0 = time.perf_counter()
+    total: list[int] = []
+    with _staging(cache) as staging:
+        refs, packed = pack_chunks(fd_chunks(fd, total), secret, staging, known=cache.has)
+        for info, path in packed.packs:
+            cache.add_pack(path, info.pack_id, info)  # just written here: no second hash pass
     length = total[0] if total else 0
     mem = MemoryImage.from_refs(length, refs)
     return SavedImage(mem, [i.pack_id for i, _ in packed.packs], packed.stored_bytes, time.perf_counter() - t0)
+
+
+@dataclass
+class SavedRam:
+    ram: Keyring
+    pack_ids: list[bytes]
+    stored_bytes: int
+    new_chunks: int  # encoded and packed now
+    kept_chunks: int  # unchanged since the previous image: its ref kept
+    seconds: float
+
+
+def data_chunks(fd: int, size: int) -> list[int]:
+    """Indices of the chunks of ``fd``'s first ``size`` bytes that hold any data (not holes)."""
+    out: list[int] = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        first = start // CHUNK_SIZE
+        if out and out[-1] == first:
+            first += 1
+        out.extend(range(first, (end - 1) // CHUNK_SIZE + 1))
+        off = end
+    return out
+
+
+def save_ram(
+    fd: int, size: int, secret: bytes, cache: SiteCache, previous: Keyring | None,
+    progress: Callable[[int], None] | None = None,
+) -> SavedRam:
+    """Worker thread: encode guest RAM from its memfd into the cache (the guest is stopped).
+
+    Chunk i is RAM bytes i*128 KiB onwards. Only chunks that hold data are
+    read; each is hashed once (K, the convergent key), and one whose K is the
+    one ``previous`` has at the same index is unchanged: its ref is kept
+    without compressing, encrypting or storing anything.
+    """
+    t0 = time.perf_counter()
+    if previous is not None and previous.size != size:
+        previous = None  # the guest's RAM was resized: nothing lines up
+    ring = Keyring(size)
+    pool = default_pool()
+    window = 2 * (os.cpu_count() or 1)
+
+    def job(idxs: list[int]) -> list[Encoded | ChunkRef]:
+        # ChunkRef: kept from ``previous``, or zero.
+        out: list[Encoded | ChunkRef] = []
+        for i in idxs:
+            n = chunk_length(size, i)
+            plain = os.pread(fd, n, i * CHUNK_SIZE)
+            if len(plain) != n:
+                raise QemuError(f"guest RAM is shorter than its {size} bytes")
+            if is_zero(plain):
+                out.append(ZERO_REF)
+                continue
+            key = convergent_key(plain, secret)
+            if previous is not None and previous[i].key == key:
+                out.append(previous[i])
+            else:
+                out.append(encode(plain, secret, key=key))
+        return out
+
+    todo = data_chunks(fd, size)
+    batches = iter([todo[k : k + BATCH] for k in range(0, len(todo), BATCH)])
+    pending: deque = deque()
+
+    def fill() -> None:
+        # A bounded window: a 4 GiB guest never has more than a few MiB in flight.
+        while len(pending) < window and (b := next(batches, None)) is not None:
+            pending.append((b, pool.submit(job, b)))
+
+    new = kept = 0
+    with _staging(cache) as staging:
+        sink = PackSink(staging)
+        try:
+            fill()
+            while pending:
+                idxs, fut = pending.popleft()
+                results = fut.result()
+                fill()
+                for i, r in zip(idxs, results):
+                    if isinstance(r, Encoded):
+                        ring[i] = r.ref
+                        if r.tag not in sink and not cache.has(r.tag):
+                            sink.add(r.tag, r.data)
+                            new += 1
+                    else:
+                        ring[i] = r
+                        kept += not r.is_zero
+                if progress:
+                    progress(len(idxs) * CHUNK_SIZE)
+            sink.flush()
+        except BaseException:
+            for _, f in pending:
+                f.cancel()
+            sink.abort()
+            raise
+        for info, path in sink.done:
+            cache.add_pack(path, info.pack_id, info)
+    return SavedRam(ring, [i.pack_id for i, _ in sink.done], sink.bytes, new, kept, time.perf_counter() - t0)
 
 
 class Feeder:

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -123,8 +124,10 @@ def boot_tags(vm: dict[str, Any]) -> set[bytes]:
     return out
 
 
-async def write_blob(blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceChain) -> None:
-    """Decode a small object (a kernel, an initrd) into ``fd``, fetching as needed.
+async def write_blob(
+    blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceChain, pool: Executor | None = None
+) -> None:
+    """Decode an object (a kernel, an initrd, guest RAM) into ``fd``, fetching as needed.
 
     Every chunk goes straight to its offset from the codec's threads, which
     also read the cache: no joined copy, and the event loop stays free for
@@ -155,7 +158,7 @@ async def write_blob(blob: MemoryImage, fd: int, cache: SiteCache, chain: Source
         return lost
 
     loop = asyncio.get_running_loop()
-    pool = default_pool()
+    pool = pool or default_pool()
     lost = [i for part in await asyncio.gather(*(
         loop.run_in_executor(pool, batch, todo[k : k + BATCH]) for k in range(0, len(todo), BATCH)
     )) for i in part]
@@ -339,7 +342,7 @@ async def commit_version(
     if keyring.size < parent.keyring.size:
         replaced |= {parent.keyring[i].tag for i in range(len(keyring), len(parent.keyring))}
     removed = sorted(replaced - new_tags)
-    mem_tags = sorted(memory.refs.tags()) if memory is not None else []
+    mem_tags = sorted(memory.tags()) if memory is not None else []
     needed = set(added) | set(mem_tags)
     known = set(staged_tags)
     ask = sorted(needed - known)
@@ -405,7 +408,7 @@ async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
     assert m.keyring is not None
     tags = set(m.keyring.tags()) | boot_tags(m.vm)
     if m.memory is not None:
-        tags |= m.memory.refs.tags()
+        tags |= m.memory.tags()
     missing = await asyncio.to_thread(site.cache.missing, sorted(tags))
     chain = site.chain(parcel)
     done = 0

@@ -2,8 +2,9 @@
 
 Resume: read the version (manifests are authenticated, the keyring rebuilt),
 check this site can run the machine, take the lock, serve the disk over NBD,
-start QEMU and stream the memory image into it while its chunks still arrive,
-continue the guest. Each step is timed for the latency breakdown.
+start QEMU while guest RAM is decoded into the memfd QEMU maps, stream the
+device state into it, continue the guest. Each step is timed for the latency
+breakdown.
 
 While the guest runs: demand misses go through the source chain; under the
 ``auto`` policy the chunks the previous session touched are prefetched in the
@@ -11,8 +12,9 @@ order it touched them, then everything else is hoarded at low priority; the
 trickle uploads dirty chunks that have settled, so a suspend sends only the
 residue.
 
-Suspend: stop, save the memory image through migration into the cache as it
-streams, flush the disk, commit (uploading only what the server lacks) and
+Suspend: stop, save the device state through migration into the cache as it
+streams and guest RAM from its memfd (chunks unchanged since the resume cost
+one hash each), flush the disk, commit (uploading only what the server lacks) and
 release the lock. If the server cannot be reached, everything stays in the
 local state and the lock stays held: ``isrsync sync`` commits it later, and the
 parcel can even be resumed again here while offline.
@@ -31,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from ..chunk import CHUNK_SIZE
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
 from ..manifest import Manifest, MemoryImage, dirty_since
 from ..vm.nbd import NbdServer
 from ..vm.qemu import Qemu, VmConfig, accelerator
 from .disk import ParcelDisk
-from .memimage import Feeder, save_stream
+from .memimage import Feeder, save_ram, save_stream
 from .parcel import (
     Site,
     blob_from,
@@ -108,6 +111,8 @@ class Runtime:
         self.epoch = 0
         self._tasks: list[asyncio.Task] = []
         self._memfds: list[int] = []
+        self._ram_fd: int | None = None
+        self._ram_prev = None  # the RAM keyring the guest was resumed or last saved from
         self._dirty_since: dict[int, float] = {}
         self.staged: list[bytes] = []
         self.staged_tags: set[bytes] = set()
@@ -210,31 +215,43 @@ class Runtime:
                 self.events("warning", {"message": f"the cache was not fully hoarded: fetched {fetched} chunk(s)"})
         marks["fetch_before_start"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0 = t_start = time.perf_counter()
         self.nbd = NbdServer(disk)
         sock = self.rundir / "nbd.sock"
         await self.nbd.start_unix(sock)
         cfg, boot_files = self._vm_config(base, accel)
         feeder = Feeder(memory, site.cache, chain) if memory is not None else None
+        ram = memory.ram if memory is not None else None
+        self._ram_prev = ram
+
+        ram_task: asyncio.Task | None = None
+
+        async def ram_in() -> None:
+            assert ram is not None and cfg.ram_fd is not None
+            await write_blob(MemoryImage(ram.size, ram), cfg.ram_fd, site.cache, chain)
+            marks["ram"] = time.perf_counter() - t_start
 
         async def machine() -> None:
             # QEMU starts up meanwhile; its board (which reads -kernel and
             # -initrd) is built once this returns. The boot files get all the
-            # cores first; then the memory image starts decoding while the
-            # board is built.
-            await boot_files
-            marks["boot_files"] = time.perf_counter() - t0
+            # cores first (measured: sharing them with RAM from the start, or
+            # decoding RAM niced, both end later); then RAM and the device
+            # state decode while the board is built.
+            nonlocal ram_task
+            if boot_files is not None:
+                await boot_files
+                marks["boot_files"] = time.perf_counter() - t_start
+            if ram is not None:
+                ram_task = asyncio.create_task(ram_in())
             if feeder is not None:
                 feeder.start()
 
-        boot = asyncio.create_task(machine()) if boot_files is not None else None
-        if boot is None and feeder is not None:
-            feeder.start()
+        boot = asyncio.create_task(machine())
         self.qemu = q = Qemu(cfg, self.rundir, sock, serial=self.serial)
         try:
             await q.start(incoming=memory is not None, pass_fds=self._memfds, machine=boot)
         except BaseException:
-            for task in (boot, feeder and feeder.task):
+            for task in (boot, ram_task, feeder and feeder.task):
                 if task is not None:
                     task.cancel()
             raise
@@ -244,10 +261,14 @@ class Runtime:
         t0 = time.perf_counter()
         if feeder is not None:
             try:
-                await q.load_memory(feeder.produce)
+                if ram_task is not None:
+                    # Device state refers to RAM (virtio rings): RAM goes in first.
+                    await ram_task
+                await q.load_memory(feeder.produce, without_ram=ram is not None)
             finally:
-                if feeder.task is not None and not feeder.task.done():
-                    feeder.task.cancel()
+                for task in (ram_task, feeder.task):
+                    if task is not None and not task.done():
+                        task.cancel()
             if await q.status() == "paused":
                 await q.cont()
         marks["memory_image"] = time.perf_counter() - t0
@@ -280,6 +301,10 @@ class Runtime:
             machine=str(vm.get("machine", "q35")), cpu_model=str(vm.get("cpu_model", "max")),
             accel=accel, display=self.display,
         )
+        # Guest RAM: ours as much as QEMU's, so it is saved and restored in place.
+        self._ram_fd = cfg.ram_fd = os.memfd_create("isrsync-ram")
+        self._memfds.append(cfg.ram_fd)
+        os.ftruncate(cfg.ram_fd, cfg.memory_mib << 20)
         boot = vm.get("boot") or {}
         files: list[tuple[int, MemoryImage]] = []
         for key in ("kernel", "initrd"):
@@ -302,7 +327,7 @@ class Runtime:
         assert self.base is not None and self.base.keyring is not None and self.chain is not None
         tags = set(self.base.keyring.tags()) | boot_tags(self.base.vm)
         if memory is not None:
-            tags |= memory.refs.tags()
+            tags |= memory.tags()
         missing = await asyncio.to_thread(self.site.cache.missing, sorted(tags))
         for i in range(0, len(missing), 64):
             await self.chain.fetch_many(missing[i : i + 64])
@@ -382,21 +407,21 @@ class Runtime:
         q, disk, state = self.qemu, self.disk, self.state
         assert q is not None and disk is not None and state is not None and self.base is not None
         t0 = time.perf_counter()
-        saved = []
-        await q.save_memory(lambda fd: saved.append(save_stream(fd, self.site.secret(), self.site.cache)))
+        memory, saved = await self._save_memory()
         t_mem = time.perf_counter() - t0
         await self._stop_tasks()
         await q.quit()
         assert self.nbd is not None
         await self.nbd.close()
         await disk.flush()
-        state.save_memory(saved[0].memory)
+        state.save_memory(memory)
         state.save_trace(disk.stats.first_access)
         state.set_meta(status="suspended-local")
-        out: dict[str, Any] = {"memory_bytes": saved[0].memory.length, "memory_seconds": round(t_mem, 3),
+        out: dict[str, Any] = {"memory_bytes": saved["bytes"], "memory_seconds": round(t_mem, 3),
+                               "memory_new_chunks": saved["new_chunks"], "memory_kept_chunks": saved["kept_chunks"],
                                "dirty_chunks": len(disk.dirty)}
         try:
-            v = await self._commit(saved[0].memory, release=not keep_lock)
+            v = await self._commit(memory, release=not keep_lock)
         except Unreachable as e:
             out.update(committed=False, reason=e.message)
             self.events("offline", {"message": "suspended locally; the server could not be reached"})
@@ -404,6 +429,21 @@ class Runtime:
         out.update(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
                    kept_lock=keep_lock)
         return out
+
+    async def _save_memory(self) -> tuple[MemoryImage, dict[str, int]]:
+        """Stop the guest; save its device state, then its RAM in place (the guest stays stopped)."""
+        q = self.qemu
+        assert q is not None and self._ram_fd is not None
+        secret, cache = self.site.secret(), self.site.cache
+        saved = []
+        await q.save_memory(lambda fd: saved.append(save_stream(fd, secret, cache)), without_ram=True)
+        size = q.cfg.memory_mib << 20
+        ram = await asyncio.to_thread(save_ram, self._ram_fd, size, secret, cache, self._ram_prev)
+        self._ram_prev = ram.ram
+        stream = saved[0].memory
+        memory = MemoryImage(stream.length, stream.refs, ram.ram)
+        in_use = sum(CHUNK_SIZE for r in ram.ram if not r.is_zero)
+        return memory, {"bytes": stream.length + in_use, "new_chunks": ram.new_chunks, "kept_chunks": ram.kept_chunks}
 
     async def _commit(self, memory: MemoryImage | None, release: bool) -> Any:
         disk, state = self.disk, self.state
@@ -432,8 +472,7 @@ class Runtime:
         q, disk = self.qemu, self.disk
         assert q is not None and disk is not None and self.base is not None
         t0 = time.perf_counter()
-        saved = []
-        await q.save_memory(lambda fd: saved.append(save_stream(fd, self.site.secret(), self.site.cache)))
+        memory, _ = await self._save_memory()
         await disk.flush()
         snapshot = dict(disk.dirty)
         ring = disk.current_keyring()
@@ -441,7 +480,7 @@ class Runtime:
         paused = time.perf_counter() - t0
         v = await commit_version(
             self.site, self.parcel, epoch=self.epoch, parent=self.base, keyring=ring, dirty=list(snapshot),
-            memory=saved[0].memory, trace=disk.stats.first_access, release=False,
+            memory=memory, trace=disk.stats.first_access, release=False,
             staged=self.staged, staged_tags=self.staged_tags,
         )
         # The new version is the base now; chunks rewritten since the snapshot stay dirty.

@@ -33,7 +33,7 @@ import nacl.utils
 from nacl import bindings as sodium
 from nacl.exceptions import CryptoError
 
-from ..chunk import ChunkRef
+from ..chunk import ChunkRef, chunk_count
 from ..errors import CacheError, IntegrityError
 from ..manifest import Keyring, MemoryImage
 from .cache import SiteCache, _sqlite_error, write_transaction
@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, sealed BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (version INTEGER PRIMARY KEY, raw BLOB NOT NULL);
 """
 _REF = struct.Struct("<32s32sB")
+# A saved memory image: magic, u64 stream length, u64 RAM size (NO_RAM: none), refs, RAM refs.
+_MEM_MAGIC = b"ISRMEM2\x00"
+NO_RAM = (1 << 64) - 1
 
 
 def local_key(master_key: bytes) -> bytes:
@@ -163,14 +166,25 @@ class ParcelState:
         return None if row is None else self._open(row[0], name.encode())
 
     def save_memory(self, mem: MemoryImage | None) -> None:
-        self._put_blob("memory", None if mem is None else struct.pack("<Q", mem.length) + mem.refs.to_bytes())
+        if mem is None:
+            self._put_blob("memory", None)
+            return
+        ram = mem.ram
+        head = struct.pack("<QQ", mem.length, NO_RAM if ram is None else ram.size)
+        self._put_blob("memory", _MEM_MAGIC + head + mem.refs.to_bytes() + (ram.to_bytes() if ram else b""))
 
     def load_memory(self) -> MemoryImage | None:
         raw = self._get_blob("memory")
         if raw is None:
             return None
-        (length,) = struct.unpack_from("<Q", raw)
-        return MemoryImage(length, Keyring.from_bytes(length, raw[8:]))
+        if not raw.startswith(_MEM_MAGIC):  # written before RAM was kept apart
+            (length,) = struct.unpack_from("<Q", raw)
+            return MemoryImage(length, Keyring.from_bytes(length, raw[8:]))
+        length, ram_size = struct.unpack_from("<QQ", raw, len(_MEM_MAGIC))
+        body = raw[len(_MEM_MAGIC) + 16 :]
+        split = chunk_count(length) * _REF.size
+        ram = None if ram_size == NO_RAM else Keyring.from_bytes(ram_size, body[split:])
+        return MemoryImage(length, Keyring.from_bytes(length, body[:split]), ram)
 
     def save_trace(self, trace: list[int]) -> None:
         self._put_blob("trace", array("I", trace).tobytes())

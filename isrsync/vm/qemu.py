@@ -6,6 +6,11 @@ other ends we hold: saving does ``stop`` + ``getfd`` + ``migrate fd:`` and reads
 the stream as QEMU writes it; restoring starts QEMU with ``-incoming defer``,
 then ``getfd`` + ``migrate-incoming fd:`` and feeds the stream while its chunks
 are still arriving. (QEMU 7.2 has no ``file:`` URI and no mapped-ram.)
+
+Guest RAM can live in a memfd we create and QEMU maps shared
+(``memory-backend-file`` on ``/proc/self/fd/N``, named ``pc.ram`` like QEMU's
+own). With ``x-ignore-shared`` the stream then carries device state only, and
+RAM is read and written in place by the caller.
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class VmConfig:
     initrd: str | None = None
     cmdline: str | None = None
     display: str = "none"
+    # A memfd of memory_mib MiB that holds guest RAM (shared with QEMU), so that
+    # RAM is saved and restored in place rather than through the stream.
+    ram_fd: int | None = None
     extra: list[str] = field(default_factory=list)
 
 
@@ -101,6 +109,14 @@ class Qemu:
             "reconnect-delay=10,cache.direct=off",
             "-device", "virtio-blk-pci,drive=disk0,id=vda",
         ]
+        if c.ram_fd is not None:
+            # Named like QEMU's default RAM block, so streams stay compatible
+            # with a QEMU that keeps RAM to itself.
+            a += [
+                "-object", f"memory-backend-file,id=pc.ram,size={c.memory_mib}M,"
+                f"mem-path=/proc/self/fd/{c.ram_fd},share=on",
+                "-machine", "memory-backend=pc.ram",
+            ]
         if c.display == "none":
             a += ["-display", "none", "-vga", "none"]
         elif c.display == "vnc":
@@ -195,13 +211,20 @@ class Qemu:
 
     # -- memory image --------------------------------------------------------------
 
-    async def save_memory(self, consume: Callable[[int], Any]) -> None:
-        """Stop the guest and stream its RAM and device state to ``consume(fd)``.
+    async def ignore_shared(self, on: bool) -> None:
+        # x-ignore-shared: the shared RAM backend is left out of the stream; the
+        # RAM memfd is saved and restored in place instead.
+        await self.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+    async def save_memory(self, consume: Callable[[int], Any], *, without_ram: bool = False) -> None:
+        """Stop the guest and stream its device state (and RAM) to ``consume(fd)``.
 
         ``consume`` runs in a worker thread and must read the pipe to EOF; it is
-        where the stream is chunked and encoded as it arrives.
+        where the stream is chunked and encoded as it arrives. ``without_ram``
+        leaves the RAM memfd out (the guest stays stopped: read it next).
         """
         await self.stop()
+        await self.ignore_shared(without_ram)
         r, w = os.pipe()
         with contextlib.suppress(OSError):
             import fcntl
@@ -231,12 +254,14 @@ class Qemu:
             await self.cmd("migrate", {"uri": uri})
             await self._migrated(events, self._saved)
 
-    async def load_memory(self, produce: Callable[[int], Any]) -> None:
+    async def load_memory(self, produce: Callable[[int], Any], *, without_ram: bool = False) -> None:
         """Feed a saved stream into a QEMU started with ``incoming=True``.
 
         ``produce(fd)`` runs in a worker thread writing the stream (it may wait
         for chunks still on their way) and closes nothing; we close the pipe.
+        ``without_ram``: the stream was saved so, and RAM is in the memfd already.
         """
+        await self.ignore_shared(without_ram)
         r, w = os.pipe()
         with contextlib.suppress(OSError):
             import fcntl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import random
 import struct
@@ -147,6 +148,45 @@ def test_round_trip_all_fields() -> None:
     assert m.extra == {"note": "hello", "n": [1, 2, 3]}
     assert parse_header(raw) == h
     assert resolve([m]) is m
+
+
+def test_round_trip_memory_with_ram_apart() -> None:
+    rng = random.Random(4)
+    ram = random_keyring(16 * CHUNK_SIZE, rng, zero_fraction=0.5)
+    mem = MemoryImage.from_refs(2 * CHUNK_SIZE + 9, [rref(rng) for _ in range(3)], ram)
+    m = decode(v1(random_keyring(CHUNK_SIZE, rng), memory=mem), KEY, PARCEL)
+    assert m.memory is not None and m.memory.refs == mem.refs and m.memory.length == mem.length
+    assert m.memory.ram == ram and m.memory.ram is not None and m.memory.ram.size == ram.size
+    assert m.memory.tags() == mem.refs.tags() | ram.tags()
+    # Without RAM apart (boot files, images from before): no RAM comes back.
+    plain = decode(v1(Keyring(CHUNK_SIZE), memory=MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)])), KEY)
+    assert plain.memory is not None and plain.memory.ram is None
+
+
+def test_ram_section_and_metadata_must_agree() -> None:
+    rng = random.Random(6)
+    ram = random_keyring(4 * CHUNK_SIZE, rng)
+    m = decode(v1(Keyring(CHUNK_SIZE), memory=MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)], ram)), KEY)
+
+    def inner(meta_extra: dict, sections: list[tuple[int, bytes]]) -> bytes:
+        meta = {"vm": {}, "disk_size": CHUNK_SIZE, "memory_length": None, "site": "", "time": 0.0,
+                "codec": CODEC_VERSION, **meta_extra}
+        raw = json.dumps(meta).encode()
+        out = mf.BODY_MAGIC + struct.pack("<I", len(raw)) + raw
+        for kind, data in [(mf.S_KEYRING_FULL, Keyring(CHUNK_SIZE).to_bytes()), *sections]:
+            out += struct.pack("<BQ", kind, len(data)) + data
+        return out
+
+    mem = (mf.S_MEMORY, m.memory.refs.to_bytes())
+    with pytest.raises(FormatError, match="lacks its RAM image"):
+        mf._parse_inner(m.header, m.hash, inner({"memory_length": CHUNK_SIZE, "ram_size": ram.size}, [mem]))
+    with pytest.raises(FormatError, match="RAM image without a memory image"):
+        mf._parse_inner(m.header, m.hash, inner({}, [(mf.S_RAM, ram.to_bytes())]))
+    with pytest.raises(FormatError, match="metadata is malformed"):
+        mf._parse_inner(m.header, m.hash, inner({"ram_size": ram.size}, [(mf.S_RAM, ram.to_bytes())]))
+    with pytest.raises(FormatError):  # a RAM keyring of the wrong length for its size
+        mf._parse_inner(m.header, m.hash, inner({"memory_length": CHUNK_SIZE, "ram_size": 9 * CHUNK_SIZE},
+                                                [mem, (mf.S_RAM, ram.to_bytes())]))
 
 
 def test_round_trip_minimal() -> None:

@@ -21,6 +21,8 @@ def test_memory_and_disk_move_from_site_a_to_site_b(sites, parcel) -> None:
     con.close()
     res = json.loads(a.run("suspend", name, "--json").stdout)
     assert res["committed"] is True and res["version"] == 2
+    # A cold-booted guest: all its RAM is new (kept by address, not in QEMU's stream).
+    assert res["memory_new_chunks"] > 50 and res["memory_kept_chunks"] == 0
     assert a.ended(proc_a)["how"] == "suspended"
 
     b = sites("b")  # empty cache: everything comes from the home server
@@ -43,6 +45,8 @@ def test_memory_and_disk_move_from_site_a_to_site_b(sites, parcel) -> None:
     con.close()
     res = json.loads(b.run("suspend", "--json").stdout)
     assert res["committed"] is True and res["version"] == 3
+    # RAM the guest left alone since the resume keeps its chunks: most of it.
+    assert res["memory_kept_chunks"] > res["memory_new_chunks"], res
     assert b.ended(proc_b)["how"] == "suspended"
     listing = json.loads(a.run("ls", "--json").stdout)
     assert listing[0]["version"] == 3 and listing[0]["holder"] is None
