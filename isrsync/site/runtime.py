@@ -472,7 +472,14 @@ class Runtime:
         q, disk = self.qemu, self.disk
         assert q is not None and disk is not None and self.base is not None
         t0 = time.perf_counter()
-        memory, _ = await self._save_memory()
+        try:
+            memory, _ = await self._save_memory()
+        except BaseException:
+            # A sync that could not save (a full disk...) must not leave the guest frozen.
+            if q.alive:
+                with contextlib.suppress(QemuError):
+                    await q.cont()
+            raise
         await disk.flush()
         snapshot = dict(disk.dirty)
         ring = disk.current_keyring()
