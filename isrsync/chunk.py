@@ -18,9 +18,9 @@ import hashlib
 import os
 import threading
 from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import zstandard
 from nacl import bindings as sodium
@@ -242,31 +242,49 @@ def encode_many(
     """
     check_secret(secret)
     pool = pool or default_pool()
-    window = 2 * (getattr(pool, "_max_workers", None) or os.cpu_count() or 1)
-    pending: deque = deque()  # each: a Future of a batch, or a ready list
 
-    def submit(batch: list) -> None:
+    def batches() -> Iterator[list]:
+        batch: list = []
+        for plain in plains:
+            batch.append(plain)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def submit(batch: list) -> list | Future:
         if all(is_zero(p) for p in batch):
-            pending.append([ZERO_ENCODED] * len(batch))
-        else:
-            pending.append(pool.submit(_encode_batch, batch, secret))
+            return [ZERO_ENCODED] * len(batch)
+        return pool.submit(_encode_batch, batch, secret)
 
-    batch: list = []
-    for plain in plains:
-        batch.append(plain)
-        if len(batch) == BATCH:
-            submit(batch)
-            batch = []
-            while len(pending) >= window:
-                yield from _done(pending.popleft())
-    if batch:
-        submit(batch)
-    while pending:
-        yield from _done(pending.popleft())
+    for done in in_order(map(submit, batches()), pool):
+        yield from done
 
 
-def _done(item: object) -> list:
-    return item if isinstance(item, list) else item.result()  # type: ignore[attr-defined]
+def in_order(work: Iterable[Any], pool: Executor) -> Iterator[Any]:
+    """The results of ``work`` (Futures from ``pool``, or results already at hand)
+    in order, with a bounded window in flight: ``work`` is consumed lazily, so
+    a 4 GiB image never has more than a few MiB submitted ahead of its reader.
+    Futures still pending when the reader stops are cancelled.
+    """
+    window = 2 * (getattr(pool, "_max_workers", None) or os.cpu_count() or 1)
+    pending: deque = deque()
+    try:
+        for item in work:
+            pending.append(item)
+            if len(pending) >= window:
+                yield _done(pending.popleft())
+        while pending:
+            yield _done(pending.popleft())
+    finally:
+        for item in pending:
+            if isinstance(item, Future):
+                item.cancel()
+
+
+def _done(item: object) -> Any:
+    return item.result() if isinstance(item, Future) else item
 
 
 def decode_many(

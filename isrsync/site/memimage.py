@@ -31,14 +31,13 @@ import os
 import queue
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ..chunk import (
     BATCH, CHUNK_SIZE, ZERO_REF, ChunkRef, Encoded, background_pool, chunk_length, convergent_key,
-    decode, default_pool, encode, is_zero,
+    decode, default_pool, encode, in_order, is_zero,
 )
 from ..errors import QemuError
 from ..manifest import Keyring, MemoryImage
@@ -88,10 +87,8 @@ def save_stream(fd: int, secret: bytes, cache: SiteCache) -> SavedImage:
 class SavedRam:
     ram: Keyring
     pack_ids: list[bytes]
-    stored_bytes: int
     new_chunks: int  # encoded and packed now
     kept_chunks: int  # unchanged since the previous image: its ref kept
-    seconds: float
 
 
 def data_chunks(fd: int, size: int) -> list[int]:
@@ -116,10 +113,7 @@ def data_chunks(fd: int, size: int) -> list[int]:
     return out
 
 
-def save_ram(
-    fd: int, size: int, secret: bytes, cache: SiteCache, previous: Keyring | None,
-    progress: Callable[[int], None] | None = None,
-) -> SavedRam:
+def save_ram(fd: int, size: int, secret: bytes, cache: SiteCache, previous: Keyring | None) -> SavedRam:
     """Worker thread: encode guest RAM from its memfd into the cache (the guest is stopped).
 
     Chunk i is RAM bytes i*128 KiB onwards. Only chunks that hold data are
@@ -127,14 +121,12 @@ def save_ram(
     one ``previous`` has at the same index is unchanged: its ref is kept
     without compressing, encrypting or storing anything.
     """
-    t0 = time.perf_counter()
     if previous is not None and previous.size != size:
         previous = None  # the guest's RAM was resized: nothing lines up
     ring = Keyring(size)
     pool = default_pool()
-    window = 2 * (os.cpu_count() or 1)
 
-    def job(idxs: list[int]) -> list[Encoded | ChunkRef]:
+    def job(idxs: list[int]) -> tuple[list[int], list[Encoded | ChunkRef]]:
         # ChunkRef: kept from ``previous``, or zero.
         out: list[Encoded | ChunkRef] = []
         for i in idxs:
@@ -150,26 +142,15 @@ def save_ram(
                 out.append(previous[i])
             else:
                 out.append(encode(plain, secret, key=key))
-        return out
+        return idxs, out
 
     todo = data_chunks(fd, size)
-    batches = iter([todo[k : k + BATCH] for k in range(0, len(todo), BATCH)])
-    pending: deque = deque()
-
-    def fill() -> None:
-        # A bounded window: a 4 GiB guest never has more than a few MiB in flight.
-        while len(pending) < window and (b := next(batches, None)) is not None:
-            pending.append((b, pool.submit(job, b)))
-
+    work = (pool.submit(job, todo[k : k + BATCH]) for k in range(0, len(todo), BATCH))
     new = kept = 0
     with _staging(cache) as staging:
         sink = PackSink(staging)
         try:
-            fill()
-            while pending:
-                idxs, fut = pending.popleft()
-                results = fut.result()
-                fill()
+            for idxs, results in in_order(work, pool):
                 for i, r in zip(idxs, results):
                     if isinstance(r, Encoded):
                         ring[i] = r.ref
@@ -179,17 +160,13 @@ def save_ram(
                     else:
                         ring[i] = r
                         kept += not r.is_zero
-                if progress:
-                    progress(len(idxs) * CHUNK_SIZE)
             sink.flush()
         except BaseException:
-            for _, f in pending:
-                f.cancel()
             sink.abort()
             raise
         for info, path in sink.done:
             cache.add_pack(path, info.pack_id, info)
-    return SavedRam(ring, [i.pack_id for i, _ in sink.done], sink.bytes, new, kept, time.perf_counter() - t0)
+    return SavedRam(ring, [i.pack_id for i, _ in sink.done], new, kept)
 
 
 class Feeder:

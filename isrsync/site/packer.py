@@ -69,6 +69,7 @@ class PackSink:
         self._tmp: Path | None = None
         self._file: BinaryIO | None = None
         self._writer: PackWriter | None = None
+        self._tags: set[bytes] = set()  # in any pack of this sink, finished or not
         self.bytes = 0
 
     def add(self, tag: bytes, data: bytes) -> bool:
@@ -85,12 +86,13 @@ class PackSink:
             raise os_error(e, f"a pack in {self.out_dir}") from e
         if added:
             self.bytes += len(data)
+            self._tags.add(tag)
         if self._writer.size >= self.limit:
             self.flush()
         return added
 
     def __contains__(self, tag: bytes) -> bool:
-        return self._writer is not None and tag in self._writer
+        return tag in self._tags
 
     def flush(self) -> None:
         """Finish the current pack (if any) and place it under its id."""
@@ -138,17 +140,15 @@ def pack_chunks(
     result = PackedImage(Keyring(0))
     refs: list[ChunkRef] = []
     sink = PackSink(out, limit)
-    seen: set[bytes] = set()
     try:
         for enc in encode_many(plains, secret):
             refs.append(enc.ref)
             if enc.ref.is_zero:
                 result.zero_chunks += 1
                 continue
-            if enc.tag in seen or (known is not None and known(enc.tag)):
+            if enc.tag in sink or (known is not None and known(enc.tag)):
                 result.reused_chunks += 1
                 continue
-            seen.add(enc.tag)
             sink.add(enc.tag, enc.data)
         sink.flush()
     except BaseException:

@@ -111,7 +111,6 @@ class Runtime:
         self.epoch = 0
         self._tasks: list[asyncio.Task] = []
         self._memfds: list[int] = []
-        self._ram_fd: int | None = None
         self._ram_prev = None  # the RAM keyring the guest was resumed or last saved from
         self._dirty_since: dict[int, float] = {}
         self.staged: list[bytes] = []
@@ -223,7 +222,6 @@ class Runtime:
         feeder = Feeder(memory, site.cache, chain) if memory is not None else None
         ram = memory.ram if memory is not None else None
         self._ram_prev = ram
-
         ram_task: asyncio.Task | None = None
 
         async def ram_in() -> None:
@@ -302,7 +300,7 @@ class Runtime:
             accel=accel, display=self.display,
         )
         # Guest RAM: ours as much as QEMU's, so it is saved and restored in place.
-        self._ram_fd = cfg.ram_fd = os.memfd_create("isrsync-ram")
+        cfg.ram_fd = os.memfd_create("isrsync-ram")
         self._memfds.append(cfg.ram_fd)
         os.ftruncate(cfg.ram_fd, cfg.memory_mib << 20)
         boot = vm.get("boot") or {}
@@ -433,12 +431,12 @@ class Runtime:
     async def _save_memory(self) -> tuple[MemoryImage, dict[str, int]]:
         """Stop the guest; save its device state, then its RAM in place (the guest stays stopped)."""
         q = self.qemu
-        assert q is not None and self._ram_fd is not None
+        assert q is not None and q.cfg.ram_fd is not None
         secret, cache = self.site.secret(), self.site.cache
         saved = []
         await q.save_memory(lambda fd: saved.append(save_stream(fd, secret, cache)), without_ram=True)
         size = q.cfg.memory_mib << 20
-        ram = await asyncio.to_thread(save_ram, self._ram_fd, size, secret, cache, self._ram_prev)
+        ram = await asyncio.to_thread(save_ram, q.cfg.ram_fd, size, secret, cache, self._ram_prev)
         self._ram_prev = ram.ram
         stream = saved[0].memory
         memory = MemoryImage(stream.length, stream.refs, ram.ram)

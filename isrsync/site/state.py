@@ -171,7 +171,7 @@ class ParcelState:
             return
         ram = mem.ram
         head = struct.pack("<QQ", mem.length, NO_RAM if ram is None else ram.size)
-        self._put_blob("memory", _MEM_MAGIC + head + mem.refs.to_bytes() + (ram.to_bytes() if ram else b""))
+        self._put_blob("memory", _MEM_MAGIC + head + mem.refs.to_bytes() + (ram.to_bytes() if ram is not None else b""))
 
     def load_memory(self) -> MemoryImage | None:
         raw = self._get_blob("memory")

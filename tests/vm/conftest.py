@@ -20,6 +20,11 @@ Fixtures:
   64 MiB ext4 image holding hello.txt ("made at init"), 256 MiB of memory.
 - ``state_of`` (function): ``state_of(site, parcel_id)`` reads a site's local
   state of a parcel (meta, number of dirty chunks, sealed blob names).
+- ``api_parcel`` (function): the Python API instead of the CLI: an
+  :class:`ApiParcel` with a site logged in to the ``live_server`` (as bob), version
+  1 of a guest parcel on a 64 MiB disk, and ``runtime(**kw)``, a
+  :class:`~isrsync.site.runtime.Runtime` for it (serial console at
+  ``short / "ser"``); runtimes, site and the short run dir go at teardown.
 
 Test modules should use the fixtures rather than import this file (several
 conftest.py files share one module name); the classes are reachable as
@@ -42,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -504,6 +510,48 @@ def sites(tmp_path: Path, live_server) -> Iterator[Callable[[str], SiteEnv]]:
 def state_of() -> Callable[[SiteEnv, str], dict[str, Any]]:
     """``state_of(site, parcel_id)``: see :func:`local_state`."""
     return local_state
+
+
+@dataclass
+class ApiParcel:
+    site: Any
+    pid: Any
+    short: Path  # short enough for unix socket paths
+    runtimes: list[Any] = field(default_factory=list)
+
+    def runtime(self, **kw: Any) -> Any:
+        from isrsync.site.runtime import Runtime
+
+        rt = Runtime(self.site, self.pid, serial=self.short / "ser", rundir=self.short / "run", **kw)
+        self.runtimes.append(rt)
+        return rt
+
+
+@pytest.fixture
+async def api_parcel(guest: Guest, live_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from isrsync.keys import KdfLimits
+    from isrsync.site import account
+    from isrsync.site.cache import SiteCache
+    from isrsync.site.parcel import init_parcel, open_site
+
+    short = Path(tempfile.mkdtemp(prefix="isr-api-", dir="/tmp"))
+    monkeypatch.setenv(account.ENV_CONFIG, str(tmp_path / "config.json"))
+    monkeypatch.setenv(account.ENV_RUNTIME, str(short))
+    acct = account.Account(live_server.url, "bob", live_server.add_user("bob"))
+    await account.login(acct, "pw", limits=KdfLimits.MIN)
+    site = await open_site(SiteCache(tmp_path / "api-site"), acct)
+    api = None
+    try:
+        img = tmp_path / "disk.img"
+        make_disk_image(img, 64)
+        pid, _ = await init_parcel(site, "vm", img, kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline)
+        api = ApiParcel(site, pid, short)
+        yield api
+    finally:
+        for rt in api.runtimes if api is not None else ():
+            await rt.close()
+        await site.close()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

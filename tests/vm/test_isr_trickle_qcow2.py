@@ -5,60 +5,36 @@ plaintext temporary)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 from pathlib import Path
 
-from isrsync.keys import KdfLimits
-from isrsync.site import account
-from isrsync.site.cache import SiteCache
-from isrsync.site.parcel import init_parcel, open_site
-from isrsync.site.runtime import Runtime
 from isrsync.vm.console import GuestConsole
 from isrsync.vm.guest import make_disk_image
 
 
-async def test_trickle_uploads_settled_chunks_and_suspend_sends_the_residue(guest, live_server, tmp_path: Path,
-                                                                         monkeypatch) -> None:
-    short = Path(f"/tmp/isr-tr-{os.getpid()}")
-    short.mkdir(exist_ok=True)
-    monkeypatch.setenv(account.ENV_CONFIG, str(tmp_path / "config.json"))
-    monkeypatch.setenv(account.ENV_RUNTIME, str(short))
-    acct = account.Account(live_server.url, "alice", live_server.add_user("alice"))
-    await account.login(acct, "pw", limits=KdfLimits.MIN)
-    site = await open_site(SiteCache(tmp_path / "a"), acct)
-    rt = None
-    try:
-        img = tmp_path / "disk.img"
-        make_disk_image(img, 64)
-        pid, _ = await init_parcel(site, "vm", img, kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline)
-        rt = Runtime(site, pid, serial=short / "ser", rundir=short / "run", trickle_settle=1.0)
-        await rt.resume()
-        con = await asyncio.to_thread(GuestConsole, short / "ser")
-        await asyncio.to_thread(con.wait_for, "GUEST: READY")
-        assert (await asyncio.to_thread(con.command, "fill big 4")) == "GUEST: OK"  # 4 MiB of random data
-        deadline = time.monotonic() + 60
-        while True:
-            st = rt.status()
-            if st["trickled_chunks"] >= 32 and st["residue_chunks"] < st["dirty_chunks"]:
-                break
-            assert time.monotonic() < deadline, st
-            await asyncio.sleep(0.5)
-        con.close()
-        trickled = rt.status()["trickled_chunks"]
-        res = await rt.suspend()
-        assert res["committed"] is True
-        versions = await site.store.list_versions(pid)
-        # The random 4 MiB went up with the trickle (staged packs the commit named);
-        # the suspend itself uploaded the residue and the memory image only.
-        assert trickled >= 32
-        assert versions[-1].new_pack_bytes >= 4 << 20
-    finally:
-        if rt is not None:
-            await rt.close()
-        await site.close()
-        subprocess.run(["rm", "-rf", str(short)], check=False)
+async def test_trickle_uploads_settled_chunks_and_suspend_sends_the_residue(api_parcel) -> None:
+    rt = api_parcel.runtime(trickle_settle=1.0)
+    await rt.resume()
+    con = await asyncio.to_thread(GuestConsole, api_parcel.short / "ser")
+    await asyncio.to_thread(con.wait_for, "GUEST: READY")
+    assert (await asyncio.to_thread(con.command, "fill big 4")) == "GUEST: OK"  # 4 MiB of random data
+    deadline = time.monotonic() + 60
+    while True:
+        st = rt.status()
+        if st["trickled_chunks"] >= 32 and st["residue_chunks"] < st["dirty_chunks"]:
+            break
+        assert time.monotonic() < deadline, st
+        await asyncio.sleep(0.5)
+    con.close()
+    trickled = rt.status()["trickled_chunks"]
+    res = await rt.suspend()
+    assert res["committed"] is True
+    versions = await api_parcel.site.store.list_versions(api_parcel.pid)
+    # The random 4 MiB went up with the trickle (staged packs the commit named);
+    # the suspend itself uploaded the residue and the memory image only.
+    assert trickled >= 32
+    assert versions[-1].new_pack_bytes >= 4 << 20
 
 
 def test_init_from_qcow2_reads_the_image_without_a_plaintext_temporary(sites, guest, tmp_path: Path) -> None:
