@@ -38,8 +38,8 @@ _isrsync_spec() {
             args=1
             ;;
         'isrsync resume')
-            opts='--policy --version --display --serial --json --help'
-            vopts='--policy --version --display --serial'
+            opts='--policy --version --display --serial --memory --json --help'
+            vopts='--policy --version --display --serial --memory'
             args=1
             ;;
         'isrsync suspend')

@@ -30,7 +30,7 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
         case 'isrsync init'
             printf '%s\n' '--image' '--memory' '--cpus' '--machine' '--kernel' '--initrd' '--append'
         case 'isrsync resume'
-            printf '%s\n' '--policy' '--version' '--display' '--serial'
+            printf '%s\n' '--policy' '--version' '--display' '--serial' '--memory'
         case 'isrsync hoard'
             printf '%s\n' '--interval'
         case 'isrsync server add-user'
@@ -143,6 +143,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'policy' -r -F 
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'version' -x -d 'Resume this version (default: latest)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -r -F -d 'gtk, sdl, vnc or none'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'serial' -r -F -d 'Expose the guest\'s serial console on this unix socket'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'memory' -r -F -d 'Restore guest RAM lazily (the guest runs at once, RAM follows as it is touched) or eagerly (all of it first)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'help' -d 'Show this message and exit'
 

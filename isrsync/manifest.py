@@ -64,6 +64,7 @@ S_KEYRING_DELTA = 2
 S_MEMORY = 3
 S_TRACE = 4
 S_RAM = 5
+S_RAM_TRACE = 6
 
 NO_PARENT = bytes(32)
 
@@ -189,10 +190,14 @@ class MemoryImage:
     length: int
     refs: Keyring  # indexed like a disk of ``length`` bytes
     ram: Keyring | None = None
+    # RAM chunks the guest touched first after its last resume, in that order:
+    # a lazy restore puts them in place before the guest starts. A hint only.
+    hot: Sequence[int] = ()
 
     @classmethod
-    def from_refs(cls, length: int, refs: Sequence[ChunkRef], ram: Keyring | None = None) -> "MemoryImage":
-        return cls(length, Keyring.from_refs(length, refs), ram)
+    def from_refs(cls, length: int, refs: Sequence[ChunkRef], ram: Keyring | None = None,
+                  hot: Sequence[int] = ()) -> "MemoryImage":
+        return cls(length, Keyring.from_refs(length, refs), ram, hot)
 
     def tags(self) -> set[bytes]:
         return self.refs.tags() | (self.ram.tags() if self.ram is not None else set())
@@ -322,6 +327,12 @@ def encode(
             raw_ram = memory.ram.to_bytes()
             _check_records(raw_ram)
             sections.append((S_RAM, raw_ram))
+            if any(not 0 <= i < len(memory.ram) for i in memory.hot):
+                raise ValueError("the RAM trace names a chunk past guest RAM")
+            if memory.hot:
+                sections.append((S_RAM_TRACE, array("I", memory.hot).tobytes()))
+        elif memory.hot:
+            raise ValueError("a RAM trace needs RAM kept apart")
     if trace:
         sections.append((S_TRACE, array("I", trace).tobytes()))
     meta = {
@@ -418,16 +429,24 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
             if S_RAM not in sections:
                 raise FormatError("manifest lacks its RAM image")
             m.memory.ram = Keyring.from_bytes(int(ram_size), bytes(sections[S_RAM]))
-    elif S_RAM in sections:
+            if S_RAM_TRACE in sections:
+                m.memory.hot = _indices(sections[S_RAM_TRACE], chunk_count(int(ram_size)), "RAM trace")
+        elif S_RAM_TRACE in sections:
+            raise FormatError("manifest has a RAM trace without a RAM image")
+    elif S_RAM in sections or S_RAM_TRACE in sections:
         raise FormatError("manifest has a RAM image without a memory image")
     if S_TRACE in sections:
-        t = sections[S_TRACE]
-        if len(t) % 4:
-            raise FormatError("manifest trace is malformed")
-        m.trace = array("I", bytes(t))
-        if any(i >= chunk_count(disk_size) for i in m.trace):
-            raise FormatError("manifest trace points past the disk")
+        m.trace = _indices(sections[S_TRACE], chunk_count(disk_size), "trace")
     return m
+
+
+def _indices(raw: memoryview, count: int, what: str) -> array:
+    if len(raw) % 4:
+        raise FormatError(f"manifest {what} is malformed")
+    out = array("I", bytes(raw))
+    if any(i >= count for i in out):
+        raise FormatError(f"manifest {what} points past its end")
+    return out
 
 
 def _parse_delta(raw: memoryview, disk_size: int) -> dict[int, ChunkRef]:

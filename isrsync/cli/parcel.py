@@ -21,7 +21,8 @@ from ..site import account
 from ..site.cache import open_cache
 from ..site.control import call, running
 from ..site.parcel import Site, discard, hoard, init_parcel, open_site, rollback
-from ..site.runtime import POLICIES, run_parcel, sync_offline
+from ..site.run import run_parcel, sync_offline
+from ..site.runtime import MEMORY_MODES, POLICIES
 from ..site.state import ParcelState
 from .render import emit_json, err, human_bytes, out, resume_rows
 from .state import JsonOpt, state
@@ -146,11 +147,15 @@ def resume(
     version: Annotated[Optional[int], typer.Option("--version", min=1, help="Resume this version (default: latest).")] = None,
     display: Annotated[str, typer.Option("--display", help="gtk, sdl, vnc or none.")] = "none",
     serial: Annotated[Optional[Path], typer.Option("--serial", help="Expose the guest's serial console on this unix socket.")] = None,
+    memory: Annotated[str, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
+                                        "follows as it is touched) or eagerly (all of it first).")] = "lazy",
     json_out: JsonOpt = False,
 ) -> None:
     """Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)."""
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r}", hint=f"use one of {', '.join(POLICIES)}")
+    if memory not in MEMORY_MODES:
+        raise UsageError(f"unknown memory mode {memory!r}", hint=f"use one of {', '.join(MEMORY_MODES)}")
     if display not in ("gtk", "sdl", "vnc", "none"):
         raise UsageError(f"unknown display {display!r}", hint="use gtk, sdl, vnc or none")
 
@@ -169,7 +174,7 @@ def resume(
             st.set_meta(name=parcel if not _is_uuid(parcel) else st.get_meta().get("name", parcel))
             st.close()
             return await run_parcel(site, pid, policy=policy, version=version, display=display, serial=serial,
-                                    events=events)
+                                    events=events, memory=memory)
 
     res = asyncio.run(go())
     if json_out:
@@ -191,7 +196,9 @@ def _render_resume(data: dict[str, Any]) -> None:
     for row in resume_rows(data["seconds"]):
         t.add_row(*row)
     out.print(t)
-    out.print("cold boot (no memory image)" if data["cold_boot"] else "memory image restored")
+    out.print({"none": "cold boot (no memory image)", "eager": "memory image restored",
+               "lazy": "device state restored; the guest runs while the rest of its RAM comes in"}
+              .get(data.get("memory", "eager"), "memory image restored"))
     out.print("running; `isrsync suspend` (or Ctrl-C) suspends it")
 
 
@@ -372,6 +379,12 @@ def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
     for r in doc["running"]:
         out.print(f"parcel {r['parcel']} (base version {r['base']}, policy {r['policy']}): {r['dirty_chunks']} dirty,"
                   f" {r['trickled_chunks']} trickled, residue {r['residue_chunks']}")
+        mem = r.get("memory") or {}
+        if mem.get("mode") == "lazy":
+            left = "all in" if mem.get("completed_seconds") is not None else "still coming in"
+            out.print(f"guest memory restored lazily, {left}: {mem['hot_chunks']} chunks in place at the start, "
+                      f"{mem['requests']} page faults served (median {mem['fault_ms_median'] or 0:.2f} ms), "
+                      f"{mem['pushed_chunks']} chunks pushed")
         t = Table("source", "hits", "bytes", "bad", "errors", "mean latency ms")
         for n, s in r["sources"].items():
             t.add_row(n, str(s["hits"]), human_bytes(s["bytes"]), str(s["bad"]), str(s["errors"]),

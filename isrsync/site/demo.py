@@ -144,6 +144,10 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
             rep.refused = e.message
         st = run_b.status()["sources"]["server"]
         rep.facts.append(("fetched by site B to resume", f"{st['bytes'] / 2**20:.1f} MiB in {st['hits']} chunks"))
+        if rep_b.memory == "lazy":
+            mem = run_b.status()["memory"]
+            rep.facts.append(("guest memory at site B", f"lazy: the guest ran before its RAM was in; "
+                                                        f"{mem['requests']} page faults served on demand"))
         await timed("site B: isrsync suspend (commit version 3)", run_b.suspend())
         await run_b.close()
     finally:

@@ -2,9 +2,14 @@
 
 Resume: read the version (manifests are authenticated, the keyring rebuilt),
 check this site can run the machine, take the lock, serve the disk over NBD,
-start QEMU while guest RAM is decoded into the memfd QEMU maps, stream the
-device state into it, continue the guest. Each step is timed for the latency
-breakdown.
+start QEMU, restore memory, run the guest. Each step is timed for the latency
+breakdown. Memory comes back lazily by default: the chunks the guest touched
+first last time go into the memfd QEMU maps while QEMU builds its machine, the
+device state goes in, the guest runs, and the rest of RAM follows by post-copy
+(:mod:`isrsync.vm.postcopy`), faults first. Eagerly, all of RAM is decoded into
+the memfd before the device state goes in. A restored guest gets no boot files:
+if it reboots, QEMU (run with -no-reboot) ends and :meth:`Runtime.reboot` boots
+it cold on the same disk.
 
 While the guest runs: demand misses go through the source chain; under the
 ``auto`` policy the chunks the previous session touched are prefetched in the
@@ -12,7 +17,8 @@ order it touched them, then everything else is hoarded at low priority; the
 trickle uploads dirty chunks that have settled, so a suspend sends only the
 residue.
 
-Suspend: stop, save the device state through migration into the cache as it
+Suspend: (after a lazy resume, the rest of RAM first) stop, save the device
+state through migration into the cache as it
 streams and guest RAM from its memfd (chunks unchanged since the resume cost
 one hash each), flush the disk, commit (uploading only what the server lacks) and
 release the lock. If the server cannot be reached, everything stays in the
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
@@ -35,11 +42,13 @@ from typing import Any, Awaitable, Callable
 
 from ..chunk import CHUNK_SIZE
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
-from ..manifest import Manifest, MemoryImage, dirty_since
+from ..manifest import Keyring, Manifest, MemoryImage, dirty_since
+from ..vm import migstream
 from ..vm.nbd import NbdServer
-from ..vm.qemu import Qemu, VmConfig, accelerator
+from ..vm.postcopy import PostcopySource
+from ..vm.qemu import RAM_BLOCK, Qemu, VmConfig, accelerator, postcopy_usable
 from .disk import ParcelDisk
-from .memimage import Feeder, save_ram, save_stream
+from .memimage import Feeder, RamFetcher, ram_chunks, save_ram, save_stream, write_all
 from .parcel import (
     Site,
     blob_from,
@@ -47,6 +56,7 @@ from .parcel import (
     commit_version,
     hardware_problems,
     load_version,
+    read_blob,
     upload_cached,
     write_blob,
 )
@@ -56,6 +66,15 @@ from .state import ParcelState
 log = logging.getLogger("isrsync.runtime")
 
 POLICIES = ("auto", "demand", "lookaside", "proactive", "baseline")
+# lazy: the guest runs once its device state is in, RAM follows (post-copy);
+# eager: all of RAM is in before the guest runs. Lazy falls back to eager where
+# the host cannot trap the guest's faults.
+MEMORY_MODES = ("lazy", "eager")
+# How much of a lazy restore's RAM goes in before the guest starts (32 MiB): what
+# the guest touched first last time, decoded while QEMU builds its machine. More
+# would hold the guest back; less leaves it faulting on its working set (each
+# fault a round trip through QEMU).
+HOT_CHUNKS = 256
 Events = Callable[[str, dict[str, Any]], None]
 
 
@@ -69,6 +88,7 @@ class ResumeReport:
     local_changes: bool
     seconds: dict[str, float] = field(default_factory=dict)
     fetched_before_start: int = 0
+    memory: str = "none"  # how the memory image came back: lazy, eager, or none (cold boot)
 
 
 class Runtime:
@@ -87,9 +107,12 @@ class Runtime:
         lookaside: list | None = None,
         trickle_settle: float = 30.0,
         trickle_rate: float = 8 << 20,
+        memory: str = "lazy",
     ) -> None:
         if policy not in POLICIES:
             raise UsageError(f"unknown policy {policy!r}", hint=f"use one of {', '.join(POLICIES)}")
+        if memory not in MEMORY_MODES:
+            raise UsageError(f"unknown memory mode {memory!r}", hint=f"use one of {', '.join(MEMORY_MODES)}")
         self.site = site
         self.parcel = parcel
         self.policy = policy
@@ -101,6 +124,8 @@ class Runtime:
         self.lookaside = lookaside or []
         self.trickle_settle = trickle_settle
         self.trickle_rate = trickle_rate
+        self.memory = memory
+        self.postcopy: PostcopySource | None = None
         self.state: ParcelState | None = None
         self.disk: ParcelDisk | None = None
         self.nbd: NbdServer | None = None
@@ -112,11 +137,13 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self._memfds: list[int] = []
         self._ram_prev = None  # the RAM keyring the guest was resumed or last saved from
+        self._hot_prev: list[int] = []  # the hot RAM chunks of the image resumed
         self._dirty_since: dict[int, float] = {}
         self.staged: list[bytes] = []
         self.staged_tags: set[bytes] = set()
         self.report: ResumeReport | None = None
         self._fresh_lock = False
+        self._closed = False
 
     # -- resume --------------------------------------------------------------------------
 
@@ -218,11 +245,19 @@ class Runtime:
         self.nbd = NbdServer(disk)
         sock = self.rundir / "nbd.sock"
         await self.nbd.start_unix(sock)
-        cfg, boot_files = self._vm_config(base, accel)
-        feeder = Feeder(memory, site.cache, chain) if memory is not None else None
+        cfg, boot_files = self._vm_config(base, accel, boot=memory is None)
         ram = memory.ram if memory is not None else None
         self._ram_prev = ram
+        self._hot_prev = list(memory.hot) if memory is not None else []
+        lazy = ram is not None and self.memory == "lazy" and postcopy_usable()
+        # An image from before RAM was kept apart is one big stream that QEMU
+        # parses while it arrives; otherwise the stream is device state only
+        # (a few hundred KiB), decoded whole.
+        feeder = Feeder(memory, site.cache, chain) if memory is not None and ram is None else None
+        stream_task = asyncio.create_task(read_blob(memory, site.cache, chain)) \
+            if memory is not None and ram is not None else None
         ram_task: asyncio.Task | None = None
+        source: PostcopySource | None = None
 
         async def ram_in() -> None:
             assert ram is not None and cfg.ram_fd is not None
@@ -233,42 +268,63 @@ class Runtime:
             # QEMU starts up meanwhile; its board (which reads -kernel and
             # -initrd) is built once this returns. The boot files get all the
             # cores first (measured: sharing them with RAM from the start, or
-            # decoding RAM niced, both end later); then RAM and the device
-            # state decode while the board is built.
-            nonlocal ram_task
-            if boot_files is not None:
-                await boot_files
+            # decoding RAM niced, both end later); then an eager restore
+            # decodes RAM while the board is built.
+            nonlocal ram_task, source
+            files = asyncio.ensure_future(boot_files) if boot_files is not None else None
+            if lazy and stream_task is not None and memory is not None:
+                source = self._lazy_source(await stream_task, memory, cfg.ram_fd)
+                if source is not None:
+                    source.warm()  # niced: the hot chunks decode beside the boot files and the board
+            if files is not None:
+                await files
                 marks["boot_files"] = time.perf_counter() - t_start
-            if ram is not None:
+            if ram is not None and source is None:
                 ram_task = asyncio.create_task(ram_in())
             if feeder is not None:
                 feeder.start()
+
+        def cancel_all() -> None:
+            for task in (boot, ram_task, stream_task, feeder and feeder.task):
+                if task is not None and not task.done():
+                    task.cancel()
 
         boot = asyncio.create_task(machine())
         self.qemu = q = Qemu(cfg, self.rundir, sock, serial=self.serial)
         try:
             await q.start(incoming=memory is not None, pass_fds=self._memfds, machine=boot)
         except BaseException:
-            for task in (boot, ram_task, feeder and feeder.task):
-                if task is not None:
-                    task.cancel()
+            cancel_all()
+            if source is not None:
+                await source.close()
             raise
         # From the same start as boot_files, which ran inside it.
         marks["qemu_start"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if feeder is not None:
-            try:
-                if ram_task is not None:
+        try:
+            if feeder is not None:
+                await q.load_memory(feeder.produce)
+            elif stream_task is not None:
+                assert ram is not None
+                stream = await stream_task
+                lazy = source is not None and await q.enable_postcopy()
+                if lazy:
+                    assert source is not None
+                    self.postcopy = source
+                    await q.load_memory_lazily(source)
+                else:
+                    if source is not None:
+                        await source.close()
+                    if ram_task is None:
+                        ram_task = asyncio.create_task(ram_in())
                     # Device state refers to RAM (virtio rings): RAM goes in first.
                     await ram_task
-                await q.load_memory(feeder.produce, without_ram=ram is not None)
-            finally:
-                for task in (ram_task, feeder.task):
-                    if task is not None and not task.done():
-                        task.cancel()
-            if await q.status() == "paused":
+                    await q.load_memory(lambda fd: write_all(fd, [stream]), without_ram=True)
+            if memory is not None and await q.status() == "paused":
                 await q.cont()
+        finally:
+            cancel_all()
         marks["memory_image"] = time.perf_counter() - t0
         marks["total"] = time.perf_counter() - t_all
 
@@ -282,16 +338,49 @@ class Runtime:
         if online:
             self._tasks.append(asyncio.create_task(self._trickle()))
         self.report = ResumeReport(
-            str(parcel), base_v, self.policy, accel, memory is None, local, marks, fetched
+            str(parcel), base_v, self.policy, accel, memory is None, local, marks, fetched,
+            memory="none" if memory is None else "lazy" if lazy else "eager",
         )
+        if self.postcopy is not None:
+            self._tasks.append(asyncio.create_task(self._memory_arrives(self.postcopy, t_all)))
         return self.report
 
-    def _vm_config(self, m: Manifest, accel: str) -> tuple[VmConfig, Awaitable[None] | None]:
+    def _lazy_source(self, stream: bytes, memory: MemoryImage, ram_fd: int | None) -> PostcopySource | None:
+        """What a lazy restore serves the guest from; None if this image cannot be restored lazily."""
+        assert self.chain is not None and memory.ram is not None
+        try:
+            saved = migstream.parse(stream)
+            return PostcopySource(
+                saved, RAM_BLOCK, ram_chunks(memory.ram), RamFetcher(memory.ram, self.site.cache, self.chain),
+                ram_fd=ram_fd, hot=memory.hot, say=lambda msg: self.events("warning", {"message": msg}))
+        except migstream.StreamError as e:
+            log.info("memory image restored eagerly: %s", e)
+            return None
+
+    async def _memory_arrives(self, source: PostcopySource, t_all: float) -> None:
+        """While the guest runs: until all of its RAM is in (a suspend hurries it)."""
+        try:
+            stats = await source.finish(hurry=False, stall_timeout=None)
+        except IsrError as e:
+            self.events("error", {"message": f"restoring guest memory failed: {e}"})
+            return
+        at = stats.started + (stats.completed or 0.0) - t_all
+        if self.report is not None:
+            self.report.seconds["memory_complete"] = at
+        self.events("memory", {"message": f"all of guest RAM is in, {at:.2f} s after the resume began",
+                               "seconds": round(at, 3), **stats.summary()})
+
+    def _vm_config(self, m: Manifest, accel: str, *, boot: bool) -> tuple[VmConfig, Awaitable[None] | None]:
         """QEMU's configuration, and the decoding of the boot files it names (if any).
 
         Boot files live in memfds: decoded in memory, handed to QEMU by fd,
         never written to disk in the clear. The memfds exist (empty) before
         QEMU is spawned; the returned awaitable fills them.
+
+        Only a cold boot (``boot``) gets them. A restored guest has its kernel
+        in RAM already; QEMU would read them only to boot again, and a reboot
+        ends QEMU (-no-reboot) so that :meth:`reboot` starts a cold one. That
+        keeps fetching and decoding 16 MB of boot files off every resume.
         """
         vm = m.vm
         cfg = VmConfig(
@@ -303,15 +392,17 @@ class Runtime:
         cfg.ram_fd = os.memfd_create("isrsync-ram")
         self._memfds.append(cfg.ram_fd)
         os.ftruncate(cfg.ram_fd, cfg.memory_mib << 20)
-        boot = vm.get("boot") or {}
         files: list[tuple[int, MemoryImage]] = []
+        if not boot:
+            return cfg, None
+        spec = vm.get("boot") or {}
         for key in ("kernel", "initrd"):
-            if boot.get(key):
+            if spec.get(key):
                 fd = os.memfd_create(f"isrsync-{key}", 0)
                 self._memfds.append(fd)
-                files.append((fd, blob_from(boot[key])))
+                files.append((fd, blob_from(spec[key])))
                 setattr(cfg, key, f"/proc/self/fd/{fd}")
-        cfg.cmdline = boot.get("cmdline") or None
+        cfg.cmdline = spec.get("cmdline") or None
         if not files:
             return cfg, None
 
@@ -395,6 +486,8 @@ class Runtime:
                             "mean_latency_ms": round(s.mean_latency * 1000, 2)}
                         for n, s in self.chain.stats().items()},
             "qemu": "running" if self.qemu and self.qemu.alive else "stopped",
+            "memory": {"mode": self.report.memory if self.report else None,
+                       **(self.postcopy.stats.summary() if self.postcopy is not None else {})},
             "report": self.report.__dict__ if self.report else None,
         }
 
@@ -429,9 +522,15 @@ class Runtime:
         return out
 
     async def _save_memory(self) -> tuple[MemoryImage, dict[str, int]]:
-        """Stop the guest; save its device state, then its RAM in place (the guest stays stopped)."""
+        """Stop the guest; save its device state, then its RAM in place (the guest stays stopped).
+
+        After a lazy resume, the rest of RAM comes in first (the guest still
+        runs meanwhile; if it cannot all be had, nothing is stopped).
+        """
         q = self.qemu
         assert q is not None and q.cfg.ram_fd is not None
+        if self.postcopy is not None and not self.postcopy.done:
+            await self.postcopy.finish()
         secret, cache = self.site.secret(), self.site.cache
         saved = []
         await q.save_memory(lambda fd: saved.append(save_stream(fd, secret, cache)), without_ram=True)
@@ -439,9 +538,18 @@ class Runtime:
         ram = await asyncio.to_thread(save_ram, q.cfg.ram_fd, size, secret, cache, self._ram_prev)
         self._ram_prev = ram.ram
         stream = saved[0].memory
-        memory = MemoryImage(stream.length, stream.refs, ram.ram)
+        memory = MemoryImage(stream.length, stream.refs, ram.ram, hot=self._next_hot(ram.ram))
         in_use = sum(CHUNK_SIZE for r in ram.ram if not r.is_zero)
         return memory, {"bytes": stream.length + in_use, "new_chunks": ram.new_chunks, "kept_chunks": ram.kept_chunks}
+
+    def _next_hot(self, ram: Keyring) -> list[int]:
+        """What the guest touched first since its resume, then what was hot before, a few MiB of it.
+
+        Chunks all zeros in the image saved now are left out: there is nothing to put in place.
+        """
+        touched = self.postcopy.touched if self.postcopy is not None else []
+        hot = (i for i in dict.fromkeys([*touched, *self._hot_prev]) if i < len(ram) and not ram[i].is_zero)
+        return list(itertools.islice(hot, HOT_CHUNKS))
 
     async def _commit(self, memory: MemoryImage | None, release: bool) -> Any:
         disk, state = self.disk, self.state
@@ -519,6 +627,32 @@ class Runtime:
         assert self.qemu is not None
         return await self.qemu.wait()
 
+    @property
+    def guest_rebooted(self) -> bool:
+        """QEMU ended because the guest rebooted (it runs with -no-reboot)."""
+        return self.qemu is not None and not self.qemu.alive and self.qemu.shutdown_reason == "guest-reset"
+
+    async def reboot(self) -> None:
+        """Boot the guest again, cold, on the same disk, after it rebooted.
+
+        QEMU runs with -no-reboot, so a reboot ends it; a resumed QEMU has no
+        boot files to boot from anyway. Whatever was in RAM is gone (as on any
+        reboot); the disk, its dirty chunks and the lock carry on.
+        """
+        assert self.base is not None and self.report is not None and self.qemu is not None
+        if self.postcopy is not None:
+            await self.postcopy.close()
+            self.postcopy = None
+        await self.qemu.close()
+        for fd in self._memfds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._memfds.clear()
+        self._ram_prev, self._hot_prev = None, []
+        cfg, boot_files = self._vm_config(self.base, self.report.accel, boot=True)
+        self.qemu = Qemu(cfg, self.rundir, self.rundir / "nbd.sock", serial=self.serial)
+        await self.qemu.start(pass_fds=self._memfds, machine=boot_files)
+
     async def _stop_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -528,10 +662,15 @@ class Runtime:
         self._tasks.clear()
 
     async def close(self) -> None:
-        """Stop everything (after a suspend, or when QEMU died: the disk state is kept)."""
+        """Stop everything (after a suspend, or when QEMU died: the disk state is kept). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         await self._stop_tasks()
-        if self.qemu is not None and self.qemu.alive:
-            self.qemu.kill()
+        if self.postcopy is not None:
+            await self.postcopy.close()
+        if self.qemu is not None:
+            await self.qemu.close()
         if self.nbd is not None:
             await self.nbd.close()
         if self.disk is not None:
@@ -544,118 +683,3 @@ class Runtime:
         if self.state is not None:
             self.state.close()
             self.state = None
-
-
-async def sync_offline(site: Site, parcel: uuid.UUID) -> dict[str, Any]:
-    """Commit a suspend that could not reach the server (no VM running)."""
-    state = site.state(parcel)
-    try:
-        meta = state.get_meta()
-        if meta.get("status") != "suspended-local":
-            raise UsageError(f"parcel {parcel} has nothing to sync at this site")
-        base = await load_version(site, parcel, int(meta["base"]), state)
-        assert base.keyring is not None
-        ring = base.keyring.copy()
-        dirty = state.dirty()
-        for i, r in dirty.items():
-            if i < len(ring):
-                ring[i] = r
-        memory = state.load_memory()
-        v = await commit_version(
-            site, parcel, epoch=int(meta["epoch"]), parent=base, keyring=ring, dirty=list(dirty), memory=memory,
-            trace=state.load_trace(), release=True,
-            staged=[bytes.fromhex(x) for x in meta.get("staged", [])],
-            staged_tags=[bytes.fromhex(x) for x in meta.get("staged_tags", [])],
-        )
-        state.clear_dirty()
-        state.save_memory(None)
-        state.set_meta(status="idle", base=v.version, staged=[], staged_tags=[])
-        return {"version": v.version, "committed": True}
-    finally:
-        state.close()
-
-
-async def run_parcel(
-    site: Site,
-    parcel: uuid.UUID,
-    *,
-    policy: str = "auto",
-    version: int | None = None,
-    display: str = "none",
-    serial: Path | None = None,
-    events: Events | None = None,
-    lookaside: list | None = None,
-) -> dict[str, Any]:
-    """Resume a parcel and serve it until it is suspended or the guest powers off.
-
-    Control requests (status, sync, suspend) arrive on the run's control
-    socket; SIGINT and SIGTERM suspend too. Returns how the run ended.
-    """
-    import signal
-
-    from .control import ControlServer, run_dir
-
-    say = events or (lambda kind, data: None)
-    rundir = run_dir(site.site_id, parcel)
-    rt = Runtime(site, parcel, policy=policy, display=display, serial=serial, rundir=rundir, events=say,
-                 lookaside=lookaside)
-    ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    busy = asyncio.Lock()  # one control operation at a time
-
-    async def handle(req: dict[str, Any]) -> Any:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            return rt.status()
-        async with busy:
-            if ended.done():
-                raise UsageError("the parcel is already suspended")
-            if cmd == "sync":
-                return await rt.sync()
-            if cmd == "suspend":
-                try:
-                    res = await rt.suspend(bool(req.get("keep_lock")))
-                except BaseException as e:
-                    if rt.qemu is None or not rt.qemu.alive:
-                        # The guest is saved locally but the commit was refused
-                        # (fenced): end the run with that error, keep the state.
-                        ended.set_exception(e)
-                        ended.exception()
-                    raise
-                ended.set_result({"how": "suspended", **res})
-                return res
-        raise UsageError(f"unknown control command {cmd!r}")
-
-    ctl = ControlServer(rundir / "control.sock", handle)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    try:
-        report = await rt.resume(version)
-        await ctl.start()
-        say("resumed", report.__dict__)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        guest = asyncio.create_task(rt.wait_guest())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([guest, stopper, ended], return_when=asyncio.FIRST_COMPLETED)
-        if not ended.done():
-            async with busy:
-                if not ended.done() and stop.is_set() and rt.qemu is not None and rt.qemu.alive:
-                    res = await rt.suspend()
-                    ended.set_result({"how": "suspended", **res})
-                elif not ended.done():
-                    # The guest powered off (or QEMU died): keep its disk, no memory image.
-                    code = rt.qemu.proc.returncode if rt.qemu and rt.qemu.proc else None
-                    how = "powered-off" if code == 0 else "qemu-died"
-                    if how == "qemu-died" and rt.qemu is not None:
-                        say("error", {"message": f"QEMU exited with status {code}: {rt.qemu.log_tail(300)}"})
-                    res = await rt.commit_after_poweroff()
-                    ended.set_result({"how": how, "qemu_status": code, **res})
-        stopper.cancel()
-        return ended.result()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await ctl.close()
-        await rt.close()
-

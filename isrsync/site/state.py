@@ -171,6 +171,7 @@ class ParcelState:
             return
         ram = mem.ram
         head = struct.pack("<QQ", mem.length, NO_RAM if ram is None else ram.size)
+        self._put_blob("memory_hot", array("I", mem.hot).tobytes() if mem.hot else None)
         self._put_blob("memory", _MEM_MAGIC + head + mem.refs.to_bytes() + (ram.to_bytes() if ram is not None else b""))
 
     def load_memory(self) -> MemoryImage | None:
@@ -184,7 +185,12 @@ class ParcelState:
         body = raw[len(_MEM_MAGIC) + 16 :]
         split = chunk_count(length) * _REF.size
         ram = None if ram_size == NO_RAM else Keyring.from_bytes(ram_size, body[split:])
-        return MemoryImage(length, Keyring.from_bytes(length, body[:split]), ram)
+        mem = MemoryImage(length, Keyring.from_bytes(length, body[:split]), ram)
+        hot = self._get_blob("memory_hot")
+        if ram is not None and hot is not None and len(hot) % 4 == 0:
+            # A hint written beside the image: whatever does not fit this RAM is dropped.
+            mem.hot = [i for i in array("I", hot) if i < len(ram)]
+        return mem
 
     def save_trace(self, trace: list[int]) -> None:
         self._put_blob("trace", array("I", trace).tobytes())

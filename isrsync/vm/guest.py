@@ -34,6 +34,7 @@ The guest's ``/init`` is a contract other tests rely on:
    ``sync``                 ``GUEST: OK``
    ``echo <x>``             ``GUEST: ECHO <x>``
    ``poweroff``             sync, umount, ``GUEST: BYE``, ``poweroff -f``
+   ``reboot``               sync, umount, ``GUEST: BYE``, ``reboot -f``
    =======================  ==============================================
 
    A <name> is one path component (no ``/``, not ``.`` or ``..``). Errors
@@ -161,6 +162,12 @@ while :; do
         reply BYE
         sleep 0.5
         poweroff -f ;;
+    reboot)
+        sync
+        [ "$DISK" = 1 ] && umount /mnt
+        reply BYE
+        sleep 0.5
+        reboot -f ;;
     write|read|fill|sha)
         if [ "$DISK" != 1 ]; then reply "ERR nodisk"; continue; fi
         if ! okname "$name"; then reply "ERR bad name"; continue; fi

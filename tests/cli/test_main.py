@@ -121,6 +121,13 @@ def test_usage_errors(isrsync: Any, args: list[str], complaint: str) -> None:
     assert r.stdout == ""
 
 
+def test_resume_refuses_an_unknown_memory_mode_before_doing_anything(isrsync: Any) -> None:
+    r = isrsync("resume", "vm", "--memory", "sometimes")
+    assert r.returncode == 2
+    assert "unknown memory mode 'sometimes'" in r.stderr and "lazy, eager" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
 # --------------------------------------------------------------------------
 # The exception tree and its exit codes
 # --------------------------------------------------------------------------

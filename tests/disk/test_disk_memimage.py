@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import struct
 import threading
 
 from diskkit import CH, kit
@@ -151,3 +152,13 @@ async def test_saved_memory_with_ram_survives_the_local_state(make_parcel, make_
     site.state.save_memory(MemoryImage.from_refs(CH, [ref()]))
     got = site.state.load_memory()
     assert got is not None and got.ram is None
+    # The hot chunks of a lazy restore come back with the image; a stale hint is cut to the RAM.
+    site.state.save_memory(MemoryImage.from_refs(CH, [ref()], ram, hot=[2, 0]))
+    got = site.state.load_memory()
+    assert got is not None and list(got.hot) == [2, 0]
+    site.state._put_blob("memory_hot", struct.pack("<3I", 3, 9, 1))
+    got = site.state.load_memory()
+    assert got is not None and list(got.hot) == [3, 1]
+    site.state.save_memory(MemoryImage.from_refs(CH, [ref()], ram))
+    got = site.state.load_memory()
+    assert got is not None and list(got.hot) == []

@@ -189,6 +189,40 @@ def test_ram_section_and_metadata_must_agree() -> None:
                                                 [mem, (mf.S_RAM, ram.to_bytes())]))
 
 
+def test_the_ram_trace_round_trips_and_is_checked() -> None:
+    rng = random.Random(8)
+    ram = random_keyring(16 * CHUNK_SIZE, rng, zero_fraction=0.5)
+    mem = MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)], ram, hot=[9, 3, 15, 0])
+    m = decode(v1(Keyring(CHUNK_SIZE), memory=mem), KEY)
+    assert m.memory is not None and list(m.memory.hot) == [9, 3, 15, 0]
+    # None recorded: nothing comes back, and the section is not written.
+    bare = decode(v1(Keyring(CHUNK_SIZE), memory=MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)], ram)), KEY)
+    assert bare.memory is not None and list(bare.memory.hot) == []
+    with pytest.raises(ValueError, match="past guest RAM"):
+        v1(Keyring(CHUNK_SIZE), memory=MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)], ram, hot=[16]))
+    with pytest.raises(ValueError, match="needs RAM kept apart"):
+        v1(Keyring(CHUNK_SIZE), memory=MemoryImage.from_refs(CHUNK_SIZE, [rref(rng)], hot=[0]))
+
+    def inner(meta_extra: dict, sections: list[tuple[int, bytes]]) -> bytes:
+        meta = {"vm": {}, "disk_size": CHUNK_SIZE, "memory_length": CHUNK_SIZE, "site": "", "time": 0.0,
+                "codec": CODEC_VERSION, **meta_extra}
+        raw = json.dumps(meta).encode()
+        out = mf.BODY_MAGIC + struct.pack("<I", len(raw)) + raw
+        for kind, data in [(mf.S_KEYRING_FULL, Keyring(CHUNK_SIZE).to_bytes()),
+                           (mf.S_MEMORY, mem.refs.to_bytes()), *sections]:
+            out += struct.pack("<BQ", kind, len(data)) + data
+        return out
+
+    ram_sec = (mf.S_RAM, ram.to_bytes())
+    with pytest.raises(FormatError, match="RAM trace points past"):
+        mf._parse_inner(m.header, m.hash, inner({"ram_size": ram.size},
+                                                [ram_sec, (mf.S_RAM_TRACE, struct.pack("<I", 16))]))
+    with pytest.raises(FormatError, match="RAM trace is malformed"):
+        mf._parse_inner(m.header, m.hash, inner({"ram_size": ram.size}, [ram_sec, (mf.S_RAM_TRACE, b"\x01\x02")]))
+    with pytest.raises(FormatError, match="RAM trace without a RAM image"):
+        mf._parse_inner(m.header, m.hash, inner({}, [(mf.S_RAM_TRACE, struct.pack("<I", 1))]))
+
+
 def test_round_trip_minimal() -> None:
     raw = encode(parcel=PARCEL, version=1, master_key=KEY, vm={}, keyring=Keyring(0))
     m = decode(raw, KEY)

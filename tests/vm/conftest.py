@@ -20,6 +20,9 @@ Fixtures:
   64 MiB ext4 image holding hello.txt ("made at init"), 256 MiB of memory.
 - ``state_of`` (function): ``state_of(site, parcel_id)`` reads a site's local
   state of a parcel (meta, number of dirty chunks, sealed blob names).
+- ``hx`` (function): a :class:`qemukit.Harness` for tests of isrsync's own QEMU
+  control: a 64 MiB disk on isrsync's NBD server, short socket paths, and every
+  QEMU and memfd it made gone at teardown.
 - ``api_parcel`` (function): the Python API instead of the CLI: an
   :class:`ApiParcel` with a site logged in to the ``live_server`` (as bob), version
   1 of a guest parcel on a 64 MiB disk, and ``runtime(**kw)``, a
@@ -449,6 +452,17 @@ class SiteEnv:
                 self.consoles.append(con)
                 return p, ev, con
 
+    def boot_and_suspend(self, parcel: str, *commands: str) -> int:
+        """Cold-boot the parcel here, run guest commands (each must answer OK), suspend; the new version."""
+        proc, _, con = self.resume(parcel)
+        con.wait_for("GUEST: READY", 120)
+        for c in commands:
+            assert con.command(c) == "GUEST: OK", c
+        con.close()
+        version = self.json("suspend", parcel)["version"]
+        self.ended(proc)
+        return version
+
     def ended(self, p: ResumeProc, timeout: float = 120) -> dict[str, Any]:
         """Wait for a resume process to end well; return its ``ended`` event."""
         rc, events, err = p.finish(timeout)
@@ -562,3 +576,11 @@ def parcel(sites, guest: Guest, tmp_path: Path) -> tuple[SiteEnv, str]:
     a.run("init", "vm", "--image", str(img), "--memory", "256", "--kernel", str(guest.kernel),
           "--initrd", str(guest.initrd), "--append", guest.cmdline)
     return a, "vm"
+
+
+@pytest.fixture
+async def hx(guest: Guest, accel: str, tmp_path: Path):
+    from qemukit import harness
+
+    async for h in harness(guest, accel, tmp_path):
+        yield h

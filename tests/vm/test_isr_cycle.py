@@ -28,6 +28,7 @@ def test_memory_and_disk_move_from_site_a_to_site_b(sites, parcel) -> None:
     b = sites("b")  # empty cache: everything comes from the home server
     proc_b, ev, con = b.resume(name)
     assert ev["cold_boot"] is False and ev["version"] == 2
+    assert ev["memory"] == "lazy"  # the guest runs once its device state is in; RAM follows
     c2 = int(con.command("counter").split()[-1])
     # Memory came along: the counter continues from where it was, not from 0.
     assert c1 <= c2 < c1 + 50, (c1, c2)

@@ -23,12 +23,7 @@ def test_hoard_follow_fetches_each_new_version(sites, parcel) -> None:
         first = json.loads(lines.get(timeout=120))
         assert first["version"] == 1 and first["fetched"] > 0
 
-        proc, _, con = a.resume(name)
-        con.wait_for("GUEST: READY", 120)
-        assert con.command("write note hoarded") == "GUEST: OK"
-        con.close()
-        assert a.json("suspend", name)["version"] == 2
-        a.ended(proc)
+        assert a.boot_and_suspend(name, "write note hoarded") == 2
 
         second = json.loads(lines.get(timeout=120))
         assert second["version"] == 2 and second["fetched"] > 0  # the memory image and the new chunks

@@ -40,7 +40,7 @@ def test_every_policy_resumes_memory_and_hoarded_proactive_fetches_nothing(sites
         fetched = ev["fetched_before_start"]
         hits0 = _server_hits(s)
         c = _counter(con)
-        assert c1 <= c < c1 + 200, (policy, c1, c)
+        assert c1 <= c < c1 + 200, (policy, c1, c, proc.events, proc.stderr[-3000:])
         assert con.command("read note") == "GUEST: DATA policy-note", policy
         assert con.command("read hello.txt") == "GUEST: DATA made at init", policy
         assert con.command("sha note").startswith("GUEST: SHA "), policy

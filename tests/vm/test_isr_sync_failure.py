@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-# CPython 3.11.7 leaves its C recursion counter raised after this test's failing
-# sync (an interpreter bug: Python code cannot touch that counter), and the next
-# module pytest rewrites on import fails with "AST constructor recursion depth
-# mismatch". Hypothesis's plugin imports it at the end of a session that has not
-# yet: import it here, before the test, so a run of this file alone ends cleanly.
-import hypothesis  # noqa: F401
 import pytest
 
 from isrsync.errors import StorageFull

@@ -64,12 +64,7 @@ def test_sync_commits_while_the_guest_keeps_running(sites, parcel) -> None:
 
 def test_rollback_commits_a_version_equal_to_an_older_one(sites, parcel) -> None:
     a, name = parcel
-    proc, ev, con = a.resume(name)
-    con.wait_for("GUEST: READY", 120)
-    assert con.command("write x written-in-v2") == "GUEST: OK"
-    con.close()
-    assert a.json("suspend", name)["version"] == 2
-    a.ended(proc)
+    assert a.boot_and_suspend(name, "write x written-in-v2") == 2
 
     res = a.json("rollback", name, "1")
     assert res == {"version": 3, "equal_to": 1}, res
