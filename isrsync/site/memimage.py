@@ -31,6 +31,7 @@ import os
 import queue
 import tempfile
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -210,24 +211,9 @@ class RamFetcher:
             asyncio.ensure_future(self._serve(queue[k : k + BATCH], urgent))
 
     async def _serve(self, items: list[tuple[int, asyncio.Future[bytes | None]]], urgent: bool) -> None:
-        loop = asyncio.get_running_loop()
         pool = default_pool() if urgent else background_pool()
         try:
-            plains = await loop.run_in_executor(pool, self._decode_cached, [i for i, _ in items])
-            missing = [k for k, p in enumerate(plains) if p is None]
-            if missing:
-                # A chunk no source has fails alone, not the batch it came in.
-                got = await self.chain.fetch_many([self.ram[items[k][0]].tag for k in missing], required=False)
-                found = [k for k in missing if self.ram[items[k][0]].tag in got]
-                decoded = await loop.run_in_executor(pool, lambda: [
-                    decode(self.ram[items[k][0]], got[self.ram[items[k][0]].tag], chunk_length(self.ram.size, items[k][0]))
-                    for k in found])
-                for k, plain in zip(found, decoded):
-                    plains[k] = plain
-                for k in set(missing) - set(found):
-                    fut = items[k][1]
-                    fut.set_exception(ChunkUnavailable(f"no source has guest memory chunk {items[k][0]}"))
-                    fut.exception()
+            plains = await decode_chunks(self.ram, [i for i, _ in items], self.cache, self.chain, pool)
         except BaseException as e:
             for _, fut in items:
                 if not fut.done():
@@ -236,12 +222,47 @@ class RamFetcher:
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
-        for (_, fut), plain in zip(items, plains):
-            if not fut.done():
+        for (i, fut), plain in zip(items, plains):
+            if fut.done():
+                continue
+            if plain is None:  # a chunk no source has fails alone, not the batch it came in
+                fut.set_exception(ChunkUnavailable(f"no source has guest memory chunk {i}"))
+                fut.exception()
+            else:
                 fut.set_result(plain)
 
-    def _decode_cached(self, idxs: list[int]) -> list[bytes | None]:
-        return [decode_cached(self.cache, self.ram[i], chunk_length(self.ram.size, i)) for i in idxs]
+
+async def read_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> bytes:
+    """A small stream (device state only, RAM kept apart) decoded whole, in memory."""
+    plains = await decode_chunks(mem.refs, list(range(len(mem.refs))), cache, chain, default_pool())
+    if any(p is None for p in plains):
+        raise ChunkUnavailable("no source has a chunk of the memory image's device state")
+    return b"".join(plains)  # type: ignore[arg-type]
+
+
+async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain: SourceChain,
+                        pool: Executor) -> list[bytes | None]:
+    """Chunks ``idxs`` of ``ring`` decoded on ``pool``: from the cache, the misses in one source request.
+
+    A zero chunk is zeros; a chunk no source has is None.
+    """
+    loop = asyncio.get_running_loop()
+    refs = [ring[i] for i in idxs]
+    lengths = [chunk_length(ring.size, i) for i in idxs]
+
+    def local() -> list[bytes | None]:
+        return [bytes(n) if r.is_zero else decode_cached(cache, r, n) for r, n in zip(refs, lengths)]
+
+    out = await loop.run_in_executor(pool, local)
+    miss = [k for k, p in enumerate(out) if p is None]
+    if miss:
+        got = await chain.fetch_many([refs[k].tag for k in miss], required=False)
+        found = [k for k in miss if refs[k].tag in got]
+        decoded = await loop.run_in_executor(
+            pool, lambda: [decode(refs[k], got[refs[k].tag], lengths[k]) for k in found])
+        for k, plain in zip(found, decoded):
+            out[k] = plain
+    return out
 
 
 class Feeder:
@@ -301,30 +322,12 @@ class Feeder:
             raise
 
     async def _batch(self, idxs: list[int], pool) -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        refs = [self.mem.refs[i] for i in idxs]
-        local = await loop.run_in_executor(pool, self._local, idxs, refs)
-        miss = [k for k, p in enumerate(local) if p is None]
-        if miss:
-            got = await self.chain.fetch_many([refs[k].tag for k in miss])
-            dec = await loop.run_in_executor(
-                pool,
-                lambda: [decode(refs[k], got[refs[k].tag], chunk_length(self.mem.length, idxs[k])) for k in miss],
-            )
-            for k, plain in zip(miss, dec):
-                local[k] = plain
+        plains = await decode_chunks(self.mem.refs, idxs, self.cache, self.chain, pool)
+        lost = [i for i, p in zip(idxs, plains) if p is None]
+        if lost:
+            raise ChunkUnavailable(f"no source has chunk {self.mem.refs[lost[0]].tag.hex()[:16]}")
         self.fetched += len(idxs)
-        return local  # type: ignore[return-value]
-
-    def _local(self, idxs: list[int], refs: list[ChunkRef]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for i, r in zip(idxs, refs):
-            n = chunk_length(self.mem.length, i)
-            if r.is_zero:
-                out.append(bytes(n))
-            else:
-                out.append(decode_cached(self.cache, r, n))
-        return out
+        return plains  # type: ignore[return-value]
 
     def produce(self, fd: int) -> None:
         """Worker thread: write the decoded image to QEMU's incoming pipe."""

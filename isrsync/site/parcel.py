@@ -169,22 +169,6 @@ async def write_blob(
             put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
 
 
-async def read_blob(blob: MemoryImage, cache: SiteCache, chain: SourceChain) -> bytes:
-    """A small object (a device-state stream) decoded into memory, never onto a disk."""
-    fd = os.memfd_create("isrsync-blob")
-    try:
-        await write_blob(blob, fd, cache, chain)
-        out = bytearray()
-        while len(out) < blob.length:
-            part = os.pread(fd, blob.length - len(out), len(out))
-            if not part:
-                break
-            out += part
-        return bytes(out)
-    finally:
-        os.close(fd)
-
-
 # -- init ----------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ from ..vm.nbd import NbdServer
 from ..vm.postcopy import PostcopySource
 from ..vm.qemu import RAM_BLOCK, Qemu, VmConfig, accelerator, postcopy_usable
 from .disk import ParcelDisk
-from .memimage import Feeder, RamFetcher, ram_chunks, save_ram, save_stream, write_all
+from .memimage import Feeder, RamFetcher, ram_chunks, read_stream, save_ram, save_stream, write_all
 from .parcel import (
     Site,
     blob_from,
@@ -56,7 +56,6 @@ from .parcel import (
     commit_version,
     hardware_problems,
     load_version,
-    read_blob,
     upload_cached,
     write_blob,
 )
@@ -254,7 +253,7 @@ class Runtime:
         # parses while it arrives; otherwise the stream is device state only
         # (a few hundred KiB), decoded whole.
         feeder = Feeder(memory, site.cache, chain) if memory is not None and ram is None else None
-        stream_task = asyncio.create_task(read_blob(memory, site.cache, chain)) \
+        stream_task = asyncio.create_task(read_stream(memory, site.cache, chain)) \
             if memory is not None and ram is not None else None
         ram_task: asyncio.Task | None = None
         source: PostcopySource | None = None
@@ -392,10 +391,10 @@ class Runtime:
         cfg.ram_fd = os.memfd_create("isrsync-ram")
         self._memfds.append(cfg.ram_fd)
         os.ftruncate(cfg.ram_fd, cfg.memory_mib << 20)
-        files: list[tuple[int, MemoryImage]] = []
         if not boot:
             return cfg, None
         spec = vm.get("boot") or {}
+        files: list[tuple[int, MemoryImage]] = []
         for key in ("kernel", "initrd"):
             if spec.get(key):
                 fd = os.memfd_create(f"isrsync-{key}", 0)
@@ -644,14 +643,17 @@ class Runtime:
             await self.postcopy.close()
             self.postcopy = None
         await self.qemu.close()
-        for fd in self._memfds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._memfds.clear()
+        self._close_memfds()
         self._ram_prev, self._hot_prev = None, []
         cfg, boot_files = self._vm_config(self.base, self.report.accel, boot=True)
         self.qemu = Qemu(cfg, self.rundir, self.rundir / "nbd.sock", serial=self.serial)
         await self.qemu.start(pass_fds=self._memfds, machine=boot_files)
+
+    def _close_memfds(self) -> None:
+        for fd in self._memfds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._memfds.clear()
 
     async def _stop_tasks(self) -> None:
         for t in self._tasks:
@@ -676,10 +678,7 @@ class Runtime:
         if self.disk is not None:
             with contextlib.suppress(IsrError, QemuError, OSError):
                 await self.disk.flush()
-        for fd in self._memfds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._memfds.clear()
+        self._close_memfds()
         if self.state is not None:
             self.state.close()
             self.state = None

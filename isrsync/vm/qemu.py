@@ -370,19 +370,16 @@ class Qemu:
         # it yields; while the guest waits on a page it has the CPU.
         self.renice_thread("postcopy/listen", 10)
 
-    def renice_thread(self, name: str, nice: int) -> int:
-        """Lower the priority of QEMU's threads called ``name``; how many there were."""
+    def renice_thread(self, name: str, nice: int) -> None:
+        """Lower the priority of QEMU's threads called ``name``."""
         if self.proc is None:
-            return 0
-        n = 0
+            return
         for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
             try:
                 if (task / "comm").read_text().strip() == name:
                     os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
-                    n += 1
             except (OSError, ValueError):
                 continue  # a thread that ended meanwhile
-        return n
 
     async def wait_restored(self) -> None:
         """For a QEMU started with ``-incoming URI``: until the restore has ended."""
