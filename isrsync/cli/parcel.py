@@ -1,11 +1,10 @@
-"""Parcel commands: login, init, resume, suspend, sync, hoard, discard, rollback, ls, status, lock."""
+"""Parcel commands: init, resume, suspend, sync, hoard, discard, rollback, ls, status, lock."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +15,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from ..errors import NotFound, Unreachable, UsageError
-from ..keys import KdfLimits
 from ..site import account
 from ..site.cache import open_cache
 from ..site.control import call, running
@@ -66,44 +64,6 @@ def _progress(json_out: bool) -> Progress:
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), console=err, transient=True, disable=json_out,
     )
-
-
-def _passphrase(confirm: bool = False) -> str:
-    env = os.environ.get("ISRSYNC_PASSPHRASE")
-    if env is not None:
-        return env
-    return typer.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
-
-
-# -- account -----------------------------------------------------------------------------
-
-
-def login(
-    server: Annotated[str, typer.Argument(help="Home server URL (https://..., or file:///path for a directory).")],
-    user: Annotated[str, typer.Option("--user", "-u", help="Your user name on the server.")],
-    token: Annotated[Optional[str], typer.Option("--token", envvar="ISRSYNC_TOKEN", help="Bearer token from `isrsync server add-user`.", show_envvar=True)] = None,
-    cacert: Annotated[Optional[Path], typer.Option("--cacert", help="CA certificate that signs the server's TLS certificate.")] = None,
-    kdf_min: Annotated[bool, typer.Option("--kdf-min", hidden=True)] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Log in to a home server and unlock your keys with your passphrase.
-
-    The first login creates your key bundle (sealed under the passphrase). The
-    passphrase is read from ISRSYNC_PASSPHRASE if set, else asked for.
-    """
-    if server.startswith(("http://", "https://")) and not token:
-        token = typer.prompt("token", hide_input=True, err=True)
-    acct = account.Account(server.rstrip("/"), user, token or "", str(cacert) if cacert else None)
-    bundle, created = asyncio.run(account.login(acct, _passphrase(), limits=KdfLimits.MIN if kdf_min else None))
-    if json_out:
-        emit_json({"server": acct.server, "user": user, "created_keys": created, "parcels": len(bundle.parcels)})
-    else:
-        out.print(f"logged in to {acct.server} as {user}" + ("; a new key bundle was created" if created else ""))
-
-
-def logout() -> None:
-    """Forget the unlocked keys and the token of this session."""
-    out.print("logged out" if account.logout() else "not logged in")
 
 
 # -- parcels -----------------------------------------------------------------------------
@@ -446,8 +406,6 @@ def lock_status(parcel: ParcelArg, json_out: JsonOpt = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("login")(login)
-    app.command("logout")(logout)
     app.command("init")(init)
     app.command("resume")(resume)
     app.command("suspend")(suspend)
