@@ -8,7 +8,7 @@ machine: 2 cores, QEMU 7.2), so guest-side times are those of an emulated CPU.
 What it measures
 ----------------
 Set-up (once): a throw-away home (``file://`` directory), an account logged in
-with the minimum KDF limits, the test guest of :mod:`isrsync.vm.guest` (256 MiB
+with the minimum KDF limits, the test guest of :mod:`isrsync.demo.guest` (256 MiB
 RAM, a 64 MiB ext4 disk), ``init_parcel`` at site A, a cold boot at A, a file
 written from inside the guest, and a suspend at A: version 2 has a memory image.
 
@@ -401,7 +401,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         write_blob,
     )
     from isrsync.site.runtime import Runtime
-    from isrsync.vm.guest import build_guest, make_disk_image
+    from isrsync.demo.guest import build_guest, make_disk_image
     from isrsync.vm.qemu import VmConfig, accelerator
 
     FloorQemu = floor_qemu_class()

@@ -12,7 +12,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.table import Table
 
-from ..site.demo import DemoUI, _short_runtime, run_demo
+from ..demo.run import DemoUI, run_demo, short_runtime
 from .render import emit_json, err, out, resume_rows
 from .state import JsonOpt
 
@@ -50,7 +50,7 @@ def demo(
     try:
         rep = asyncio.run(run_demo(workdir, RichUI(json_out), memory_mib=memory, guest_cache=guest_cache))
     finally:
-        shutil.rmtree(_short_runtime(workdir), ignore_errors=True)
+        shutil.rmtree(short_runtime(workdir), ignore_errors=True)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if json_out:

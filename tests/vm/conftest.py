@@ -2,7 +2,7 @@
 
 Fixtures:
 
-- ``guest`` (session): the guest from :func:`isrsync.vm.guest.build_guest`, built
+- ``guest`` (session): the guest from :func:`isrsync.demo.guest.build_guest`, built
   once into ``$ISRSYNC_TEST_GUEST_CACHE`` or else into pytest's cache directory
   (``.pytest_cache/d/isrsync-guest``, kept between runs), or a session temp dir
   when the cache provider is off.
@@ -56,7 +56,7 @@ from typing import Any
 
 import pytest
 
-from isrsync.vm.guest import (
+from isrsync.demo.guest import (
     QEMU_SYSTEM,
     Guest,
     build_guest,

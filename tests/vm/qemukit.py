@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from isrsync.vm.guest import Guest, make_disk_image
+from isrsync.demo.guest import Guest, make_disk_image
 from isrsync.vm.nbd import NbdServer, RawFileBackend
 from isrsync.vm.qemu import Qemu, VmConfig
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from isrsync.vm import guest as guestmod
-from isrsync.vm.guest import (
+from isrsync.demo import guest as guestmod
+from isrsync.demo.guest import (
     Guest,
     build_guest,
     make_disk_image,
@@ -73,7 +73,7 @@ def test_damaged_cache_is_rebuilt_and_concurrent_builds_agree(guest: Guest, tmp_
         except OSError:  # another filesystem
             shutil.copyfile(deb, cache / "debs" / deb.name)
     code = (
-        "import json,sys; from pathlib import Path; from isrsync.vm.guest import build_guest;"
+        "import json,sys; from pathlib import Path; from isrsync.demo.guest import build_guest;"
         "g=build_guest(Path(sys.argv[1])); print(json.dumps([str(g.kernel),str(g.initrd),g.cmdline,g.kernel_version]))"
     )
     procs = [

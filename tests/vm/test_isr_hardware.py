@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from isrsync.vm.guest import make_disk_image
+from isrsync.demo.guest import make_disk_image
 
 
 def _total_ram_mib() -> int:

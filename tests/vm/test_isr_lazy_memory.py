@@ -11,7 +11,7 @@ import time
 
 from isrsync.site import memimage, runtime
 from isrsync.site.parcel import load_version
-from isrsync.vm.console import GuestConsole
+from isrsync.demo.console import GuestConsole
 
 
 async def counter(api_parcel) -> int:

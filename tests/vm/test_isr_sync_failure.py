@@ -9,7 +9,7 @@ import pytest
 
 from isrsync.errors import StorageFull
 from isrsync.site import runtime
-from isrsync.vm.console import GuestConsole
+from isrsync.demo.console import GuestConsole
 
 
 async def test_a_sync_that_cannot_save_leaves_the_guest_running(api_parcel, monkeypatch) -> None:

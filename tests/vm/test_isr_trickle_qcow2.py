@@ -9,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from isrsync.vm.console import GuestConsole
-from isrsync.vm.guest import make_disk_image
+from isrsync.demo.console import GuestConsole
+from isrsync.demo.guest import make_disk_image
 
 
 async def test_trickle_uploads_settled_chunks_and_suspend_sends_the_residue(api_parcel) -> None:

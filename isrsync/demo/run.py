@@ -28,13 +28,12 @@ from ..errors import LockHeld
 from ..keys import KdfLimits
 from ..server.app import make_app
 from ..store.repo import Repository
-from ..vm.console import GuestConsole
-from ..vm.guest import build_guest, make_disk_image
-from . import account
-from .cache import SiteCache
-from .parcel import Site, init_parcel, open_site
-from .runtime import Runtime
-
+from ..site import account
+from ..site.cache import SiteCache
+from ..site.parcel import Site, init_parcel, open_site
+from ..site.runtime import Runtime
+from .console import GuestConsole
+from .guest import build_guest, make_disk_image
 
 
 class DemoUI:
@@ -82,7 +81,7 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
     rep = DemoReport()
     # The demo's sites keep their config and unlocked keys inside the workdir.
     os.environ[account.ENV_CONFIG] = str(work / "config.json")
-    os.environ[account.ENV_RUNTIME] = str(_short_runtime(work))
+    os.environ[account.ENV_RUNTIME] = str(short_runtime(work))
 
     async def timed(title: str, coro):
         t0 = time.perf_counter()
@@ -113,7 +112,7 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
         img.unlink()
         rep.parcel = str(pid)
 
-        run_a = Runtime(site_a, pid, policy="auto", serial=work / "a.ser", rundir=_short_runtime(work) / "a")
+        run_a = Runtime(site_a, pid, policy="auto", serial=work / "a.ser", rundir=short_runtime(work) / "a")
         rep_a = await timed("site A: isrsync resume (cold boot: no memory image yet)", run_a.resume())
         con = await asyncio.to_thread(GuestConsole, work / "a.ser")
         await timed("site A: the guest boots", asyncio.to_thread(con.wait_for, "GUEST: READY"))
@@ -131,7 +130,7 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
 
         site_b = await open_site(SiteCache(work / "site-b"), acct)
         sites.append(site_b)
-        run_b = Runtime(site_b, pid, policy="auto", serial=work / "b.ser", rundir=_short_runtime(work) / "b")
+        run_b = Runtime(site_b, pid, policy="auto", serial=work / "b.ser", rundir=short_runtime(work) / "b")
         rep_b = await timed("site B: isrsync resume (empty cache, demand fetch)", run_b.resume())
         rep.resume_b = rep_b.seconds
         con = await asyncio.to_thread(GuestConsole, work / "b.ser")
@@ -159,8 +158,9 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
     return rep
 
 
-def _short_runtime(work: Path) -> Path:
-    # Unix socket paths must stay short; the workdir may be deep.
+def short_runtime(work: Path) -> Path:
+    """The demo's runtime directory for ``work``: short, because Unix socket paths
+    must be; the workdir may be deep. The caller removes it when the demo ends."""
     d = Path("/tmp") / f"isrsync-demo-{uuid.uuid5(uuid.NAMESPACE_URL, str(work)).hex[:10]}"
     d.mkdir(mode=0o700, exist_ok=True)
     return d

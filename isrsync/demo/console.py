@@ -1,4 +1,4 @@
-"""A client for the demo guest's serial console (see :mod:`isrsync.vm.guest`).
+"""A client for the demo guest's serial console (see :mod:`isrsync.demo.guest`).
 
 The guest answers one ``GUEST: ...`` line per command. Blocking sockets: call
 it from a worker thread when an event loop must keep serving the guest's disk.
