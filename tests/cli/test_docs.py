@@ -1,4 +1,4 @@
-"""The generated man pages and shell completions (isrsync.cli.docs).
+"""The generated man pages and shell completions (isrsync.docgen).
 
 The files in man/ and completions/ are generated from the live CLI tree; these
 tests fail when they are stale, check that they are well-formed roff and valid
@@ -28,21 +28,21 @@ import pytest
 import typer
 
 import isrsync
-from isrsync import __version__, errors
-from isrsync.cli import docs, main
+from isrsync import __version__, docgen, errors
+from isrsync.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-COMPLETIONS = (docs.BASH_FILE, docs.ZSH_FILE, docs.FISH_FILE)
+COMPLETIONS = (docgen.BASH_FILE, docgen.ZSH_FILE, docgen.FISH_FILE)
 
 
 @pytest.fixture(scope="module")
 def files() -> dict[str, str]:
-    return docs.generate(REPO)
+    return docgen.generate(REPO)
 
 
 @pytest.fixture(scope="module")
-def tree() -> docs.Command:
-    return docs.command_tree()
+def tree() -> docgen.Command:
+    return docgen.command_tree()
 
 
 # --------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def deep_app() -> typer.Typer:
 
 @pytest.fixture(scope="module")
 def deep_files() -> dict[str, str]:
-    return docs.generate(Path("unused"), app=deep_app())
+    return docgen.generate(Path("unused"), app=deep_app())
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def deep_dir(
     tmp_path_factory: pytest.TempPathFactory, deep_files: dict[str, str]
 ) -> Path:
     d = tmp_path_factory.mktemp("deep")
-    docs.write(d, deep_files)
+    docgen.write(d, deep_files)
     return d
 
 
@@ -142,7 +142,7 @@ def deep_dir(
 
 
 def test_generated_files_are_up_to_date(files: dict[str, str]) -> None:
-    bad = docs.stale(REPO, files)
+    bad = docgen.stale(REPO, files)
     if bad:
         rel = bad[0]
         current = (
@@ -164,12 +164,25 @@ def test_generated_files_are_up_to_date(files: dict[str, str]) -> None:
 
 
 def test_output_is_deterministic_and_machine_independent(files: dict[str, str]) -> None:
-    assert docs.generate(REPO) == files
-    assert docs.generate(Path("/elsewhere")) == files
-    expected = {f"man/{cmd.page}.1" for cmd in docs.command_tree().walk()} | set(
-        COMPLETIONS
-    )
+    assert docgen.generate(REPO) == files
+    assert docgen.generate(Path("/elsewhere")) == files
+    expected = set()
+    for prog, app in docgen.default_apps():
+        expected |= {
+            f"man/{cmd.page}.1" for cmd in docgen.command_tree(app, prog).walk()
+        }
+        expected |= {
+            docgen.bash_file(prog),
+            docgen.zsh_file(prog),
+            docgen.fish_file(prog),
+        }
     assert set(files) == expected
+    assert {
+        "man/isrsync.1",
+        "man/sneakernet.1",
+        "completions/sneakernet.bash",
+    } <= expected
+    assert set(COMPLETIONS) <= expected
     for rel, content in files.items():
         assert content.endswith("\n") and not content.endswith("\n\n"), rel
         assert not re.search(r"\b(19|20)\d\d-\d\d-\d\d\b", content), (
@@ -179,6 +192,23 @@ def test_output_is_deterministic_and_machine_independent(files: dict[str, str]) 
             f"{rel} contains a local path"
         )
     assert f"isrsync {__version__}" in files["man/isrsync.1"]
+
+
+def test_nothing_in_the_package_imports_the_generator() -> None:
+    """docgen documents the CLI (it imports the apps), never the other way round."""
+    package = Path(isrsync.__file__).parent
+    importers = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "docgen.py"
+        and re.search(
+            r"^\s*(from\s+\S*docgen\b|import\s+\S*docgen\b|from\s+\S+\s+import\s+.*\bdocgen\b)",
+            p.read_text(encoding="utf-8"),
+            re.MULTILINE,
+        )
+    ]
+    assert importers == []
+    assert not (package / "cli" / "docs.py").exists()
 
 
 def test_adding_a_subcommand_changes_the_output(files: dict[str, str]) -> None:
@@ -195,34 +225,34 @@ def test_adding_a_subcommand_changes_the_output(files: dict[str, str]) -> None:
     ) -> None:
         """Frobnicate the cache."""
 
-    changed = docs.generate(REPO, app=clone)
+    changed = docgen.generate(REPO, app=clone)
     assert "man/isrsync-cache-zzfrob.1" in changed
     assert changed["man/isrsync-cache.1"] != files["man/isrsync-cache.1"]
     for rel in COMPLETIONS:
         assert changed[rel] != files[rel]
         assert "zzfrob" in changed[rel] and "zzhard" in changed[rel], rel
     # so the freshness check above would fail on such a change ...
-    assert "man/isrsync-cache-zzfrob.1" in docs.stale(REPO, changed)
-    assert set(COMPLETIONS) <= set(docs.stale(REPO, changed))
+    assert "man/isrsync-cache-zzfrob.1" in docgen.stale(REPO, changed)
+    assert set(COMPLETIONS) <= set(docgen.stale(REPO, changed))
     # ... and the copy left the real CLI alone
-    assert docs.generate(REPO) == files
+    assert docgen.generate(REPO) == files
 
 
 def test_main_writes_checks_and_removes_stale_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert docs.main(["--root", str(tmp_path)]) == 0
-    assert docs.main(["--check", "--root", str(tmp_path)]) == 0
+    assert docgen.main(["--root", str(tmp_path)]) == 0
+    assert docgen.main(["--check", "--root", str(tmp_path)]) == 0
     capsys.readouterr()
 
     (tmp_path / "man" / "isrsync-cache.1").write_text("edited by hand\n")
     gone = tmp_path / "man" / "isrsync-gone.1"
-    gone.write_text(f'.\\" {docs.MARKER}\n.TH GONE 1\n')
+    gone.write_text(f'.\\" {docgen.MARKER}\n.TH GONE 1\n')
     mine = tmp_path / "man" / "other.1"
     mine.write_text(".TH OTHER 1\n")
     (tmp_path / "completions" / "isrsync.fish").unlink()
 
-    assert docs.main(["--check", "--root", str(tmp_path)]) == 1
+    assert docgen.main(["--check", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "scripts/gen-docs" in err
     for rel in (
@@ -233,9 +263,9 @@ def test_main_writes_checks_and_removes_stale_files(
         assert rel in err
     assert "other.1" not in err
 
-    assert docs.main(["--root", str(tmp_path)]) == 0
+    assert docgen.main(["--root", str(tmp_path)]) == 0
     assert not gone.exists() and mine.exists()
-    assert docs.stale(tmp_path) == []
+    assert docgen.stale(tmp_path) == []
 
 
 def test_gen_docs_script(tmp_path: Path) -> None:
@@ -293,7 +323,7 @@ def roff_problems(name: str, text: str) -> list[str]:
             len(th) != 5
             or th[1] != "1"
             or th[2] != ""
-            or th[3] != f"isrsync {docs.roff_escape(__version__)}"
+            or th[3] != f"{name.split('-')[0]} {docgen.roff_escape(__version__)}"
         ):
             problems.append(f"bad .TH line: {body[0]!r}")
     sections = [ln[4:] for ln in body if ln.startswith(".SH ")]
@@ -319,7 +349,7 @@ def roff_problems(name: str, text: str) -> list[str]:
             problems.append(f"non-ASCII character, {where}")
         if ln.startswith(".SH NAME"):
             nxt = body[n + 1] if n + 1 < len(body) else ""
-            if "\\-" not in nxt or not nxt.startswith(docs.roff_escape(name)):
+            if "\\-" not in nxt or not nxt.startswith(docgen.roff_escape(name)):
                 problems.append(f"NAME line should be '{name} \\- summary': {nxt!r}")
     return problems
 
@@ -386,18 +416,18 @@ def test_deep_tree_man_pages(deep_files: dict[str, str], deep_dir: Path) -> None
 
 
 def test_every_command_has_a_page_with_its_options(
-    files: dict[str, str], tree: docs.Command
+    files: dict[str, str], tree: docgen.Command
 ) -> None:
     for cmd in tree.walk():
         page = files[f"man/{cmd.page}.1"]
         assert page.startswith('.\\" ') and "\n.TH " in page
-        assert f'.TH "{docs.roff_escape(cmd.page.upper())}" "1" ""' in page
-        assert f".B {docs.roff_escape(cmd.full_name)}\n" in page
+        assert f'.TH "{docgen.roff_escape(cmd.page.upper())}" "1" ""' in page
+        assert f".B {docgen.roff_escape(cmd.full_name)}\n" in page
         for opt in cmd.options:
             for name in opt.names:
-                assert docs.roff_escape(name) in page, (cmd.full_name, name)
+                assert docgen.roff_escape(name) in page, (cmd.full_name, name)
         for sub in cmd.subcommands:
-            assert f".BR {docs.roff_escape(sub.page)} (1)" in page
+            assert f".BR {docgen.roff_escape(sub.page)} (1)" in page
         if cmd.options and any(o.envvars for o in cmd.options):
             assert ".SH ENVIRONMENT" in page
     assert "\\fBISRSYNC_CACHE\\fR" in files["man/isrsync.1"]
@@ -435,7 +465,7 @@ def test_top_page_lists_every_exit_code() -> None:
     listed = _exit_status_section(page)
     classes = [errors.IsrError, *_all_subclasses(errors.IsrError)]
     classes = [c for c in classes if c.__module__.startswith("isrsync.")]
-    assert {c.exit_code for c in classes} | set(docs.FIXED_EXIT_CODES) == set(listed)
+    assert {c.exit_code for c in classes} | set(docgen.FIXED_EXIT_CODES) == set(listed)
     assert list(listed) == sorted(listed)
     for code in (0, 2, 70, 130):
         assert code in listed
@@ -444,7 +474,7 @@ def test_top_page_lists_every_exit_code() -> None:
             continue  # documented under its (errors.py) ancestor's exit code
         first_line = cls.__doc__.strip().splitlines()[0].strip()
         assert (
-            f"\\fB{cls.__name__}\\fR: {docs.roff_escape(first_line)}"
+            f"\\fB{cls.__name__}\\fR: {docgen.roff_escape(first_line)}"
             in listed[cls.exit_code]
         ), cls
 
@@ -482,8 +512,8 @@ def bash_complete(script: Path, line: str) -> list[str]:
     return [w for w in r.stdout.split("\n") if w]
 
 
-def test_bash_completion_is_valid_and_completes(tree: docs.Command) -> None:
-    script = REPO / docs.BASH_FILE
+def test_bash_completion_is_valid_and_completes(tree: docgen.Command) -> None:
+    script = REPO / docgen.BASH_FILE
     subprocess.run(["bash", "-n", str(script)], check=True)
     reply = bash_complete(script, "isrsync ca")
     assert "cache" in reply and all(w.startswith("ca") for w in reply)
@@ -501,7 +531,7 @@ def test_bash_completion_is_valid_and_completes(tree: docs.Command) -> None:
 
 
 def test_bash_completion_of_a_deep_tree(deep_dir: Path) -> None:
-    script = deep_dir / docs.BASH_FILE
+    script = deep_dir / docgen.BASH_FILE
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert bash_complete(script, "isrsync ") == [
         "plain",
@@ -527,7 +557,7 @@ def test_bash_completion_of_a_deep_tree(deep_dir: Path) -> None:
     )
 
 
-def _expect_everything(text: str, tree: docs.Command) -> None:
+def _expect_everything(text: str, tree: docgen.Command) -> None:
     text = text.replace("\\[", "[").replace("\\]", "]")  # zsh's escaped brackets
     for cmd in tree.walk():
         for sub in cmd.subcommands:
@@ -538,7 +568,7 @@ def _expect_everything(text: str, tree: docs.Command) -> None:
             for name in opt.names:
                 assert name.lstrip("-") in text, (cmd.full_name, name)
             if opt.help:
-                assert docs._short(opt.help).split("'")[0] in text, (
+                assert docgen._short(opt.help).split("'")[0] in text, (
                     cmd.full_name,
                     opt.names,
                 )
@@ -546,13 +576,13 @@ def _expect_everything(text: str, tree: docs.Command) -> None:
 
 def test_zsh_completion(
     files: dict[str, str],
-    tree: docs.Command,
+    tree: docgen.Command,
     deep_files: dict[str, str],
     deep_dir: Path,
 ) -> None:
     for text, t, where in (
-        (files[docs.ZSH_FILE], tree, REPO),
-        (deep_files[docs.ZSH_FILE], docs.command_tree(deep_app()), deep_dir),
+        (files[docgen.ZSH_FILE], tree, REPO),
+        (deep_files[docgen.ZSH_FILE], docgen.command_tree(deep_app()), deep_dir),
     ):
         assert text.startswith("#compdef isrsync\n")
         assert "_arguments" in text and "_describe" in text
@@ -571,13 +601,13 @@ def test_zsh_completion(
         zsh = shutil.which("zsh")
         if zsh:
             r = subprocess.run(
-                [zsh, "-n", str(where / docs.ZSH_FILE)],
+                [zsh, "-n", str(where / docgen.ZSH_FILE)],
                 check=False,
                 capture_output=True,
                 text=True,
             )
             assert r.returncode == 0, r.stderr
-    deep = deep_files[docs.ZSH_FILE]
+    deep = deep_files[docgen.ZSH_FILE]
     assert (
         "'(-c --color)--color=[Colour \\[red\\] or \\[blue\\]: pick one]:color:(red blue)'"
         in deep
@@ -606,13 +636,13 @@ def fish_complete(script: Path, line: str) -> list[str]:
 
 def test_fish_completion(
     files: dict[str, str],
-    tree: docs.Command,
+    tree: docgen.Command,
     deep_files: dict[str, str],
     deep_dir: Path,
 ) -> None:
     for text, t in (
-        (files[docs.FISH_FILE], tree),
-        (deep_files[docs.FISH_FILE], docs.command_tree(deep_app())),
+        (files[docgen.FISH_FILE], tree),
+        (deep_files[docgen.FISH_FILE], docgen.command_tree(deep_app())),
     ):
         _expect_everything(text, t)
         for cmd in t.walk():
@@ -632,31 +662,31 @@ def test_fish_completion(
     if shutil.which("fish"):
         for where in (REPO, deep_dir):
             r = subprocess.run(
-                ["fish", "--no-execute", str(where / docs.FISH_FILE)],
+                ["fish", "--no-execute", str(where / docgen.FISH_FILE)],
                 check=False,
                 capture_output=True,
                 text=True,
             )
             assert r.returncode == 0, r.stderr
-        script = REPO / docs.FISH_FILE
+        script = REPO / docgen.FISH_FILE
         cache = next(c for c in tree.subcommands if c.name == "cache")
         assert {"info", "verify"} <= set(fish_complete(script, "isrsync cache "))
         assert sorted(fish_complete(script, "isrsync cache ")) == sorted(
             s.name for s in cache.subcommands
         )
         assert fish_complete(script, "isrsync --cache-dir /tmp ca") == ["cache"]
-        deep = deep_dir / docs.FISH_FILE
+        deep = deep_dir / docgen.FISH_FILE
         assert fish_complete(deep, "isrsync -v one two ") == ["leaf"]
         assert sorted(fish_complete(deep, "isrsync --color ")) == ["blue", "red"]
 
 
 def test_values_complete_by_type(deep_files: dict[str, str], deep_dir: Path) -> None:
     """Numbers complete to nothing, paths and strings to file names, choices to themselves."""
-    zsh = deep_files[docs.ZSH_FILE]
+    zsh = deep_files[docgen.ZSH_FILE]
     assert "'--level=[How hard]:level: '" in zsh
-    fish = deep_files[docs.FISH_FILE]
+    fish = deep_files[docgen.FISH_FILE]
     assert "-l 'level' -x -d 'How hard'" in fish and "-l 'tag' -r -F" in fish
-    script = deep_dir / docs.BASH_FILE
+    script = deep_dir / docgen.BASH_FILE
     (script.parent / "tagfile").write_text(
         ""
     )  # completion runs in the script's directory

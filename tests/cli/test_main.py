@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import typer
 
-from isrsync import __version__, errors
-from isrsync.cli import docs, main
+from isrsync import __version__, docgen, errors
+from isrsync.cli import main
 from isrsync.cli.state import state
 
 # --------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_help_lists_the_commands(isrsync: Any) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Usage: isrsync ")
     assert re.search(r"^\s+cache\s", r.stdout, re.MULTILINE)
-    for cmd in docs.command_tree().subcommands:
+    for cmd in docgen.command_tree().subcommands:
         assert re.search(rf"^\s+{re.escape(cmd.name)}\b", r.stdout, re.MULTILINE), (
             cmd.name
         )
@@ -161,7 +161,7 @@ def _tree(cls: type[errors.IsrError]) -> list[type[errors.IsrError]]:
 
 def test_exit_codes_follow_the_documented_mapping() -> None:
     assert {cls: cls.exit_code for cls in _tree(errors.IsrError)} == EXIT_CODES
-    assert docs.error_classes() == _tree(errors.IsrError)
+    assert docgen.error_classes() == _tree(errors.IsrError)
 
 
 def test_exit_codes_are_distinct_per_family() -> None:
@@ -171,7 +171,7 @@ def test_exit_codes_are_distinct_per_family() -> None:
     # none is taken by the base class or by the entry point's own codes (usage
     # errors deliberately share 2 with the command-line usage errors)
     assert not set(codes) & (
-        {errors.IsrError.exit_code} | set(docs.FIXED_EXIT_CODES) - {2}
+        {errors.IsrError.exit_code} | set(docgen.FIXED_EXIT_CODES) - {2}
     )
     for family in families:
         for member in _tree(family):
@@ -318,7 +318,7 @@ def test_the_entry_points_own_exit_codes(
     cli.exc = KeyboardInterrupt()
     seen[130] = main.run(["boom"])
     assert "Traceback" not in capsys.readouterr().err
-    assert seen == {code: code for code in docs.FIXED_EXIT_CODES}
+    assert seen == {code: code for code in docgen.FIXED_EXIT_CODES}
 
 
 def test_version_in_process(cli: Boom, capsys: pytest.CaptureFixture[str]) -> None:
