@@ -94,7 +94,7 @@ from isrsync.server.maint import collect_garbage
 from isrsync.site.packer import pack_stream
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import UPLOAD_PIECE, HttpStore
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 DOWNLOAD_TARGET = 0.8
 GIB = 1 << 30

@@ -58,7 +58,7 @@ class LiveServer:
         return int(self.url.rsplit(":", 1)[1])
 
     def add_user(self, name: str) -> str:
-        from isrsync.store.repo import Repository
+        from isrsync.server.repo import Repository
 
         repo = Repository(self.data)
         try:

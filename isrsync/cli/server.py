@@ -16,7 +16,7 @@ from rich.table import Table
 from ..server.app import default_data_dir
 from ..server.main import ServeConfig, parse_listen, serve
 from ..server.maint import check, collect_garbage, prune
-from ..store.repo import Repository
+from ..server.repo import Repository
 from .render import emit_json, human_bytes, out
 from .state import JsonOpt
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from ..errors import LockHeld
 from ..keys import KdfLimits
 from ..server.app import make_app
-from ..store.repo import Repository
+from ..server.repo import Repository
 from ..site import account
 from ..site.cache import SiteCache
 from ..site.parcel import Site, init_parcel, open_site

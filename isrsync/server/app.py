@@ -1,4 +1,4 @@
-"""The home server's HTTP API (aiohttp) over a :class:`~isrsync.store.repo.Repository`.
+"""The home server's HTTP API (aiohttp) over a :class:`~isrsync.server.repo.Repository`.
 
 Every route but ``/v1/health`` needs ``Authorization: Bearer <token>``; a user
 reaches only their own parcels, and another user's parcel answers exactly like
@@ -31,7 +31,7 @@ from ..errors import AuthError, FormatError, IsrError, NotFound, UsageError
 from ..fsutil import os_error
 from ..store import wire
 from ..store.base import Holder
-from ..store.repo import Repository
+from .repo import Repository
 
 log = logging.getLogger("isrsync.server")
 REPO: web.AppKey[Repository] = web.AppKey("repo", Repository)

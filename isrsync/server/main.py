@@ -13,7 +13,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..errors import UsageError
-from ..store.repo import Repository
+from .repo import Repository
 from .app import ACTIVE, JsonAccessLogger, make_app
 from .maint import collect_garbage
 

@@ -25,7 +25,7 @@ from ..errors import FormatError, IntegrityError
 from ..fsutil import fsync_dir
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackWriter, verify_stream
-from ..store.repo import STAGING_GRACE, Repository
+from .repo import STAGING_GRACE, Repository
 
 TMP_GRACE = 3600.0
 

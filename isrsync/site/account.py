@@ -29,7 +29,7 @@ from ..fsutil import atomic_write
 from ..keys import KdfLimits, KeyBundle, SealKey
 from ..store.base import Store
 from ..store.http import HttpStore
-from ..store.local import LocalStore
+from ..server.local import LocalStore
 
 ENV_CONFIG = "ISRSYNC_CONFIG"
 ENV_RUNTIME = "ISRSYNC_RUNTIME"

@@ -1,8 +1,10 @@
 """The Store protocol: what a site needs from a user's home (DESIGN.md, "Lock record").
 
-One user's view of the authority for their parcels. Backends: :mod:`.local` (a
-data directory; the home server's own storage, and usable directly by a site
-as ``file://`` home) and :mod:`.http` (the client of ``isrsync serve``). Every
+One user's view of the authority for their parcels. Backends: :mod:`.http` (the
+client of ``isrsync serve``) and :mod:`isrsync.server.local` (the home server's
+own data directory in process: what the server runs on, and usable directly by
+a site as a ``file://`` home; it lives with the server, since store/ never
+imports server/). Every
 backend passes one conformance suite (tests/store/conformance.py); the contract
 is what this module's docstrings say.
 

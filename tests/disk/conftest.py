@@ -19,7 +19,7 @@ import pytest
 from diskkit import CH, Parcel, Site, kit, open_site
 from diskkit import make_parcel as _make_parcel
 
-from isrsync.store.local import LocalStore
+from isrsync.server.local import LocalStore
 
 SIZE = 40 * CH + 96 * 1024  # 41 chunks, the last one short
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from maintkit import USER, Client
 
-from isrsync.store.local import LocalStore
-from isrsync.store.repo import Repository
+from isrsync.server.local import LocalStore
+from isrsync.server.repo import Repository
 
 
 @pytest.fixture

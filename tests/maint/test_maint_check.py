@@ -20,7 +20,7 @@ from isrsync.manifest import HEADER_SIZE
 from isrsync.pack import FOOTER_SIZE
 from isrsync.pack import HEADER_SIZE as PACK_HEADER
 from isrsync.server.maint import check
-from isrsync.store.local import LocalStore
+from isrsync.server.local import LocalStore
 
 
 async def _build(client: Client) -> Client:

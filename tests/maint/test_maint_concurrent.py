@@ -24,8 +24,8 @@ from maintkit import USER, ZERO, Client, read_version
 from isrsync import manifest
 from isrsync.errors import IsrError, NotFound
 from isrsync.server.maint import check, collect_garbage, prune
-from isrsync.store.local import LocalStore
-from isrsync.store.repo import Repository
+from isrsync.server.local import LocalStore
+from isrsync.server.repo import Repository
 
 KEEP = 2
 STEPS = 30

@@ -1,6 +1,6 @@
 """Crash safety that GC and check build on: a pack is durable before a row names it.
 
-isrsync/store/repo.py: "a pack file is durable under its final name before any
+isrsync/server/repo.py: "a pack file is durable under its final name before any
 row names it". GC only ever removes files no row names, and check trusts that a
 row's file holds the bytes it was verified with; both assume the bytes were
 fsynced before the rename and the row. Recorded here by wrapping os.fsync while
@@ -20,8 +20,8 @@ from maintkit import USER, Client
 
 from isrsync.server.app import make_app
 from isrsync.store.http import HttpStore
-from isrsync.store.local import LocalStore
-from isrsync.store.repo import Repository
+from isrsync.server.local import LocalStore
+from isrsync.server.repo import Repository
 
 
 @pytest.mark.parametrize("way", ["http", "local"])

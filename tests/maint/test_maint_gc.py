@@ -18,8 +18,8 @@ from maintkit import USER, Client, read_version
 
 from isrsync.server.maint import TMP_GRACE, check, collect_garbage
 from isrsync.store.http import HttpStore
-from isrsync.store.local import LocalStore
-from isrsync.store.repo import STAGING_GRACE, Repository
+from isrsync.server.local import LocalStore
+from isrsync.server.repo import STAGING_GRACE, Repository
 
 G = 600.0  # a grace period for the tests
 
@@ -161,7 +161,7 @@ async def test_temporaries_go_after_an_hour(store: LocalStore, make_client) -> N
 _KILL_MID_COMPACTION = """
 import os, signal, sys, uuid
 from isrsync.server import maint
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 orig = maint.PackWriter.add
 

@@ -21,7 +21,7 @@ from maintkit import USER, ZERO, Client, isrsync_cmd, pack_tags, read_version
 from isrsync import manifest
 from isrsync.errors import NotFound
 from isrsync.server.maint import check, collect_garbage, prune
-from isrsync.store.local import LocalStore
+from isrsync.server.local import LocalStore
 
 DISK_CHUNKS = 48
 

@@ -15,7 +15,7 @@ from maintkit import USER, Client
 
 from isrsync import manifest
 from isrsync.server.maint import check, prune
-from isrsync.store.local import LocalStore
+from isrsync.server.local import LocalStore
 
 DIRTY = 20
 

@@ -323,7 +323,7 @@ def test_lone_surrogates_in_json_strings_are_not_500(env: Env, route: str, body:
 def test_invalid_parcel_names_are_400(env: Env, name: str) -> None:
     r"""("vm\n" is a BUG: PARCEL_NAME_RE ends in ``$``, which matches before a final
     newline, so a parcel name with a trailing newline is accepted; use ``\Z`` or
-    fullmatch in isrsync/store/repo.py.)"""
+    fullmatch in isrsync/server/repo.py.)"""
     before = db_snapshot(env.data)
     a = call(env.port, "POST", "/v1/parcels", json.dumps({"parcel": str(uuid.uuid4()), "name": name}).encode(),
              bearer(env.alice))

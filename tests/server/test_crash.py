@@ -26,7 +26,7 @@ from isrsync.manifest import NO_PARENT, manifest_hash, parse_header
 from isrsync.server.maint import check, collect_garbage
 from isrsync.store.base import Holder
 from isrsync.store.http import HttpStore
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 from srvkit import Chain, Change, bearer, call, fast_pack, files_under, verify_chain
 

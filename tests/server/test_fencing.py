@@ -16,7 +16,7 @@ import pytest
 from isrsync.errors import Conflict, LockHeld
 from isrsync.manifest import manifest_hash
 from isrsync.store.base import Holder
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 from srvkit import Chain, db_snapshot, files_snapshot, verify_chain
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from isrsync.errors import Conflict, LockHeld
 from isrsync.manifest import manifest_hash
 from isrsync.store.base import Holder, LockState, VersionInfo
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 from srvkit import Chain, verify_chain
 

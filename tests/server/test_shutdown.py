@@ -22,7 +22,7 @@ from isrsync.server.maint import check
 from isrsync.store import wire
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import HttpStore
-from isrsync.store.repo import Repository
+from isrsync.server.repo import Repository
 
 from srvkit import bearer, call, fast_pack, files_under
 

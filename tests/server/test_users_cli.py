@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from isrsync.store.repo import hash_token
+from isrsync.server.repo import hash_token
 
 from srvkit import assert_json_error, bearer, call
 
@@ -150,7 +150,7 @@ def test_user_name_with_a_trailing_newline_is_rejected(tmp_path: Path) -> None:
     r"""BUG: repo.USER_RE is checked with re.match and ends in ``$``, which also matches
     just before a final newline: "eve\n" is accepted as a user name (and becomes an
     uploads/ directory name with a newline in it). PARCEL_NAME_RE has the same flaw.
-    Fix (isrsync/store/repo.py): use ``\Z`` instead of ``$``, or ``fullmatch``.
+    Fix (isrsync/server/repo.py): use ``\Z`` instead of ``$``, or ``fullmatch``.
     """
     data = tmp_path / "d"
     r = cli("add-user", "eve\n", data=data)

@@ -22,7 +22,7 @@ import pytest
 
 from isrsync.store.base import Store
 from isrsync.store.http import HttpStore
-from isrsync.store.local import LocalStore
+from isrsync.server.local import LocalStore
 
 BACKENDS = ["local", "http"]
 

@@ -263,7 +263,7 @@ async def test_persistent_503_gives_up_after_the_retries(live_server, proxies, o
 
 
 async def test_server_that_comes_up_late_is_reached_by_backoff(server_factory, tmp_path, open_http) -> None:
-    from isrsync.store.repo import Repository
+    from isrsync.server.repo import Repository
 
     data = tmp_path / "late-data"
     repo = Repository(data)

@@ -35,7 +35,7 @@ from ..errors import (
 from ..fsutil import fsync_dir, os_error
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackEntry, verify_stream
-from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
+from ..store.base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 
 SCHEMA_VERSION = 1
 STAGING_GRACE = 24 * 3600.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from ..pack import PackEntry
-from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
+from ..store.base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 from .repo import Repository
 
 T = TypeVar("T")
