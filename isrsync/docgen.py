@@ -19,7 +19,7 @@ Produced, relative to the repository root, for each command PROG:
   roff man(7) page per command and subcommand;
 * ``completions/PROG.bash``, ``completions/_PROG`` (zsh),
   ``completions/PROG.fish``: static completions for every command, subcommand
-  and option, at any nesting depth.
+  and option, at any nesting depth, and for the values of choice options.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Option:
     secondary_opts: tuple[str, ...]  # e.g. ("--no-force",)
     help: str
     takes_value: bool
-    metavar: str  # "" for flags
+    metavar: str  # "" for flags; "[a|b]" for a choice
     choices: tuple[str, ...] = ()
     envvars: tuple[str, ...] = ()
     required: bool = False
@@ -106,6 +106,7 @@ class Option:
     eager: bool = False  # --help, --version: act and exit
     default: str | None = None
     files: bool = True  # complete its value as a file name (unless it has choices)
+    value_name: str = ""  # what its value is called ("policy"), for zsh's messages
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -115,12 +116,13 @@ class Option:
 @dataclass(frozen=True)
 class Argument:
     name: str
-    metavar: str
+    metavar: str  # "{a|b}" for a choice
     help: str
     required: bool
     variadic: bool
     choices: tuple[str, ...] = ()
     files: bool = True
+    value_name: str = ""
 
 
 @dataclass
@@ -250,7 +252,7 @@ def _option(p: Any, ctx: Any) -> Option:
         secondary_opts=tuple(getattr(p, "secondary_opts", ()) or ()),
         help=_clean_help(getattr(p, "help", None) or ""),
         takes_value=takes_value,
-        metavar=_metavar(p) if takes_value else "",
+        metavar=_metavar(p, "[{}]") if takes_value else "",
         choices=_choices(p) if takes_value else (),
         envvars=envvars,
         required=bool(getattr(p, "required", False)),
@@ -258,26 +260,42 @@ def _option(p: Any, ctx: Any) -> Option:
         eager=bool(getattr(p, "is_eager", False)) and is_flag,
         default=_default(p) if takes_value else None,
         files=takes_value and _wants_files(p),
+        value_name=_value_name(p) if takes_value else "",
     )
 
 
 def _argument(p: Any) -> Argument:
     return Argument(
         name=p.name,
-        metavar=_metavar(p),
+        metavar=_metavar(p, "{{{}}}"),
         help=_clean_help(getattr(p, "help", None) or ""),
         required=bool(getattr(p, "required", False)),
         variadic=getattr(p, "nargs", 1) == -1,
         choices=_choices(p),
         files=_wants_files(p),
+        value_name=_value_name(p),
     )
 
 
-def _metavar(p: Any) -> str:
+def _metavar(p: Any, choice_format: str) -> str:
+    """What stands for the value in synopses and option lists.
+
+    An explicit metavar wins; a choice lists its values the way click's help
+    does (``[auto|demand]`` for an option, ``{auto|demand}`` for an argument);
+    anything else is the parameter's name in capitals.
+    """
     metavar = getattr(p, "metavar", None)
     if metavar:
         return str(metavar)
+    choices = _choices(p)
+    if choices and getattr(p, "show_choices", True) is not False:
+        return choice_format.format("|".join(choices))
     return (p.name or "value").upper()
+
+
+def _value_name(p: Any) -> str:
+    """A short lower-case name for the value (zsh shows it while completing)."""
+    return str(getattr(p, "metavar", None) or p.name or "value").lower()
 
 
 def _choices(p: Any) -> tuple[str, ...]:
@@ -774,7 +792,7 @@ def _zsh_option_specs(opt: Option) -> list[str]:
         spec = f"{excl}{star}{name}"
         if opt.takes_value and name in opt.opts:
             spec += "=" if name.startswith("--") else "+"
-            spec += f"{desc}:{_zsh_colon(opt.metavar.lower())}:{_zsh_action(opt.choices, opt.files)}"
+            spec += f"{desc}:{_zsh_colon(opt.value_name)}:{_zsh_action(opt.choices, opt.files)}"
         else:
             spec += desc
         specs.append(spec)
@@ -836,7 +854,7 @@ def zsh_completion(root: Command) -> str:
 }}""")
         else:
             for arg in cmd.arguments:
-                msg = _zsh_colon(arg.metavar.lower())
+                msg = _zsh_colon(arg.value_name)
                 action = _zsh_action(arg.choices, arg.files)
                 if arg.variadic:
                     specs.append(f"*:{msg}:{action}")

@@ -410,6 +410,7 @@ def test_deep_tree_man_pages(deep_files: dict[str, str], deep_dir: Path) -> None
     assert "\\[u2014]" in top and "back\\eslash" in top and "\\(aqquote\\(aq" in top
     assert ".SH ENVIRONMENT\n.TP\n\\fBISR_COLOR\\fR" in top
     assert "One of: \\fBred\\fR, \\fBblue\\fR." in top
+    assert "\\fB\\-c\\fR, \\fB\\-\\-color\\fR \\fI[red|blue]\\fR" in top
     assert "\\fBone\\fR" in top and ".BR isrsync\\-one (1)." in top
     assert ".BR isrsync\\-one\\-two\\-leaf (1)" in top  # SEE ALSO reaches every depth
     assert ".BR isrsync\\-one\\-two (1)" in pages["man/isrsync-one.1"]
@@ -490,7 +491,7 @@ def bash_complete(script: Path, line: str) -> list[str]:
     prog = "\n".join(
         [
             f"source {shlex.quote(str(script))}",
-            "spec=$(complete -p isrsync)",
+            f"spec=$(complete -p {shlex.quote(words[0])})",
             "fn=${spec##*-F }; fn=${fn%% *}",
             f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})",
             f"COMP_CWORD={len(words) - 1}",
@@ -694,3 +695,73 @@ def test_values_complete_by_type(deep_files: dict[str, str], deep_dir: Path) -> 
     assert "tagfile" in bash_complete(script, "isrsync one two leaf --tag ")
     assert "tagfile" in bash_complete(script, "isrsync one two leaf x ")
     assert bash_complete(script, "isrsync plain ") == ["--help"]
+
+
+class Policy(str, enum.Enum):
+    auto = "auto"
+    demand = "demand"
+    lookaside = "lookaside"
+
+
+def choice_app() -> typer.Typer:
+    """A tiny CLI whose only interesting option is an Enum (a choice)."""
+    app = typer.Typer(name="tiny", add_completion=False, rich_markup_mode=None)
+
+    @app.callback()
+    def root() -> None:
+        pass
+
+    @app.command("resume")
+    def resume(
+        parcel: Annotated[str, typer.Argument(help="The parcel.")],
+        policy: Annotated[
+            Policy, typer.Option("--policy", help="Transfer policy.")
+        ] = Policy.auto,
+    ) -> None:
+        """Resume a parcel."""
+
+    return app
+
+
+def test_choice_options_complete_and_show_their_values(tmp_path: Path) -> None:
+    """An Enum option (a choice) completes to its values in every shell, and
+    the man page shows them as its metavar rather than a bare name."""
+    files = docgen.generate(tmp_path, app=choice_app())
+    assert set(files) == {
+        "man/tiny.1",
+        "man/tiny-resume.1",
+        "completions/tiny.bash",
+        "completions/_tiny",
+        "completions/tiny.fish",
+    }
+    docgen.write(tmp_path, files)
+    values = [p.value for p in Policy]
+
+    man = files["man/tiny-resume.1"]
+    assert "\\fB\\-\\-policy\\fR \\fI[auto|demand|lookaside]\\fR" in man
+    assert "One of: \\fBauto\\fR, \\fBdemand\\fR, \\fBlookaside\\fR." in man
+    assert "POLICY" not in man and "<str>" not in man
+    check_man_pages({"man/tiny-resume.1": man}, tmp_path)
+
+    bash = files["completions/tiny.bash"]
+    assert "'tiny resume --policy') choices='auto demand lookaside' ;;" in bash
+    script = tmp_path / "completions" / "tiny.bash"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert bash_complete(script, "tiny resume --policy ") == values
+    assert bash_complete(script, "tiny resume --policy d") == ["demand"]
+    assert bash_complete(script, "tiny resume --policy = ") == values  # --policy=<TAB>
+    assert bash_complete(script, "tiny resume x --policy l") == ["lookaside"]
+
+    zsh = files["completions/_tiny"]
+    assert "'--policy=[Transfer policy]:policy:(auto demand lookaside)'" in zsh
+    if shutil.which("zsh"):
+        subprocess.run(
+            ["zsh", "-n", str(tmp_path / "completions" / "_tiny")], check=True
+        )
+
+    fish = files["completions/tiny.fish"]
+    assert "-l 'policy' -x -a 'auto demand lookaside' -d 'Transfer policy'" in fish
+    if shutil.which("fish"):
+        script = tmp_path / "completions" / "tiny.fish"
+        assert sorted(fish_complete(script, "tiny resume --policy ")) == values
+        assert fish_complete(script, "tiny resume --policy la") == ["lookaside"]
