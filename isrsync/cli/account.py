@@ -4,15 +4,55 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UsageError
 from ..keys import KdfLimits
 from ..site import account
 from .render import emit_json, out
 from .state import JsonOpt
+
+
+def _terminal() -> bool:
+    """Whether a hidden prompt can reach a person.
+
+    True when stdin is a terminal, or the process has a controlling terminal
+    (the passphrase prompt asks on /dev/tty even when stdin is redirected).
+    """
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            return True
+    except (AttributeError, ValueError):  # a closed or replaced stdin
+        pass
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _require_credentials(needs_token: bool) -> None:
+    """Fail at once, saying what is missing, when nothing can be asked for.
+
+    Without a terminal a prompt would only meet the end of its input and abort
+    without saying why.
+    """
+    missing, how = [], []
+    if needs_token:
+        missing.append("a token")
+        how.append("pass --token (from `isrsync server add-user`) or set ISRSYNC_TOKEN")
+    if os.environ.get("ISRSYNC_PASSPHRASE") is None:
+        missing.append("your passphrase")
+        how.append("set ISRSYNC_PASSPHRASE")
+    if missing and not _terminal():
+        them = "them" if len(missing) > 1 else "it"
+        raise UsageError(f"login needs {' and '.join(missing)} but there is no terminal to ask for {them}",
+                         hint=", and ".join(how))
 
 
 def _passphrase(confirm: bool = False) -> str:
@@ -33,9 +73,13 @@ def login(
     """Log in to a home server and unlock your keys with your passphrase.
 
     The first login creates your key bundle (sealed under the passphrase). The
-    passphrase is read from ISRSYNC_PASSPHRASE if set, else asked for.
+    passphrase is read from ISRSYNC_PASSPHRASE if set, else asked for; the
+    token of an http(s) server likewise from --token or ISRSYNC_TOKEN. Without
+    a terminal to ask on, both must be given that way.
     """
-    if server.startswith(("http://", "https://")) and not token:
+    needs_token = server.startswith(("http://", "https://")) and not token
+    _require_credentials(needs_token)
+    if needs_token:
         token = typer.prompt("token", hide_input=True, err=True)
     acct = account.Account(server.rstrip("/"), user, token or "", str(cacert) if cacert else None)
     bundle, created = asyncio.run(account.login(acct, _passphrase(), limits=KdfLimits.MIN if kdf_min else None))
