@@ -12,7 +12,7 @@ _sneakernet_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'sneakernet')
-            opts='--version --help'
+            opts='--debug --version --help'
             ;;
     esac
 }

@@ -45,5 +45,6 @@ end
 
 # sneakernet
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'debug' -d 'Show tracebacks on errors'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'version' -d 'Print the version and exit'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'help' -d 'Show this message and exit'
