@@ -508,10 +508,15 @@ def _option_head(opt: Option) -> str:
     return names
 
 
+def _shows_choices(metavar: str, choices: Sequence[str]) -> bool:
+    """Whether the metavar already lists the choices (``[a|b]``, ``{a|b}``)."""
+    return metavar[1:-1] == "|".join(choices)
+
+
 def _option_body(opt: Option) -> list[str]:
     lines = _roff_paragraphs(opt.help, None, ".IP") if opt.help else []
     notes = []
-    if opt.choices:
+    if opt.choices and not _shows_choices(opt.metavar, opt.choices):
         notes.append("One of: " + ", ".join(_b(c) for c in opt.choices) + ".")
     if opt.default is not None:
         notes.append("Default: " + _b(opt.default) + ".")
@@ -552,7 +557,7 @@ def man_page(cmd: Command, root: Command) -> str:
         for arg in cmd.arguments:
             lines += [".TP", _i(arg.metavar) + ("..." if arg.variadic else "")]
             body = _roff_paragraphs(arg.help, None, ".IP") if arg.help else []
-            if arg.choices:
+            if arg.choices and not _shows_choices(arg.metavar, arg.choices):
                 if body:
                     body.append(".br")
                 body.append("One of: " + ", ".join(_b(c) for c in arg.choices) + ".")
