@@ -156,6 +156,15 @@ def _isolate(work: Path) -> None:
     os.environ["ISRSYNC_CACHE"] = str(work / "default-cache")
 
 
+def _home(work: Path) -> Path:
+    """The benchmark's throw-away home directory, made on first use (login never makes one)."""
+    from isrsync.server.repo import Repository
+
+    home = work / "home"
+    Repository(home, create=True).close()
+    return home
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -380,7 +389,7 @@ async def isrsync_run(rt, serial: Path, run_seconds: float) -> tuple[dict[str, A
         # Eager: all of RAM was in when the guest started. Lazy: when the rest arrived (None: not yet).
         res["memory_complete"] = rep.seconds.get("memory_complete") if rep.memory == "lazy" else res["total"]
         susp = await rt.suspend()
-        if not susp.get("committed"):
+        if not susp.committed:
             raise RuntimeError(f"the suspend did not commit: {susp}")
         return res, susp
     finally:
@@ -407,7 +416,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
     FloorQemu = floor_qemu_class()
     g = build_guest(guest_cache, progress=say)
     make_disk_image(work / "disk.img", DISK_MIB, {"hello.txt": b"hello from the benchmark\n"})
-    acct = Account(f"file://{work}/home", "bench")
+    acct = Account(f"file://{_home(work)}", "bench")
     await login(acct, "bench passphrase", limits=KdfLimits.MIN)
 
     say("set-up: init at site A, cold boot, suspend -> version 2")
@@ -430,7 +439,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         await asyncio.to_thread(boot)
         await asyncio.sleep(run_seconds)
         res = await rt.suspend()
-        if not res.get("committed"):
+        if not res.committed:
             raise RuntimeError(f"the set-up suspend did not commit: {res}")
     finally:
         await rt.close()
@@ -609,8 +618,8 @@ async def bench_nbd(work: Path, repeat: int, fio_seconds: float, say: Say) -> di
     raw = work / "nbd.raw"
     mix = mixed_image(raw, NBD_MIB)
     size = raw.stat().st_size
-    acct = Account(f"file://{work}/home", "bench")
-    await login(acct, "bench passphrase", limits=KdfLimits.MIN)  # unlocks, or creates on a fresh home
+    acct = Account(f"file://{_home(work)}", "bench")
+    await login(acct, "bench passphrase", limits=KdfLimits.MIN)  # unlocks, or creates the key bundle
     site_c = await open_site(SiteCache(work / "C"), acct)
     try:
         t0 = time.perf_counter()

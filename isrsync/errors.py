@@ -126,3 +126,9 @@ class AuthError(IsrError):
 
     exit_code = 12
     hint = "log in again with `isrsync login`"
+
+
+class StateError(IsrError):
+    """A parcel's local state does not allow what was asked (e.g. suspending one that is not running)."""
+
+    exit_code = 13

@@ -128,6 +128,15 @@ class Keyring:
     def copy(self) -> "Keyring":
         return Keyring(self.size, bytearray(self._buf))
 
+    def overlay(self, changes: Mapping[int, ChunkRef]) -> "Keyring":
+        """A copy with ``changes`` (index -> ref) applied; indices past the end are ignored."""
+        ring = self.copy()
+        n = len(ring)
+        for i, r in changes.items():
+            if i < n:
+                ring[i] = r
+        return ring
+
     def resize(self, size: int) -> None:
         old = len(self)
         new = chunk_count(size)

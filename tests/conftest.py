@@ -66,6 +66,20 @@ class LiveServer:
         finally:
             repo.close()
 
+    def pack_bytes_sent(self) -> int:
+        """Bytes of pack data the server has sent so far (GETs of packs, from its access log)."""
+        total = 0
+        assert self.log is not None
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("method") == "GET" and "/packs/" in str(rec.get("path")) \
+                    and rec.get("status") in (200, 206):
+                total += int(rec.get("bytes") or 0)
+        return total
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None

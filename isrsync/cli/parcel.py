@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -17,12 +18,16 @@ from rich.table import Table
 from ..errors import NotFound, Unreachable, UsageError
 from ..site import account
 from ..site.cache import open_cache
-from ..site.control import call, running
-from ..site.parcel import Site, discard, hoard, init_parcel, open_site, rollback
-from ..site.run import run_parcel, sync_offline
-from ..site.runtime import MEMORY_MODES, POLICIES
+from ..site.cache import CacheStats
+from ..site.cachedir import CacheDirSource
+from ..site.control import ask_status, ask_suspend, ask_sync, running
+from ..site.parcel import DiscardResult, Site, discard, hoard, init_parcel, open_site, rollback
+from ..site.policy import Display, MemoryMode, Policy
+from ..site.results import RunStatus, SuspendResult, SyncResult
+from ..site.run import run_parcel
+from ..site.session import commit_offline_suspend
 from ..site.state import ParcelState
-from .render import emit_json, err, human_bytes, out, resume_rows
+from .render import emit_json, err, human_bytes, out, resume_rows, sources_table
 from .state import JsonOpt, state
 
 ParcelArg = Annotated[str, typer.Argument(help="Parcel name or id.")]
@@ -52,9 +57,9 @@ async def _resolve(site: Site, ref: str) -> uuid.UUID:
                 pid = uuid.UUID(d.name)
                 st = ParcelState(site.cache, pid, site.master_key(pid)) if str(pid) in site.bundle.parcels else None
                 if st is not None:
-                    meta = st.get_meta()
+                    name = st.info().name
                     st.close()
-                    if ref in (str(pid), meta.get("name")):
+                    if ref in (str(pid), name):
                         return pid
         raise
 
@@ -101,23 +106,33 @@ def init(
         out.print(f"parcel {name} ({pid}) created at version {v.version}; uploaded {human_bytes(v.new_pack_bytes)}")
 
 
+LookasideOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--lookaside", metavar="DIR", help="Another site's cache directory to read chunks from before the "
+                 "server (read-only, every chunk verified); repeatable. Used by the lookaside and auto policies."),
+]
+
+
+def _lookaside(dirs: list[Path] | None) -> list[CacheDirSource]:
+    return [CacheDirSource(d) for d in dirs or []]
+
+
 def resume(
     parcel: ParcelArg,
-    policy: Annotated[str, typer.Option("--policy", help=f"Transfer policy: {', '.join(POLICIES)}.")] = "auto",
+    policy: Annotated[Policy, typer.Option("--policy", help="Transfer policy (paper section 6).")] = Policy.AUTO,
     version: Annotated[Optional[int], typer.Option("--version", min=1, help="Resume this version (default: latest).")] = None,
-    display: Annotated[str, typer.Option("--display", help="gtk, sdl, vnc or none.")] = "none",
+    display: Annotated[Display, typer.Option("--display", help="Show the guest's screen this way.")] = Display.NONE,
     serial: Annotated[Optional[Path], typer.Option("--serial", help="Expose the guest's serial console on this unix socket.")] = None,
-    memory: Annotated[str, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
-                                        "follows as it is touched) or eagerly (all of it first).")] = "lazy",
+    memory: Annotated[MemoryMode, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
+                                               "follows as it is touched) or eagerly (all of it first).")] = MemoryMode.LAZY,
+    lookaside: LookasideOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)."""
-    if policy not in POLICIES:
-        raise UsageError(f"unknown policy {policy!r}", hint=f"use one of {', '.join(POLICIES)}")
-    if memory not in MEMORY_MODES:
-        raise UsageError(f"unknown memory mode {memory!r}", hint=f"use one of {', '.join(MEMORY_MODES)}")
-    if display not in ("gtk", "sdl", "vnc", "none"):
-        raise UsageError(f"unknown display {display!r}", hint="use gtk, sdl, vnc or none")
+    if lookaside and not policy.uses_lookaside:
+        raise UsageError(f"the {policy.value} policy asks no lookaside source",
+                         hint="drop --lookaside, or use --policy lookaside or auto")
+    sources = _lookaside(lookaside)
 
     def events(kind: str, data: dict[str, Any]) -> None:
         if json_out:
@@ -130,11 +145,12 @@ def resume(
     async def go() -> dict[str, Any]:
         async with _site() as site:
             pid = await _resolve(site, parcel)
-            st = site.state(pid)
-            st.set_meta(name=parcel if not _is_uuid(parcel) else st.get_meta().get("name", parcel))
-            st.close()
-            return await run_parcel(site, pid, policy=policy, version=version, display=display, serial=serial,
-                                    events=events, memory=memory)
+            if not _is_uuid(parcel):
+                st = site.state(pid)
+                st.set_name(parcel)
+                st.close()
+            return await run_parcel(site, pid, policy=policy, version=version, display=display.value,
+                                    serial=serial, events=events, memory=memory, lookaside=sources)
 
     res = asyncio.run(go())
     if json_out:
@@ -192,49 +208,50 @@ def suspend(
 ) -> None:
     """Suspend a running parcel: save memory and disk, commit, release the lock."""
 
-    async def go() -> dict[str, Any]:
+    async def go() -> SuspendResult:
         async with _site() as site:
-            return await call(await _control(site, parcel), {"cmd": "suspend", "keep_lock": keep_lock})
+            return await ask_suspend(await _control(site, parcel), keep_lock)
 
     res = asyncio.run(go())
     if json_out:
         emit_json(res)
-    elif res.get("committed"):
-        out.print(f"suspended: version {res['version']} committed ({human_bytes(res['memory_bytes'])} of memory,"
-                  f" {res['memory_new_chunks']} RAM chunks new, {res['memory_kept_chunks']} unchanged;"
-                  f" {res['dirty_chunks']} dirty disk chunks) in {res['seconds']:.2f} s")
+    elif res.committed:
+        out.print(f"suspended: version {res.version} committed ({human_bytes(res.memory_bytes)} of memory,"
+                  f" {res.memory_new_chunks} RAM chunks new, {res.memory_kept_chunks} unchanged;"
+                  f" {res.dirty_chunks} dirty disk chunks) in {res.seconds or 0:.2f} s")
     else:
-        out.print(f"suspended locally ({res.get('reason')}); the lock is still yours: "
+        out.print(f"suspended locally ({res.reason}); the lock is still yours: "
                   "run `isrsync sync` when the server is reachable")
 
 
 def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
     """Commit now: a running parcel pauses briefly; a locally suspended one is committed."""
 
-    async def go() -> dict[str, Any]:
+    async def go() -> SyncResult:
         async with _site() as site:
             try:
                 sock = await _control(site, parcel)
             except NotFound:
                 if parcel is None:
                     raise
-                return await sync_offline(site, await _resolve(site, parcel))
-            return await call(sock, {"cmd": "sync"})
+                return SyncResult(await commit_offline_suspend(site, await _resolve(site, parcel)))
+            return await ask_sync(sock)
 
     res = asyncio.run(go())
     if json_out:
         emit_json(res)
     else:
-        out.print(f"committed version {res['version']}")
+        out.print(f"committed version {res.version}")
 
 
 def hoard_cmd(
     parcel: ParcelArg,
     follow: Annotated[bool, typer.Option("--follow", help="Keep hoarding new versions as they are committed.")] = False,
     interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between checks with --follow.")] = 30.0,
+    lookaside: LookasideOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fetch every chunk of the latest version into this site's cache."""
+    """Fetch every chunk of the latest version into this site's cache (lookaside sources first)."""
 
     async def go() -> None:
         async with _site() as site:
@@ -246,7 +263,8 @@ def hoard_cmd(
                     with _progress(json_out) as prog:
                         task = prog.add_task(f"hoarding version {info.version}", total=None)
                         fetched, total = await hoard(site, pid, info.version,
-                                                     lambda d, t: prog.update(task, completed=d, total=t))
+                                                     lambda d, t: prog.update(task, completed=d, total=t),
+                                                     lookaside=_lookaside(lookaside))
                     if json_out:
                         print(json.dumps({"version": info.version, "fetched": fetched, "chunks": total}), flush=True)
                     else:
@@ -264,7 +282,7 @@ def discard_cmd(parcel: ParcelArg, yes: YesOpt = False, json_out: JsonOpt = Fals
     if not yes:
         typer.confirm(f"drop the uncommitted changes to {parcel} at this site?", abort=True, err=True)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> DiscardResult:
         async with _site() as site:
             return await discard(site, await _resolve(site, parcel))
 
@@ -272,8 +290,7 @@ def discard_cmd(parcel: ParcelArg, yes: YesOpt = False, json_out: JsonOpt = Fals
     if json_out:
         emit_json(res)
     else:
-        out.print(f"dropped {res['dirty_chunks_dropped']} dirty chunk(s)"
-                  + ("; lock released" if res["released_lock"] else ""))
+        out.print(f"dropped {res.dirty_chunks_dropped} dirty chunk(s)" + ("; lock released" if res.released_lock else ""))
 
 
 def rollback_cmd(parcel: ParcelArg, version: Annotated[int, typer.Argument(min=1, help="Version to return to.")],
@@ -313,43 +330,39 @@ def ls(json_out: JsonOpt = False) -> None:
 
 
 def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
-    """What runs here, with dirty/trickled chunks and per-source hits and latency."""
+    """What runs here: dirty and trickled chunks, and which source served what.
 
-    async def go() -> list[Any]:
-        async with _site() as site:
-            runs = running(site.site_id)
-            res = []
-            for prefix, sock in runs:
+    Needs no login: it reads this site's cache and asks its running parcels.
+    """
+
+    async def go() -> tuple[CacheStats, list[RunStatus]]:
+        with open_cache(state.cache_dir) as cache:
+            runs = []
+            for _, sock in running(cache.site_id):
                 with contextlib.suppress(NotFound):
-                    res.append(await call(sock, {"cmd": "status"}, timeout=30))
-            if parcel is not None:
-                pid = await _resolve(site, parcel)
-                res = [r for r in res if r["parcel"] == str(pid)]
-            st = site.cache.stats()
-            return [{"cache": st.__dict__, "running": res}]
+                    runs.append(await ask_status(sock))
+            return await asyncio.to_thread(cache.stats), runs
 
-    doc = asyncio.run(go())[0]
+    cache, runs = asyncio.run(go())
+    if parcel is not None:
+        runs = [r for r in runs if parcel in (r.parcel, r.name)]
     if json_out:
-        emit_json(doc)
+        emit_json({"cache": dataclasses.asdict(cache), "running": [r.to_json() for r in runs]})
         return
-    c = doc["cache"]
-    out.print(f"cache {c['path']}: {c['chunks']} chunks, {human_bytes(c['chunk_bytes'])}")
-    if not doc["running"]:
-        out.print("no parcel is running here")
-    for r in doc["running"]:
-        out.print(f"parcel {r['parcel']} (base version {r['base']}, policy {r['policy']}): {r['dirty_chunks']} dirty,"
-                  f" {r['trickled_chunks']} trickled, residue {r['residue_chunks']}")
-        mem = r.get("memory") or {}
+    out.print(f"cache {cache.path}: {cache.chunks} chunks, {human_bytes(cache.chunk_bytes)}")
+    if not runs:
+        out.print(f"parcel {parcel} is not running here" if parcel else "no parcel is running here")
+        out.print("`isrsync ls` lists your parcels; `isrsync resume PARCEL` runs one here")
+    for r in runs:
+        out.print(f"parcel {r.name or r.parcel} (base version {r.base}, policy {r.policy}): {r.dirty_chunks} dirty,"
+                  f" {r.trickled_chunks} trickled, residue {r.residue_chunks}")
+        mem = r.memory
         if mem.get("mode") == "lazy":
             left = "all in" if mem.get("completed_seconds") is not None else "still coming in"
             out.print(f"guest memory restored lazily, {left}: {mem['hot_chunks']} chunks in place at the start, "
                       f"{mem['requests']} page faults served (median {mem['fault_ms_median'] or 0:.2f} ms), "
                       f"{mem['pushed_chunks']} chunks pushed")
-        t = Table("source", "hits", "bytes", "bad", "errors", "mean latency ms")
-        for n, s in r["sources"].items():
-            t.add_row(n, str(s["hits"]), human_bytes(s["bytes"]), str(s["bad"]), str(s["errors"]),
-                      f"{s['mean_latency_ms']:.2f}")
-        out.print(t)
+        out.print(sources_table(r.sources))
 
 
 @lock_app.command("break")

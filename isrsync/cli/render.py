@@ -9,6 +9,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+
+from ..site.sources import SourceInfo
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -50,3 +53,12 @@ RESUME_STEPS = (
 
 def resume_rows(seconds: dict[str, float]) -> list[tuple[str, str]]:
     return [(label, f"{seconds[k]:.3f}") for k, label in RESUME_STEPS if k in seconds]
+
+
+def sources_table(rows: list[SourceInfo]) -> Table:
+    """Who served what: the cache, then every source in the order it is asked."""
+    t = Table("source", "kind", "hits", "bytes", "bad", "errors", "mean latency ms")
+    for s in rows:
+        t.add_row(s.name, s.kind, str(s.hits), human_bytes(s.bytes), str(s.bad), str(s.errors),
+                  f"{s.mean_latency_ms:.2f}" if s.hits and s.kind != "cache" else "-")
+    return t

@@ -68,7 +68,7 @@ class DemoReport:
 
 
 async def _embedded_server(data: Path) -> tuple[web.AppRunner, Repository, str]:
-    repo = Repository(data)
+    repo = Repository(data, create=True)
     runner = web.AppRunner(make_app(repo), access_log=None)
     await runner.setup()
     sock = socket.socket()
@@ -124,8 +124,8 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
         await run_a.close()
         rep.facts += [
             ("guest", f"Linux {guest.kernel_version}, {memory_mib} MiB, {rep_a.accel.upper()}"),
-            ("memory image", f"{res_a['memory_bytes'] / 2**20:.1f} MiB"),
-            ("dirty disk chunks at suspend", str(res_a["dirty_chunks"])),
+            ("memory image", f"{res_a.memory_bytes / 2**20:.1f} MiB"),
+            ("dirty disk chunks at suspend", str(res_a.dirty_chunks)),
         ]
 
         site_b = await open_site(SiteCache(work / "site-b"), acct)
@@ -141,10 +141,11 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
             await site_a.store.acquire(pid, site_a.holder())
         except LockHeld as e:
             rep.refused = e.message
-        st = run_b.status()["sources"]["server"]
-        rep.facts.append(("fetched by site B to resume", f"{st['bytes'] / 2**20:.1f} MiB in {st['hits']} chunks"))
+        st = run_b.status().source("server")
+        assert st is not None
+        rep.facts.append(("fetched by site B to resume", f"{st.bytes / 2**20:.1f} MiB in {st.hits} chunks"))
         if rep_b.memory == "lazy":
-            mem = run_b.status()["memory"]
+            mem = run_b.status().memory
             rep.facts.append(("guest memory at site B", f"lazy: the guest ran before its RAM was in; "
                                                         f"{mem['requests']} page faults served on demand"))
         await timed("site B: isrsync suspend (commit version 3)", run_b.suspend())

@@ -1,27 +1,103 @@
-"""The control socket of a running parcel: how `isrsync suspend|sync|status` reach
-the `isrsync resume` process that serves the guest's disk and runs its QEMU.
+"""The control socket of a running parcel: how `isrsync suspend|sync|status|sources`
+reach the `isrsync resume` process that serves the guest's disk and runs its QEMU.
 
-One JSON object per line each way: a request ``{"cmd": ...}``, then one reply
-``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ..., "kind": ...,
-"exit_code": ...}``. The socket lives in the user's runtime directory (mode
-0700) next to the run's NBD and QMP sockets.
+Requests are typed values (:data:`Request`); on the wire, one JSON object per
+line each way: a request ``{"cmd": ..., <fields>}``, then one reply ``{"ok":
+true, "result": ...}`` or ``{"ok": false, "error": ..., "kind": ...,
+"exit_code": ...}``. A request is decoded and checked before it reaches the
+handler, so the handler never sees a malformed one. The socket lives in the
+user's runtime directory (mode 0700) next to the run's NBD and QMP sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Union
 
 from .. import errors
-from ..errors import IsrError, NotFound
+from ..errors import IsrError, NotFound, UsageError
 from .account import runtime_dir
+from .results import RunStatus, SuspendResult, SyncResult
+from .sources import SourceInfo
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+@dataclass(frozen=True)
+class StatusRequest:
+    cmd = "status"
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    cmd = "sync"
+
+
+@dataclass(frozen=True)
+class SuspendRequest:
+    cmd = "suspend"
+    keep_lock: bool = False
+
+
+@dataclass(frozen=True)
+class ListSources:
+    cmd = "sources"
+
+
+@dataclass(frozen=True)
+class AddSource:
+    """Offer a lookaside source to the running parcel (today: a cache directory)."""
+
+    cmd = "add-source"
+    path: str
+
+
+@dataclass(frozen=True)
+class WithdrawSource:
+    cmd = "withdraw-source"
+    name: str
+
+
+Request = Union[StatusRequest, SyncRequest, SuspendRequest, ListSources, AddSource, WithdrawSource]
+_REQUESTS: dict[str, type] = {c.cmd: c for c in (StatusRequest, SyncRequest, SuspendRequest, ListSources,
+                                                  AddSource, WithdrawSource)}
+# Requests that only read: answered at once, even while a suspend or sync runs.
+READ_ONLY = (StatusRequest, ListSources)
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+def encode_request(req: Request) -> bytes:
+    return json.dumps({"cmd": req.cmd, **dataclasses.asdict(req)}).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    """A request from one line, with every field's type checked (UsageError if not)."""
+    try:
+        d = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("malformed control request") from None
+    if not isinstance(d, dict):
+        raise UsageError("malformed control request")
+    cls = _REQUESTS.get(d.get("cmd"))  # type: ignore[arg-type]
+    if cls is None:
+        raise UsageError(f"unknown control command {str(d.get('cmd'))[:40]!r}")
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            if f.default is dataclasses.MISSING:
+                raise UsageError(f"control command {cls.cmd!r} needs {f.name!r}")
+            continue
+        want = {"bool": bool, "str": str}[str(f.type)]
+        if type(d[f.name]) is not want:
+            raise UsageError(f"control command {cls.cmd!r}: {f.name!r} must be a {want.__name__}")
+        kw[f.name] = d[f.name]
+    return cls(**kw)
 
 
 def run_dir(site_id: str, parcel: uuid.UUID) -> Path:
@@ -65,14 +141,10 @@ class ControlServer:
         try:
             line = await reader.readline()
             try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError
-                reply: dict[str, Any] = {"ok": True, "result": await self.handler(req)}
+                result = await self.handler(decode_request(line))
+                reply: dict[str, Any] = {"ok": True, "result": _plain(result)}
             except IsrError as e:
                 reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code}
-            except (ValueError, UnicodeDecodeError):
-                reply = {"ok": False, "error": "malformed control request", "kind": "UsageError", "exit_code": 2}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -81,21 +153,33 @@ class ControlServer:
             writer.close()
 
 
-async def call(path: Path, req: dict[str, Any], timeout: float = 3600.0) -> Any:
-    """Send one request to a running parcel and return its result (or raise its error)."""
+def _plain(result: Any) -> Any:
+    if isinstance(result, list):
+        return [_plain(r) for r in result]
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    return result
+
+
+async def call(path: Path, req: Request, timeout: float = 3600.0) -> Any:
+    """Send one request to a running parcel and return its result as JSON values
+    (or raise its error); :mod:`isrsync.site.session` turns it into a typed value."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotFound("that parcel is not running at this site", hint="`isrsync status` shows what runs here") from None
     try:
-        writer.write(json.dumps(req).encode() + b"\n")
+        writer.write(encode_request(req))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     finally:
         writer.close()
     if not line:
         raise errors.QemuError("the running parcel hung up without answering")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise errors.QemuError("the running parcel sent a malformed reply") from None
     if reply.get("ok"):
         return reply.get("result")
     cls = getattr(errors, str(reply.get("kind")), None)
@@ -103,3 +187,51 @@ async def call(path: Path, req: dict[str, Any], timeout: float = 3600.0) -> Any:
         cls = IsrError
     e = cls(str(reply.get("error")), hint="")
     raise e
+
+
+# -- typed requests from the CLI -----------------------------------------------------------
+
+
+async def ask_status(path: Path) -> RunStatus:
+    return RunStatus.from_json(await call(path, StatusRequest(), timeout=30))
+
+
+async def ask_suspend(path: Path, keep_lock: bool = False) -> SuspendResult:
+    return SuspendResult.from_json(await call(path, SuspendRequest(keep_lock)))
+
+
+async def ask_sync(path: Path) -> SyncResult:
+    return SyncResult.from_json(await call(path, SyncRequest()))
+
+
+async def ask_sources(path: Path) -> list[SourceInfo]:
+    rows = await call(path, ListSources(), timeout=30)
+    if not isinstance(rows, list):
+        raise errors.QemuError("the running parcel sent a malformed list of sources")
+    return [SourceInfo.from_json(r) for r in rows]
+
+
+async def ask_add_source(path: Path, directory: str) -> SourceInfo:
+    return SourceInfo.from_json(await call(path, AddSource(directory), timeout=60))
+
+
+async def ask_withdraw_source(path: Path, name: str) -> None:
+    await call(path, WithdrawSource(name), timeout=60)
+
+
+async def find_run(site_id: str, ref: str | None) -> tuple[Path, RunStatus]:
+    """The control socket and status of the parcel ``ref`` (name or id) running at
+    this site, or of the only one running when ``ref`` is None. Needs no login."""
+    runs = []
+    for _, sock in running(site_id):
+        with contextlib.suppress(NotFound, errors.QemuError, OSError, asyncio.TimeoutError):
+            runs.append((sock, await ask_status(sock)))
+    if ref is not None:
+        runs = [(p, r) for p, r in runs if ref in (r.parcel, r.name)]
+        if not runs:
+            raise NotFound(f"parcel {ref} is not running at this site", hint="`isrsync status` shows what runs here")
+    if not runs:
+        raise NotFound("no parcel is running at this site", hint="`isrsync resume PARCEL` runs one")
+    if len(runs) > 1:
+        raise UsageError("several parcels run here", hint="name the one you mean")
+    return runs[0]

@@ -34,7 +34,7 @@ from ..errors import ChunkUnavailable, IntegrityError, IsrError
 from ..manifest import Keyring
 from ..vm.nbd import NbdError
 from .cache import SiteCache
-from .sources import SourceChain
+from .sources import SourceRegistry
 from .state import ParcelState
 
 log = logging.getLogger("isrsync.disk")
@@ -83,7 +83,7 @@ class ParcelDisk:
         keyring: Keyring,
         secret: bytes,
         cache: SiteCache,
-        chain: SourceChain,
+        chain: SourceRegistry,
         state: ParcelState,
         *,
         read_only: bool = False,
@@ -116,10 +116,7 @@ class ParcelDisk:
 
     def current_keyring(self) -> Keyring:
         """The keyring of the disk as the guest sees it now (base + dirty)."""
-        ring = self.keyring.copy()
-        for i, r in self.dirty.items():
-            ring[i] = r
-        return ring
+        return self.keyring.overlay(self.dirty)
 
     def _note(self, idxs: range) -> None:
         for i in idxs:
@@ -156,12 +153,17 @@ class ParcelDisk:
         if todo:
             local = await loop.run_in_executor(self._pool, self._local, [refs[k] for k in todo])
             missing = []
+            hit_bytes = hits = 0
             for k, plain in zip(todo, local):
                 if plain is None:
                     missing.append(k)
                 else:
                     result[k] = plain
-                    self.stats.cache_hits += 1
+                    if not refs[k][1].is_zero:
+                        hits += 1
+                        hit_bytes += len(plain)
+            self.stats.cache_hits += hits
+            self.chain.note_cache_hits(hits, hit_bytes)
             if missing:
                 await self._fetch([refs[k] for k in missing], result, missing)
         for k, (i, _) in enumerate(refs):

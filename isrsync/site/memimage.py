@@ -45,7 +45,7 @@ from ..manifest import Keyring, MemoryImage
 from .cache import SiteCache
 from .disk import decode_cached
 from .packer import PackSink, fd_chunks, pack_chunks
-from .sources import SourceChain
+from .sources import SourceRegistry
 
 WINDOW = 16  # chunks per fetch batch
 AHEAD = 4  # batches in flight ahead of the writer
@@ -186,7 +186,7 @@ class RamFetcher:
     background push decodes on the niced one, so that the guest keeps its core.
     """
 
-    def __init__(self, ram: Keyring, cache: SiteCache, chain: SourceChain) -> None:
+    def __init__(self, ram: Keyring, cache: SiteCache, chain: SourceRegistry) -> None:
         self.ram = ram
         self.cache = cache
         self.chain = chain
@@ -232,7 +232,7 @@ class RamFetcher:
                 fut.set_result(plain)
 
 
-async def read_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> bytes:
+async def read_stream(mem: MemoryImage, cache: SiteCache, chain: SourceRegistry) -> bytes:
     """A small stream (device state only, RAM kept apart) decoded whole, in memory."""
     plains = await decode_chunks(mem.refs, list(range(len(mem.refs))), cache, chain, default_pool())
     if any(p is None for p in plains):
@@ -240,7 +240,7 @@ async def read_stream(mem: MemoryImage, cache: SiteCache, chain: SourceChain) ->
     return b"".join(plains)  # type: ignore[arg-type]
 
 
-async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain: SourceChain,
+async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain: SourceRegistry,
                         pool: Executor) -> list[bytes | None]:
     """Chunks ``idxs`` of ``ring`` decoded on ``pool``: from the cache, the misses in one source request.
 
@@ -255,6 +255,9 @@ async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain:
 
     out = await loop.run_in_executor(pool, local)
     miss = [k for k, p in enumerate(out) if p is None]
+    hits = [k for k, p in enumerate(out) if p is not None and not refs[k].is_zero]
+    if hits:
+        chain.note_cache_hits(len(hits), sum(lengths[k] for k in hits))
     if miss:
         got = await chain.fetch_many([refs[k].tag for k in miss], required=False)
         found = [k for k in miss if refs[k].tag in got]
@@ -277,7 +280,7 @@ class Feeder:
 
     MAX_QUEUED = 8 << 20
 
-    def __init__(self, mem: MemoryImage, cache: SiteCache, chain: SourceChain) -> None:
+    def __init__(self, mem: MemoryImage, cache: SiteCache, chain: SourceRegistry) -> None:
         self.mem = mem
         self.cache = cache
         self.chain = chain

@@ -35,7 +35,7 @@ from .account import Account, add_parcel_key, host_name, open_store, session_key
 from .cache import SiteCache
 from .disk import decode_cached
 from .packer import DEFAULT_PACK_LIMIT, PackSink, pack_stream
-from .sources import ServerSource, SourceChain
+from .sources import ServerSource, Source, SourceRegistry
 from .state import ParcelState
 
 Progress = Callable[[int], None]
@@ -67,10 +67,13 @@ class Site:
     def state(self, parcel: uuid.UUID) -> ParcelState:
         return ParcelState(self.cache, parcel, self.master_key(parcel))
 
-    def chain(self, parcel: uuid.UUID) -> SourceChain:
-        chain = SourceChain(self.cache)
-        chain.add(ServerSource(self.store, parcel))
-        return chain
+    def registry(self, parcel: uuid.UUID, lookaside: Iterable[Source] = ()) -> SourceRegistry:
+        """The sources a resume or hoard of ``parcel`` asks: the home server and ``lookaside``."""
+        reg = SourceRegistry(self.cache)
+        reg.add(ServerSource(self.store, parcel))
+        for src in lookaside:
+            reg.add(src)
+        return reg
 
     async def close(self) -> None:
         await self.store.close()
@@ -125,7 +128,7 @@ def boot_tags(vm: dict[str, Any]) -> set[bytes]:
 
 
 async def write_blob(
-    blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceChain, pool: Executor | None = None
+    blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceRegistry, pool: Executor | None = None
 ) -> None:
     """Decode an object (a kernel, an initrd, guest RAM) into ``fd``, fetching as needed.
 
@@ -391,10 +394,12 @@ async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *,
 
 
 async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+                progress: Callable[[int, int], None] | None = None,
+                lookaside: Iterable[Source] = ()) -> tuple[int, int]:
     """Fetch every chunk of a version into the cache (fully proactive policy).
 
-    Restartable: what is already cached is skipped. Returns (fetched, total).
+    Lookaside sources are asked before the server. Restartable: what is
+    already cached is skipped. Returns (fetched, total).
     """
     info = await site.store.parcel(parcel)
     v = version or info.version
@@ -409,33 +414,53 @@ async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
     tags = set(m.keyring.tags()) | boot_tags(m.vm)
     if m.memory is not None:
         tags |= m.memory.tags()
-    missing = await asyncio.to_thread(site.cache.missing, sorted(tags))
-    chain = site.chain(parcel)
+    reg = site.registry(parcel, lookaside)
+    try:
+        fetched = await fetch_missing(site.cache, reg, tags, progress)
+    finally:
+        await reg.close()
+    return fetched, len(tags)
+
+
+async def fetch_missing(cache: SiteCache, reg: SourceRegistry, tags: Iterable[bytes],
+                        progress: Callable[[int, int], None] | None = None) -> int:
+    """Bring every tag the cache lacks into it; returns how many were fetched.
+
+    The one fetch-everything loop: hoard, and the baseline and proactive
+    resume policies.
+    """
+    missing = await asyncio.to_thread(cache.missing, sorted(set(tags)))
     done = 0
     for i in range(0, len(missing), 64):
         batch = missing[i : i + 64]
-        await chain.fetch_many(batch)
+        await reg.fetch_many(batch)
         done += len(batch)
         if progress:
             progress(done, len(missing))
-    return len(missing), len(tags)
+    return len(missing)
 
 
-async def discard(site: Site, parcel: uuid.UUID) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DiscardResult:
+    dirty_chunks_dropped: int
+    released_lock: bool
+    base: int | None
+
+
+async def discard(site: Site, parcel: uuid.UUID) -> DiscardResult:
     """Forget this site's uncommitted changes and give up the lock if we hold it."""
     state = site.state(parcel)
-    meta = state.get_meta()
-    n = len(state.dirty())
-    state.clear_dirty()
-    state.save_memory(None)
-    state.set_meta(status="idle", staged=[], staged_tags=[])
-    state.close()
+    try:
+        base = state.info().base
+        n = state.discarded()
+    finally:
+        state.close()
     lock = await site.store.lock_status(parcel)
     released = False
     if lock.holder is not None and lock.holder.site == site.site_id:
         await site.store.release(parcel, lock.epoch)
         released = True
-    return {"dirty_chunks_dropped": n, "released_lock": released, "base": meta.get("base")}
+    return DiscardResult(dirty_chunks_dropped=n, released_lock=released, base=base)
 
 
 async def rollback(site: Site, parcel: uuid.UUID, target: int) -> VersionInfo:

@@ -1,5 +1,5 @@
 """A parcel's run at this site, from resume to suspend: the long-running side of
-``isrsync resume``, and the offline commit of ``isrsync sync``.
+``isrsync resume``.
 
 :func:`run_parcel` resumes a :class:`~isrsync.site.runtime.Runtime` and serves
 it: control requests (status, sync, suspend) on the run's control socket,
@@ -14,54 +14,39 @@ import contextlib
 import signal
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import UsageError
-from .control import ControlServer, run_dir
-from .parcel import Site, commit_version, load_version
+from .control import (
+    READ_ONLY,
+    AddSource,
+    ControlServer,
+    ListSources,
+    Request,
+    StatusRequest,
+    SuspendRequest,
+    SyncRequest,
+    WithdrawSource,
+    run_dir,
+)
+from .parcel import Site
+from .policy import MemoryMode, Policy
+from .results import SuspendResult
 from .runtime import Events, Runtime
-
-
-async def sync_offline(site: Site, parcel: uuid.UUID) -> dict[str, Any]:
-    """Commit a suspend that could not reach the server (no VM running)."""
-    state = site.state(parcel)
-    try:
-        meta = state.get_meta()
-        if meta.get("status") != "suspended-local":
-            raise UsageError(f"parcel {parcel} has nothing to sync at this site")
-        base = await load_version(site, parcel, int(meta["base"]), state)
-        assert base.keyring is not None
-        ring = base.keyring.copy()
-        dirty = state.dirty()
-        for i, r in dirty.items():
-            if i < len(ring):
-                ring[i] = r
-        memory = state.load_memory()
-        v = await commit_version(
-            site, parcel, epoch=int(meta["epoch"]), parent=base, keyring=ring, dirty=list(dirty), memory=memory,
-            trace=state.load_trace(), release=True,
-            staged=[bytes.fromhex(x) for x in meta.get("staged", [])],
-            staged_tags=[bytes.fromhex(x) for x in meta.get("staged_tags", [])],
-        )
-        state.clear_dirty()
-        state.save_memory(None)
-        state.set_meta(status="idle", base=v.version, staged=[], staged_tags=[])
-        return {"version": v.version, "committed": True}
-    finally:
-        state.close()
+from .sources import Source
 
 
 async def run_parcel(
     site: Site,
     parcel: uuid.UUID,
     *,
-    policy: str = "auto",
+    policy: Policy | str = Policy.AUTO,
     version: int | None = None,
     display: str = "none",
     serial: Path | None = None,
     events: Events | None = None,
-    lookaside: list | None = None,
-    memory: str = "lazy",
+    lookaside: Sequence[Source] = (),
+    memory: MemoryMode | str = MemoryMode.LAZY,
 ) -> dict[str, Any]:
     """Resume a parcel and serve it until it is suspended or the guest powers off.
 
@@ -75,20 +60,30 @@ async def run_parcel(
     ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     busy = asyncio.Lock()  # one control operation at a time
 
-    async def handle(req: dict[str, Any]) -> Any:
-        cmd = req.get("cmd")
-        if cmd == "status":
+    async def handle(req: Request) -> Any:
+        if isinstance(req, StatusRequest):
             return rt.status()
+        if isinstance(req, ListSources):
+            return rt.sources()
+        if isinstance(req, AddSource):
+            info = await rt.add_source(req.path)
+            say("source", {"message": f"lookaside source {info.name} added", "name": info.name})
+            return info
+        if isinstance(req, WithdrawSource):
+            await rt.withdraw_source(req.name)
+            say("source", {"message": f"lookaside source {req.name} withdrawn", "name": req.name})
+            return {"withdrawn": req.name}
+        assert not isinstance(req, READ_ONLY)
         async with busy:
             if ended.done():
                 raise UsageError("the parcel is already suspended")
             if rt.guest_rebooted:  # it rebooted a moment ago: the run loop has not restarted it yet
                 await rt.reboot()
-            if cmd == "sync":
+            if isinstance(req, SyncRequest):
                 return await rt.sync()
-            if cmd == "suspend":
+            if isinstance(req, SuspendRequest):
                 try:
-                    res = await rt.suspend(bool(req.get("keep_lock")))
+                    res = await rt.suspend(req.keep_lock)
                 except BaseException as e:
                     if rt.qemu is None or not rt.qemu.alive:
                         # The guest is saved locally but the commit was refused
@@ -96,9 +91,9 @@ async def run_parcel(
                         ended.set_exception(e)
                         ended.exception()
                     raise
-                ended.set_result({"how": "suspended", **res})
+                ended.set_result({"how": "suspended", **res.to_json()})
                 return res
-        raise UsageError(f"unknown control command {cmd!r}")
+        raise UsageError(f"unknown control request {type(req).__name__}")
 
     ctl = ControlServer(rundir / "control.sock", handle)
     loop = asyncio.get_running_loop()
@@ -106,7 +101,7 @@ async def run_parcel(
     try:
         report = await rt.resume(version)
         await ctl.start()
-        say("resumed", report.__dict__)
+        say("resumed", report.to_json())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         stopper = asyncio.create_task(stop.wait())
@@ -126,16 +121,16 @@ async def run_parcel(
         if not ended.done():
             async with busy:
                 if not ended.done() and stop.is_set() and rt.qemu is not None and rt.qemu.alive:
-                    res = await rt.suspend()
-                    ended.set_result({"how": "suspended", **res})
+                    res: SuspendResult = await rt.suspend()
+                    ended.set_result({"how": "suspended", **res.to_json()})
                 elif not ended.done():
                     # The guest powered off (or QEMU died): keep its disk, no memory image.
                     code = rt.qemu.proc.returncode if rt.qemu and rt.qemu.proc else None
                     how = "powered-off" if code == 0 else "qemu-died"
                     if how == "qemu-died" and rt.qemu is not None:
                         say("error", {"message": f"QEMU exited with status {code}: {rt.qemu.log_tail(300)}"})
-                    res = await rt.commit_after_poweroff()
-                    ended.set_result({"how": how, "qemu_status": code, **res})
+                    off = await rt.commit_after_poweroff()
+                    ended.set_result({"how": how, "qemu_status": code, **off.to_json()})
         stopper.cancel()
         return ended.result()
     finally:

@@ -36,13 +36,12 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from ..chunk import CHUNK_SIZE
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
-from ..manifest import Keyring, Manifest, MemoryImage, dirty_since
+from ..manifest import Keyring, Manifest, MemoryImage
 from ..vm import migstream
 from ..vm.nbd import NbdServer
 from ..vm.postcopy import PostcopySource
@@ -53,41 +52,29 @@ from .parcel import (
     Site,
     blob_from,
     boot_tags,
-    commit_version,
+    fetch_missing,
     hardware_problems,
     load_version,
-    upload_cached,
     write_blob,
 )
-from .sources import SourceChain
+from .cachedir import CacheDirSource
+from .policy import MemoryMode, Policy
+from .results import PowerOffResult, ResumeReport, RunStatus, SuspendResult, SyncResult
+from .session import ParcelSession
+from .sources import Source, SourceInfo, SourceRegistry
+from .state import LocalStatus
 from .state import ParcelState
 
 log = logging.getLogger("isrsync.runtime")
 
-POLICIES = ("auto", "demand", "lookaside", "proactive", "baseline")
-# lazy: the guest runs once its device state is in, RAM follows (post-copy);
-# eager: all of RAM is in before the guest runs. Lazy falls back to eager where
-# the host cannot trap the guest's faults.
-MEMORY_MODES = ("lazy", "eager")
+POLICIES = tuple(p.value for p in Policy)
+MEMORY_MODES = tuple(m.value for m in MemoryMode)
 # How much of a lazy restore's RAM goes in before the guest starts (32 MiB): what
 # the guest touched first last time, decoded while QEMU builds its machine. More
 # would hold the guest back; less leaves it faulting on its working set (each
 # fault a round trip through QEMU).
 HOT_CHUNKS = 256
 Events = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class ResumeReport:
-    parcel: str
-    version: int
-    policy: str
-    accel: str
-    cold_boot: bool
-    local_changes: bool
-    seconds: dict[str, float] = field(default_factory=dict)
-    fetched_before_start: int = 0
-    memory: str = "none"  # how the memory image came back: lazy, eager, or none (cold boot)
 
 
 class Runtime:
@@ -98,20 +85,21 @@ class Runtime:
         site: Site,
         parcel: uuid.UUID,
         *,
-        policy: str = "auto",
+        policy: Policy | str = Policy.AUTO,
         display: str = "none",
         serial: Path | None = None,
         rundir: Path | None = None,
         events: Events | None = None,
-        lookaside: list | None = None,
+        lookaside: Sequence[Source] = (),
         trickle_settle: float = 30.0,
         trickle_rate: float = 8 << 20,
-        memory: str = "lazy",
+        memory: MemoryMode | str = MemoryMode.LAZY,
     ) -> None:
         if policy not in POLICIES:
             raise UsageError(f"unknown policy {policy!r}", hint=f"use one of {', '.join(POLICIES)}")
         if memory not in MEMORY_MODES:
             raise UsageError(f"unknown memory mode {memory!r}", hint=f"use one of {', '.join(MEMORY_MODES)}")
+        policy, memory = Policy(policy), MemoryMode(memory)
         self.site = site
         self.parcel = parcel
         self.policy = policy
@@ -120,7 +108,7 @@ class Runtime:
         self.rundir = rundir or Path(tempfile.mkdtemp(prefix="isrsync-run-"))
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.events = events or (lambda kind, data: None)
-        self.lookaside = lookaside or []
+        self.lookaside = list(lookaside)
         self.trickle_settle = trickle_settle
         self.trickle_rate = trickle_rate
         self.memory = memory
@@ -129,17 +117,15 @@ class Runtime:
         self.disk: ParcelDisk | None = None
         self.nbd: NbdServer | None = None
         self.qemu: Qemu | None = None
-        self.chain: SourceChain | None = None
-        self.base: Manifest | None = None
-        self.head: Manifest | None = None  # set when an older version was resumed
+        self.chain: SourceRegistry | None = None
+        self.name: str | None = None
+        self.session: ParcelSession | None = None  # the committed side: base, epoch, staged packs
         self.epoch = 0
         self._tasks: list[asyncio.Task] = []
         self._memfds: list[int] = []
         self._ram_prev = None  # the RAM keyring the guest was resumed or last saved from
         self._hot_prev: list[int] = []  # the hot RAM chunks of the image resumed
         self._dirty_since: dict[int, float] = {}
-        self.staged: list[bytes] = []
-        self.staged_tags: set[bytes] = set()
         self.report: ResumeReport | None = None
         self._fresh_lock = False
         self._closed = False
@@ -151,8 +137,11 @@ class Runtime:
         marks: dict[str, float] = {}
         site, parcel = self.site, self.parcel
         self.state = state = site.state(parcel)
-        meta = state.get_meta()
-        local = meta.get("status") in ("running", "suspended-local")
+        here = state.info()
+        self.name = here.name
+        if here.status is LocalStatus.FENCED:
+            state.start_running(0, 0, site.host)  # refused, with the one line that says why and what to do
+        local = here.status.has_lock
 
         t0 = time.perf_counter()
         try:
@@ -163,7 +152,8 @@ class Runtime:
                 raise
             online = False  # disconnected operation: resume our own local state
         if local:
-            base_v = int(meta["base"])
+            assert here.base is not None
+            base_v = here.base
             if version is not None and version != base_v:
                 raise Conflict(
                     f"this site has uncommitted changes on version {base_v}",
@@ -173,7 +163,8 @@ class Runtime:
             base_v = version or info.version
             if base_v < 1:
                 raise UsageError(f"parcel {info.name} has no version yet")
-        self.base = base = await load_version(site, parcel, base_v, state)
+        base = await load_version(site, parcel, base_v, state)
+        head: Manifest | None = None
         marks["manifest"] = time.perf_counter() - t0
         accel = accelerator(base.vm.get("accel", "auto") if base.vm.get("accel") == "kvm" else "auto")
         problems = hardware_problems(base.vm, accel)
@@ -184,23 +175,23 @@ class Runtime:
         if online:
             lock = await site.store.acquire(parcel, site.holder())
             # Ours before this call only if our own local state was made under it.
-            self._fresh_lock = not (local and lock.epoch == meta.get("epoch"))
-            if local and lock.epoch != meta.get("epoch"):
+            self._fresh_lock = not (local and lock.epoch == here.epoch)
+            if local and lock.epoch != here.epoch:
                 await site.store.release(parcel, lock.epoch)
-                raise Conflict(
-                    f"this site's uncommitted changes on version {base_v} were fenced off (the lock was broken "
-                    f"or taken elsewhere since)",
-                    hint="they are kept here; `isrsync discard` drops them so the parcel can be resumed",
-                )
+                state.fenced()
+                state.start_running(base_v, lock.epoch, site.host)  # refused: says fenced, and what to do
             self.epoch = lock.epoch
             if base_v != info.version:
                 # An older version resumed: its next commit goes on top of the head.
-                self.head = await load_version(site, parcel, info.version, state)
+                head = await load_version(site, parcel, info.version, state)
         else:
-            self.epoch = int(meta["epoch"])
+            assert here.epoch is not None
+            self.epoch = here.epoch
         marks["lock"] = time.perf_counter() - t0
         try:
-            return await self._start(base, base_v, memory_from_local=local, meta=meta, accel=accel,
+            staged, staged_tags = state.staged() if local else ([], set())
+            self.session = ParcelSession(site, parcel, state, base, self.epoch, head, staged, staged_tags)
+            return await self._start(base, base_v, memory_from_local=local, here=here.status, accel=accel,
                                      marks=marks, t_all=t_all, online=online)
         except BaseException:
             # Nothing runs: a lock this call took must not stay taken.
@@ -209,34 +200,30 @@ class Runtime:
                     await site.store.release(parcel, self.epoch)
             raise
 
-    async def _start(self, base: Manifest, base_v: int, *, memory_from_local: bool, meta: dict[str, Any],
+    async def _start(self, base: Manifest, base_v: int, *, memory_from_local: bool, here: LocalStatus,
                      accel: str, marks: dict[str, float], t_all: float, online: bool) -> ResumeReport:
         site, parcel, state, local = self.site, self.parcel, self.state, memory_from_local
         assert state is not None
-        self.staged = [bytes.fromhex(x) for x in meta.get("staged", [])] if local else []
-        self.staged_tags = {bytes.fromhex(x) for x in meta.get("staged_tags", [])} if local else set()
-        status = meta.get("status")
-        if status == "suspended-local":
+        if here is LocalStatus.SUSPENDED_LOCAL:
             memory = state.load_memory()
-        elif status == "running" and state.dirty():
+        elif here is LocalStatus.RUNNING and state.dirty():
             # A session that crashed: its disk changes survive, its memory did not
             # (an older image would not match the disk): the guest cold-boots.
             memory = None
         else:
             memory = base.memory
 
-        self.chain = chain = site.chain(parcel)
-        if self.policy in ("lookaside", "auto"):
-            for src in self.lookaside:
-                chain.add(src)
+        # Lookaside sources count only under the policies that use them; the
+        # others measure the server alone (paper section 6).
+        self.chain = chain = site.registry(parcel, self.lookaside if self.policy.uses_lookaside else ())
         assert base.keyring is not None
         self.disk = disk = ParcelDisk(base.keyring, site.secret(), site.cache, chain, state)
 
         t0 = time.perf_counter()
         fetched = 0
-        if self.policy in ("baseline", "proactive"):
+        if self.policy.fetches_everything_first:
             fetched = await self._fetch_everything(memory)
-            if self.policy == "proactive" and fetched:
+            if self.policy is Policy.PROACTIVE and fetched:
                 self.events("warning", {"message": f"the cache was not fully hoarded: fetched {fetched} chunk(s)"})
         marks["fetch_before_start"] = time.perf_counter() - t0
 
@@ -248,7 +235,7 @@ class Runtime:
         ram = memory.ram if memory is not None else None
         self._ram_prev = ram
         self._hot_prev = list(memory.hot) if memory is not None else []
-        lazy = ram is not None and self.memory == "lazy" and postcopy_usable()
+        lazy = ram is not None and self.memory is MemoryMode.LAZY and postcopy_usable()
         # An image from before RAM was kept apart is one big stream that QEMU
         # parses while it arrives; otherwise the stream is device state only
         # (a few hundred KiB), decoded whole.
@@ -330,14 +317,13 @@ class Runtime:
         if local:
             # The running guest supersedes a locally saved image: never restore it twice.
             state.save_memory(None)
-        state.set_meta(status="running", base=base_v, epoch=self.epoch, host=site.host,
-                       staged=[p.hex() for p in self.staged], staged_tags=sorted(t.hex() for t in self.staged_tags))
-        if self.policy == "auto":
+        await asyncio.to_thread(state.start_running, base_v, self.epoch, site.host)
+        if self.policy.prefetches:
             self._tasks.append(asyncio.create_task(self._prefetch_and_hoard(base, memory)))
         if online:
             self._tasks.append(asyncio.create_task(self._trickle()))
         self.report = ResumeReport(
-            str(parcel), base_v, self.policy, accel, memory is None, local, marks, fetched,
+            str(parcel), base_v, self.policy.value, accel, memory is None, local, marks, fetched,
             memory="none" if memory is None else "lazy" if lazy else "eager",
         )
         if self.postcopy is not None:
@@ -412,14 +398,13 @@ class Runtime:
         return cfg, decode_all()
 
     async def _fetch_everything(self, memory: MemoryImage | None) -> int:
-        assert self.base is not None and self.base.keyring is not None and self.chain is not None
-        tags = set(self.base.keyring.tags()) | boot_tags(self.base.vm)
+        assert self.session is not None and self.chain is not None
+        base = self.session.base
+        assert base.keyring is not None
+        tags = set(base.keyring.tags()) | boot_tags(base.vm)
         if memory is not None:
             tags |= memory.tags()
-        missing = await asyncio.to_thread(self.site.cache.missing, sorted(tags))
-        for i in range(0, len(missing), 64):
-            await self.chain.fetch_many(missing[i : i + 64])
-        return len(missing)
+        return await fetch_missing(self.site.cache, self.chain, tags)
 
     async def _prefetch_and_hoard(self, base: Manifest, memory: MemoryImage | None) -> None:
         """Trace order first (what the last session touched), then the rest slowly."""
@@ -454,48 +439,62 @@ class Runtime:
                     self.disk.dirty[i].tag for i, t in self._dirty_since.items()
                     if now - t >= self.trickle_settle and i in self.disk.dirty and not self.disk.dirty[i].is_zero
                 ]
-                todo = [t for t in dict.fromkeys(settled) if t not in self.staged_tags]
+                assert self.session is not None
+                todo = [t for t in dict.fromkeys(settled) if t not in self.session.staged_tags]
                 if todo:
-                    await self._upload_tags(todo[: max(1, int(self.trickle_rate * 5 // (128 << 10)))])
+                    await self.session.upload_settled(todo[: max(1, int(self.trickle_rate * 5 // (128 << 10)))])
         except asyncio.CancelledError:
             raise
         except IsrError as e:
             log.info("trickle paused: %s", e)
 
-    async def _upload_tags(self, tags: list[bytes]) -> None:
-        for info in await upload_cached(self.site, self.parcel, tags, strict=False):
-            self.staged.append(info.pack_id)
-            self.staged_tags |= {e.tag for e in info.entries}
-        assert self.state is not None
-        self.state.set_meta(staged=[p.hex() for p in self.staged],
-                            staged_tags=sorted(t.hex() for t in self.staged_tags))
-
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RunStatus:
         d = self.disk
         assert d is not None and self.chain is not None
-        residue = [r.tag for r in d.dirty.values() if not r.is_zero and r.tag not in self.staged_tags]
-        return {
-            "parcel": str(self.parcel), "base": self.base.version if self.base else None, "policy": self.policy,
-            "dirty_chunks": len(d.dirty), "trickled_chunks": len(self.staged_tags),
-            "residue_chunks": len(set(residue)), "reads": d.stats.reads, "writes": d.stats.writes,
-            "misses": d.stats.misses, "cache_hits": d.stats.cache_hits,
-            "sources": {n: {"hits": s.hits, "bytes": s.bytes, "bad": s.bad, "errors": s.errors,
-                            "mean_latency_ms": round(s.mean_latency * 1000, 2)}
-                        for n, s in self.chain.stats().items()},
-            "qemu": "running" if self.qemu and self.qemu.alive else "stopped",
-            "memory": {"mode": self.report.memory if self.report else None,
-                       **(self.postcopy.stats.summary() if self.postcopy is not None else {})},
-            "report": self.report.__dict__ if self.report else None,
-        }
+        assert self.session is not None
+        staged = self.session.staged_tags
+        residue = [r.tag for r in d.dirty.values() if not r.is_zero and r.tag not in staged]
+        return RunStatus(
+            parcel=str(self.parcel), name=self.name, base=self.session.base.version, policy=self.policy.value,
+            dirty_chunks=len(d.dirty), trickled_chunks=len(staged), residue_chunks=len(set(residue)),
+            reads=d.stats.reads, writes=d.stats.writes, misses=d.stats.misses, cache_hits=d.stats.cache_hits,
+            qemu="running" if self.qemu and self.qemu.alive else "stopped", sources=self.chain.infos(),
+            memory={"mode": self.report.memory if self.report else None,
+                    **(self.postcopy.stats.summary() if self.postcopy is not None else {})},
+            report=self.report,
+        )
+
+    # -- lookaside sources -------------------------------------------------------------------
+
+    def sources(self) -> list[SourceInfo]:
+        assert self.chain is not None
+        return self.chain.infos()
+
+    async def add_source(self, path: str) -> SourceInfo:
+        """Offer another site's cache directory to the running parcel (read-only lookaside)."""
+        assert self.chain is not None
+        src = await asyncio.to_thread(CacheDirSource, path)
+        if not self.policy.uses_lookaside:
+            await src.close()
+            raise UsageError(f"the {self.policy.value} policy asks no lookaside source",
+                             hint="resume with --policy lookaside or auto")
+        self.chain.add(src)
+        return next(i for i in self.chain.infos() if i.name == src.name)
+
+    async def withdraw_source(self, name: str) -> None:
+        assert self.chain is not None
+        if name in ("server", "cache"):
+            raise UsageError(f"the {name} source cannot be withdrawn")
+        await self.chain.withdraw(name)
 
     # -- suspend and sync ------------------------------------------------------------------
 
-    async def suspend(self, keep_lock: bool = False) -> dict[str, Any]:
+    async def suspend(self, keep_lock: bool = False) -> SuspendResult:
         """Save memory and disk, commit, release the lock (unless ``keep_lock``)."""
-        q, disk, state = self.qemu, self.disk, self.state
-        assert q is not None and disk is not None and state is not None and self.base is not None
+        q, disk, session = self.qemu, self.disk, self.session
+        assert q is not None and disk is not None and session is not None
         t0 = time.perf_counter()
         memory, saved = await self._save_memory()
         t_mem = time.perf_counter() - t0
@@ -503,22 +502,18 @@ class Runtime:
         await q.quit()
         assert self.nbd is not None
         await self.nbd.close()
-        await disk.flush()
-        state.save_memory(memory)
-        state.save_trace(disk.stats.first_access)
-        state.set_meta(status="suspended-local")
-        out: dict[str, Any] = {"memory_bytes": saved["bytes"], "memory_seconds": round(t_mem, 3),
-                               "memory_new_chunks": saved["new_chunks"], "memory_kept_chunks": saved["kept_chunks"],
-                               "dirty_chunks": len(disk.dirty)}
+        await session.save_locally(disk, memory)
+        done = dict(memory_bytes=saved["bytes"], memory_seconds=round(t_mem, 3),
+                    memory_new_chunks=saved["new_chunks"], memory_kept_chunks=saved["kept_chunks"],
+                    dirty_chunks=len(disk.dirty))
         try:
-            v = await self._commit(memory, release=not keep_lock)
+            v = await session.commit(disk.current_keyring(), list(disk.dirty), memory, disk.stats.first_access,
+                                     release=not keep_lock)
         except Unreachable as e:
-            out.update(committed=False, reason=e.message)
             self.events("offline", {"message": "suspended locally; the server could not be reached"})
-            return out
-        out.update(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
-                   kept_lock=keep_lock)
-        return out
+            return SuspendResult(committed=False, reason=e.message, **done)
+        return SuspendResult(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
+                             kept_lock=keep_lock, **done)
 
     async def _save_memory(self) -> tuple[MemoryImage, dict[str, int]]:
         """Stop the guest; save its device state, then its RAM in place (the guest stays stopped).
@@ -550,32 +545,10 @@ class Runtime:
         hot = (i for i in dict.fromkeys([*touched, *self._hot_prev]) if i < len(ram) and not ram[i].is_zero)
         return list(itertools.islice(hot, HOT_CHUNKS))
 
-    async def _commit(self, memory: MemoryImage | None, release: bool) -> Any:
-        disk, state = self.disk, self.state
-        assert disk is not None and state is not None and self.base is not None
-        ring = disk.current_keyring()
-        parent, dirty = self.base, list(disk.dirty)
-        if self.head is not None:
-            assert self.head.keyring is not None
-            parent = self.head
-            dirty = dirty_since(self.head.keyring, ring) if ring.size == self.head.keyring.size else list(range(len(ring)))
-        v = await commit_version(
-            self.site, self.parcel, epoch=self.epoch, parent=parent, keyring=ring, dirty=dirty,
-            memory=memory, trace=disk.stats.first_access, release=release,
-            staged=self.staged, staged_tags=self.staged_tags,
-        )
-        self.head = None
-        state.clear_dirty()
-        state.save_memory(None)
-        self.staged, self.staged_tags = [], set()
-        state.set_meta(status="idle" if release else "running", base=v.version, epoch=self.epoch,
-                       staged=[], staged_tags=[])
-        return v
-
-    async def sync(self) -> dict[str, Any]:
+    async def sync(self) -> SyncResult:
         """Commit now and keep running: a brief pause while the memory image is saved."""
-        q, disk = self.qemu, self.disk
-        assert q is not None and disk is not None and self.base is not None
+        q, disk, session = self.qemu, self.disk, self.session
+        assert q is not None and disk is not None and session is not None
         t0 = time.perf_counter()
         try:
             memory, _ = await self._save_memory()
@@ -590,37 +563,31 @@ class Runtime:
         ring = disk.current_keyring()
         await q.cont()  # the guest runs on; later writes stay dirty for the next commit
         paused = time.perf_counter() - t0
-        v = await commit_version(
-            self.site, self.parcel, epoch=self.epoch, parent=self.base, keyring=ring, dirty=list(snapshot),
-            memory=memory, trace=disk.stats.first_access, release=False,
-            staged=self.staged, staged_tags=self.staged_tags,
-        )
-        # The new version is the base now; chunks rewritten since the snapshot stay dirty.
-        self.base = await load_version(self.site, self.parcel, v.version, self.state)
-        assert self.base.keyring is not None and self.state is not None
-        disk.keyring = self.base.keyring
-        done = [i for i, r in snapshot.items() if disk.dirty.get(i) is r]
-        for i in done:
+        # Chunks rewritten since the snapshot stay dirty for the next commit.
+        covered = lambda: [i for i, r in snapshot.items() if disk.dirty.get(i) is r]  # noqa: E731
+        v = await session.commit(ring, list(snapshot), memory, disk.stats.first_access, release=False,
+                                 running=True, done=covered())
+        base = await session.rebase(v.version)
+        assert base.keyring is not None
+        disk.keyring = base.keyring
+        for i in covered():
             disk.dirty.pop(i, None)
-        self.state.drop_dirty(done)
-        self.staged, self.staged_tags = [], set()
-        self.state.set_meta(base=v.version, staged=[], staged_tags=[])
-        return {"version": v.version, "paused_seconds": round(paused, 3), "seconds": round(time.perf_counter() - t0, 3)}
+        return SyncResult(version=v.version, paused_seconds=round(paused, 3),
+                          seconds=round(time.perf_counter() - t0, 3))
 
-    async def commit_after_poweroff(self) -> dict[str, Any]:
+    async def commit_after_poweroff(self) -> PowerOffResult:
         """The guest shut itself down: commit its disk (the next resume cold-boots)."""
         await self._stop_tasks()
-        assert self.nbd is not None and self.disk is not None and self.state is not None
+        disk, session = self.disk, self.session
+        assert self.nbd is not None and disk is not None and session is not None
         await self.nbd.close()
-        await self.disk.flush()
-        self.state.save_memory(None)
-        self.state.save_trace(self.disk.stats.first_access)
-        self.state.set_meta(status="suspended-local")
+        await session.save_locally(disk, None)
         try:
-            v = await self._commit(None, release=True)
+            v = await session.commit(disk.current_keyring(), list(disk.dirty), None, disk.stats.first_access,
+                                     release=True)
         except Unreachable as e:
-            return {"committed": False, "reason": e.message}
-        return {"committed": True, "version": v.version}
+            return PowerOffResult(committed=False, reason=e.message)
+        return PowerOffResult(committed=True, version=v.version)
 
     async def wait_guest(self) -> int | None:
         assert self.qemu is not None
@@ -638,14 +605,14 @@ class Runtime:
         boot files to boot from anyway. Whatever was in RAM is gone (as on any
         reboot); the disk, its dirty chunks and the lock carry on.
         """
-        assert self.base is not None and self.report is not None and self.qemu is not None
+        assert self.session is not None and self.report is not None and self.qemu is not None
         if self.postcopy is not None:
             await self.postcopy.close()
             self.postcopy = None
         await self.qemu.close()
         self._close_memfds()
         self._ram_prev, self._hot_prev = None, []
-        cfg, boot_files = self._vm_config(self.base, self.report.accel, boot=True)
+        cfg, boot_files = self._vm_config(self.session.base, self.report.accel, boot=True)
         self.qemu = Qemu(cfg, self.rundir, self.rundir / "nbd.sock", serial=self.serial)
         await self.qemu.start(pass_fds=self._memfds, machine=boot_files)
 
@@ -678,6 +645,8 @@ class Runtime:
         if self.disk is not None:
             with contextlib.suppress(IsrError, QemuError, OSError):
                 await self.disk.flush()
+        if self.chain is not None:
+            await self.chain.close()
         self._close_memfds()
         if self.state is not None:
             self.state.close()

@@ -1,19 +1,22 @@
-"""Lookaside sources and the chain that asks them (DESIGN.md, "Site").
+"""Lookaside sources and the registry that asks them (DESIGN.md, "Site").
 
 A :class:`Source` is anything that may hold an encoded chunk by tag: the home
-server, a USB medium, a LAN peer. It need not be trusted: the chain checks
-every answer against the tag and asks the next source when the check fails, so
-a stale or hostile source can only fail to help. Sources are asked in order of
-their cost estimate; they can be added and withdrawn while a guest runs (a USB
-key plugged in or yanked), and the disk code never knows which one answered.
+server, another site's cache directory, a USB medium, a LAN peer. It need not be
+trusted: the registry checks every answer against the tag and asks the next
+source when the check fails, so a stale or hostile source can only fail to help.
+Sources are asked in order of their cost estimate; they are added and withdrawn
+while a guest runs (a USB key plugged in or yanked, a directory named by the
+user), and the disk code never knows which one answered. Feeders (the CLI, a
+udev watcher, an mDNS browser) only add and withdraw; they never fetch.
 
-The site cache is not a Source here: it is consulted before the chain (on the
-disk's worker threads) and every chunk the chain fetches is stored in it.
+The site cache is not a Source here: it is consulted first and every chunk the
+registry fetches is stored in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 import uuid
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from ..chunk import tag_of
-from ..errors import ChunkUnavailable
+from ..errors import ChunkUnavailable, NotFound, UsageError
 from ..pack import PackEntry
 from ..store.base import Store
 from .cache import SiteCache
@@ -30,11 +33,26 @@ from .cache import SiteCache
 log = logging.getLogger("isrsync.sources")
 
 
+class SourceKind(str, enum.Enum):
+    """What a source is; decides nothing about trust (every answer is verified)."""
+
+    SERVER = "server"
+    CACHE_DIR = "cache-dir"
+    MEDIUM = "medium"
+    PEER = "peer"
+    OTHER = "other"
+
+
 @runtime_checkable
 class Source(Protocol):
-    """Something that may hold encoded chunks by tag."""
+    """Something that may hold encoded chunks by tag.
+
+    ``name`` is unique within a registry (adding a second source of the same
+    name replaces the first); ``kind`` says what it is, for people.
+    """
 
     name: str
+    kind: SourceKind
 
     def cost(self) -> float:
         """Estimated seconds to fetch one chunk (lower is asked first)."""
@@ -43,7 +61,12 @@ class Source(Protocol):
         """Whatever of ``tags`` this source can supply (unverified bytes).
 
         Never raises for a missing chunk; raises only when the source as a whole
-        failed (it is then skipped for this request)."""
+        failed (it is then skipped for this request). Must not block the event
+        loop: file or socket work runs in a thread or is awaited.
+        """
+
+    async def close(self) -> None:
+        """Release what the source holds open (called when it is withdrawn)."""
 
 
 @dataclass
@@ -57,6 +80,25 @@ class SourceStats:
     @property
     def mean_latency(self) -> float:
         return self.seconds / self.hits if self.hits else 0.0
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """One row of ``isrsync sources``: a source and what it has done so far."""
+
+    name: str
+    kind: str
+    cost_ms: float
+    hits: int
+    bytes: int
+    bad: int
+    errors: int
+    mean_latency_ms: float
+    penalty_s: float = 0.0
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceInfo":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass
@@ -75,8 +117,17 @@ class _Entry:
         self.penalty = self.penalty / 2 if self.penalty > 0.01 else 0.0
 
 
-class SourceChain:
-    """Fetch chunks by tag from the cheapest source that has them, once each."""
+def _kind(source: Source) -> SourceKind:
+    return getattr(source, "kind", SourceKind.OTHER)
+
+
+class SourceRegistry:
+    """The sources of one site (or one running parcel), asked cheapest first.
+
+    Fetches chunks by tag from the cheapest source that has them, once each:
+    concurrent requests for one tag share one fetch. Cache hits are counted
+    here too (the disk reports them), so one table says who served what.
+    """
 
     def __init__(self, cache: SiteCache) -> None:
         self.cache = cache
@@ -88,16 +139,57 @@ class SourceChain:
     # -- membership ----------------------------------------------------------------
 
     def add(self, source: Source) -> None:
+        """Add a source (or replace the one of the same name, keeping its statistics)."""
+        if not isinstance(getattr(source, "name", None), str) or not source.name:
+            raise UsageError("a source needs a name")
         self._sources[source.name] = _Entry(source, self._sources.get(source.name, _Entry(source)).stats)
 
-    def remove(self, name: str) -> None:
-        self._sources.pop(name, None)
+    def remove(self, name: str) -> Source | None:
+        """Forget a source at once (in-flight requests to it finish on their own)."""
+        e = self._sources.pop(name, None)
+        return None if e is None else e.source
+
+    async def withdraw(self, name: str) -> Source:
+        """Remove a source and close it; NotFound if there is none of that name."""
+        src = self.remove(name)
+        if src is None:
+            raise NotFound(f"no source named {name!r}", hint="`isrsync sources` lists them")
+        close = getattr(src, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as e:  # noqa: BLE001 - a source failing to close is its own problem
+                log.info("source %s failed to close: %s", name, e)
+        return src
+
+    def get(self, name: str) -> Source | None:
+        e = self._sources.get(name)
+        return None if e is None else e.source
 
     def names(self) -> list[str]:
         return [e.source.name for e in self._ordered()]
 
     def stats(self) -> dict[str, SourceStats]:
         return {"cache": self.cache_stats, **{n: e.stats for n, e in self._sources.items()}}
+
+    def note_cache_hits(self, n: int, nbytes: int) -> None:
+        self.cache_stats.hits += n
+        self.cache_stats.bytes += nbytes
+
+    def infos(self) -> list[SourceInfo]:
+        """The cache first, then every source in the order it is asked."""
+        c = self.cache_stats
+        rows = [SourceInfo("cache", "cache", 0.0, c.hits, c.bytes, c.bad, c.errors, 0.0)]
+        for e in self._ordered():
+            s = e.stats
+            rows.append(SourceInfo(
+                e.source.name, _kind(e.source).value, round(e.source.cost() * 1000, 3), s.hits, s.bytes, s.bad,
+                s.errors, round(s.mean_latency * 1000, 2), round(e.penalty, 3)))
+        return rows
+
+    async def close(self) -> None:
+        for name in list(self._sources):
+            await self.withdraw(name)
 
     def _ordered(self) -> list[_Entry]:
         return sorted(self._sources.values(), key=lambda e: e.source.cost() + e.penalty)
@@ -122,20 +214,20 @@ class SourceChain:
         for t in dict.fromkeys(tags):
             fut = self._inflight.get(t)
             if fut is None:
-                # Another fetch may have landed it since the caller looked.
-                cached = self.cache.get(t)
-                if cached is not None:
-                    out[t] = cached
-                    continue
                 fut = loop.create_future()
                 self._inflight[t] = fut
                 mine.append(t)
             waits[t] = fut
         if mine:
             try:
-                found = await self._from_sources(mine)
-                if found:
-                    await asyncio.to_thread(self.cache.put_many, list(found.items()))
+                # Another fetch may have landed some since the caller looked. The
+                # lookup reads SQLite and files: off the loop that serves the guest.
+                found = await asyncio.to_thread(self._cached, mine)
+                need = [t for t in mine if t not in found]
+                fetched = await self._from_sources(need) if need else {}
+                if fetched:
+                    await asyncio.to_thread(self.cache.put_many, list(fetched.items()))
+                found.update(fetched)
             except BaseException as e:
                 for t in mine:
                     fut = self._inflight.pop(t)
@@ -156,6 +248,14 @@ class SourceChain:
             except ChunkUnavailable:
                 if required:
                     raise
+        return out
+
+    def _cached(self, tags: list[bytes]) -> dict[bytes, bytes]:
+        out = {}
+        for t in tags:
+            data = self.cache.get(t)
+            if data is not None:
+                out[t] = data
         return out
 
     async def _from_sources(self, tags: list[bytes]) -> dict[bytes, bytes]:
@@ -207,6 +307,7 @@ class ServerSource:
     """
 
     name = "server"
+    kind = SourceKind.SERVER
     GAP = 256 << 10  # merge ranges separated by less than this
 
     def __init__(self, store: Store, parcel: uuid.UUID, rtt: float = 0.05) -> None:
@@ -217,6 +318,9 @@ class ServerSource:
 
     def cost(self) -> float:
         return self._rtt + 0.01
+
+    async def close(self) -> None:
+        """The store belongs to the site and is closed with it."""
 
     async def learn(self, tags: Sequence[bytes]) -> None:
         unknown = [t for t in tags if t not in self._where]

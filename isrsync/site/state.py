@@ -2,8 +2,10 @@
 
     <cache>/parcels/<uuid>/state.db   SQLite (WAL)
 
-It records the version the site runs from (base) and the lock epoch it holds,
-the dirty map (chunk index -> the ref of the chunk the guest wrote), a memory
+It records the parcel's local status (a :class:`LocalStatus`, moved only by
+the transition methods, which refuse illegal moves), the version the site runs
+from (base) and the lock epoch it holds, the packs the trickle staged on the
+server (rows, not a list rewritten whole), the dirty map (chunk index -> the ref of the chunk the guest wrote), a memory
 image saved by a suspend that has not reached the server yet, the access trace
 of the session, and the manifests the site has seen (so that a site can resume
 again while offline).
@@ -19,6 +21,7 @@ slot or another parcel fails to open.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import os
@@ -27,14 +30,15 @@ import struct
 import threading
 import uuid
 from array import array
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
 
 import nacl.utils
 from nacl import bindings as sodium
 from nacl.exceptions import CryptoError
 
 from ..chunk import ChunkRef, chunk_count
-from ..errors import CacheError, IntegrityError
+from ..errors import CacheError, Conflict, IntegrityError, StateError
 from ..manifest import Keyring, MemoryImage
 from .cache import SiteCache, _sqlite_error, write_transaction
 
@@ -43,11 +47,57 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dirty (idx INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, sealed BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (version INTEGER PRIMARY KEY, raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS staged_packs (pack BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS staged_tags (tag BLOB PRIMARY KEY);
 """
 _REF = struct.Struct("<32s32sB")
 # A saved memory image: magic, u64 stream length, u64 RAM size (NO_RAM: none), refs, RAM refs.
 _MEM_MAGIC = b"ISRMEM2\x00"
 NO_RAM = (1 << 64) - 1
+
+
+class LocalStatus(str, enum.Enum):
+    """Where a parcel stands at this site.
+
+    IDLE: nothing uncommitted here. RUNNING: a resume runs it (or crashed while
+    it did: its disk changes survive). SUSPENDED_LOCAL: suspended, but the
+    commit has not reached the server (offline); the lock stays here. HELD:
+    committed with the lock kept (``suspend --keep-lock``). FENCED: the lock was
+    broken or taken elsewhere while this site had uncommitted changes; they are
+    kept, never merged, until discarded.
+    """
+
+    IDLE = "idle"
+    RUNNING = "running"
+    SUSPENDED_LOCAL = "suspended-local"
+    HELD = "held"
+    FENCED = "fenced"
+
+    @property
+    def has_lock(self) -> bool:
+        """This site believes it holds the lock (a resume checks the epoch)."""
+        return self in (LocalStatus.RUNNING, LocalStatus.SUSPENDED_LOCAL, LocalStatus.HELD)
+
+
+_S = LocalStatus
+# from -> the statuses it may move to (discarded() may leave any status, for IDLE)
+_MOVES: dict[LocalStatus, frozenset[LocalStatus]] = {
+    _S.IDLE: frozenset({_S.RUNNING}),
+    # RUNNING -> RUNNING: a sync committed, or a resume after a crash.
+    _S.RUNNING: frozenset({_S.RUNNING, _S.SUSPENDED_LOCAL, _S.HELD, _S.IDLE, _S.FENCED}),
+    _S.SUSPENDED_LOCAL: frozenset({_S.RUNNING, _S.IDLE, _S.HELD, _S.FENCED, _S.SUSPENDED_LOCAL}),
+    _S.HELD: frozenset({_S.RUNNING, _S.IDLE, _S.FENCED}),
+    _S.FENCED: frozenset(),  # only discarded() leaves it
+}
+
+
+@dataclass(frozen=True)
+class LocalInfo:
+    status: LocalStatus
+    base: int | None  # the version the local state builds on
+    epoch: int | None  # the lock epoch it was made under
+    host: str | None
+    name: str | None
 
 
 def local_key(master_key: bytes) -> bytes:
@@ -68,6 +118,7 @@ class ParcelState:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as e:
             raise _sqlite_error(e, self.dir) from None
         except OSError as e:
@@ -106,17 +157,120 @@ class ParcelState:
     def _ad(self, aad: bytes) -> bytes:
         return self.parcel.bytes + aad
 
-    # -- meta ----------------------------------------------------------------------
+    # -- status: the only writers of 'status', 'base' and 'epoch' -----------------------
 
-    def get_meta(self) -> dict:
+    def _meta(self) -> dict:
         with self._lock:
             rows = self._db.execute("SELECT key, value FROM meta").fetchall()
         return {k: json.loads(v) for k, v in rows}
 
-    def set_meta(self, durable: bool = True, **values: object) -> None:
-        with self._tx(durable) as db:
-            for k, v in values.items():
-                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+    def _put_meta(self, db: sqlite3.Connection, **values: object) -> None:
+        for k, v in values.items():
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+
+    def info(self) -> LocalInfo:
+        m = self._meta()
+        try:
+            status = LocalStatus(m.get("status", "idle"))
+        except ValueError:
+            raise IntegrityError(f"the local state of parcel {self.parcel} has an unknown status {m.get('status')!r}",
+                                 hint="upgrade isrsync, or `isrsync discard` the local changes") from None
+        base, epoch = m.get("base"), m.get("epoch")
+        return LocalInfo(status, int(base) if base is not None else None, int(epoch) if epoch is not None else None,
+                         m.get("host"), m.get("name"))
+
+    @property
+    def status(self) -> LocalStatus:
+        return self.info().status
+
+    def _now(self, db: sqlite3.Connection) -> LocalStatus:
+        row = db.execute("SELECT value FROM meta WHERE key='status'").fetchone()
+        return LocalStatus(json.loads(row[0])) if row else LocalStatus.IDLE
+
+    def _move(self, to: LocalStatus, db: sqlite3.Connection, **values: object) -> None:
+        now = self._now(db)
+        if to not in _MOVES[now]:
+            if now is LocalStatus.FENCED:
+                raise Conflict(
+                    f"this site's uncommitted changes to parcel {self.parcel} were fenced off (the lock was broken "
+                    "or taken elsewhere since)",
+                    hint="they are kept here; `isrsync discard` drops them so the parcel can be resumed",
+                )
+            raise StateError(f"parcel {self.parcel} is {now.value} at this site; it cannot become {to.value}")
+        self._put_meta(db, status=to.value, **values)
+
+    def set_name(self, name: str) -> None:
+        with self._tx(True) as db:
+            self._put_meta(db, name=name)
+
+    def start_running(self, base: int, epoch: int, host: str) -> None:
+        """A resume runs the parcel from ``base`` under lock ``epoch``."""
+        with self._tx(True) as db:
+            self._move(LocalStatus.RUNNING, db, base=base, epoch=epoch, host=host)
+
+    def suspended_locally(self) -> None:
+        """Memory and disk are saved here; the commit is still to come (a fenced
+        parcel stays fenced: saved, kept, not to be committed)."""
+        with self._tx(True) as db:
+            if self._now(db) is not LocalStatus.FENCED:
+                self._move(LocalStatus.SUSPENDED_LOCAL, db)
+
+    def committed(self, version: int, *, released: bool, running: bool = False, done: list[int] | None = None) -> None:
+        """``version`` holds everything up to here, in one transaction: staged packs
+        are part of it now, the saved memory image is spent, and the dirty rows
+        it covers (``done``; all if None: a sync keeps what the guest wrote since
+        its snapshot) are dropped."""
+        to = LocalStatus.IDLE if released else LocalStatus.RUNNING if running else LocalStatus.HELD
+        with self._tx(True) as db:
+            self._move(to, db, base=version)
+            if done is None:
+                db.execute("DELETE FROM dirty")
+            else:
+                db.executemany("DELETE FROM dirty WHERE idx=?", [(i,) for i in done])
+            db.execute("DELETE FROM blobs WHERE name IN ('memory', 'memory_hot')")
+            db.execute("DELETE FROM staged_packs")
+            db.execute("DELETE FROM staged_tags")
+
+    def fenced(self) -> None:
+        """The server refused this site's epoch: keep everything, refuse to run it."""
+        with self._tx(True) as db:
+            self._move(LocalStatus.FENCED, db)
+
+    def discarded(self) -> int:
+        """Forget the uncommitted changes (any status); returns how many dirty chunks went."""
+        with self._tx(True) as db:
+            n = db.execute("SELECT COUNT(*) FROM dirty").fetchone()[0]
+            db.execute("DELETE FROM dirty")
+            db.execute("DELETE FROM blobs WHERE name IN ('memory', 'memory_hot')")
+            db.execute("DELETE FROM staged_packs")
+            db.execute("DELETE FROM staged_tags")
+            self._put_meta(db, status=LocalStatus.IDLE.value)
+        return n
+
+    # -- staged packs (uploaded by the trickle, named by the next commit) ------------------
+
+    def stage(self, packs: Iterable[bytes], tags: Iterable[bytes]) -> None:
+        with self._tx(True) as db:
+            db.executemany("INSERT OR IGNORE INTO staged_packs VALUES (?)", [(p,) for p in packs])
+            db.executemany("INSERT OR IGNORE INTO staged_tags VALUES (?)", [(t,) for t in tags])
+
+    def staged(self) -> tuple[list[bytes], set[bytes]]:
+        with self._lock:
+            packs = [bytes(r[0]) for r in self._db.execute("SELECT pack FROM staged_packs ORDER BY rowid")]
+            tags = {bytes(r[0]) for r in self._db.execute("SELECT tag FROM staged_tags")}
+        return packs, tags
+
+    def _migrate(self) -> None:
+        """State written before staging was kept in rows: move the JSON lists into them."""
+        m = self._meta()
+        if "staged" not in m and "staged_tags" not in m:
+            return
+        with self._tx(True) as db:
+            db.executemany("INSERT OR IGNORE INTO staged_packs VALUES (?)",
+                           [(bytes.fromhex(x),) for x in m.get("staged") or []])
+            db.executemany("INSERT OR IGNORE INTO staged_tags VALUES (?)",
+                           [(bytes.fromhex(x),) for x in m.get("staged_tags") or []])
+            db.execute("DELETE FROM meta WHERE key IN ('staged', 'staged_tags')")
 
     # -- dirty map -----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from isrsync.pack import PackInfo, PackReader
 from isrsync.site.cache import SiteCache
 from isrsync.site.disk import ParcelDisk
 from isrsync.site.packer import pack_stream
-from isrsync.site.sources import ServerSource, SourceChain
+from isrsync.site.sources import ServerSource, SourceRegistry
 from isrsync.site.state import ParcelState
 from isrsync.store.base import CommitRequest, Holder, Store
 
@@ -227,7 +227,7 @@ class SlowSource:
 class Site:
     parcel: Parcel
     cache: SiteCache
-    chain: SourceChain
+    chain: SourceRegistry
     state: ParcelState
     disk: ParcelDisk
     served: kit.Served
@@ -260,7 +260,7 @@ async def open_site(
     pool: Executor | None = None,
 ) -> Site:
     cache = SiteCache(cache_dir)
-    chain = SourceChain(cache)
+    chain = SourceRegistry(cache)
     srv = None
     if server:
         srv = RecordingServerSource(store or parcel.store, parcel.id)

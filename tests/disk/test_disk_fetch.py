@@ -1,5 +1,5 @@
 """Demand fetch through the real product path: ParcelDisk served by NbdServer, read by
-real NBD clients, chunks coming from a Store through the SourceChain into the SiteCache."""
+real NBD clients, chunks coming from a Store through the SourceRegistry into the SiteCache."""
 
 from __future__ import annotations
 

@@ -42,8 +42,10 @@ async def test_lying_and_failing_sources_are_skipped(make_parcel, make_site, tmp
     stats = site.chain.stats()
     tags = parcel.keyring.tags()
     assert stats["liar"].hits == 0 and stats["liar"].bad == liar.answered == len(tags)
-    assert stats["yanked"].errors == yanked.calls == liar.calls >= 1
-    assert stats["down"].errors == down.calls == liar.calls
+    # Each failure is counted; after its first, a failing source drops behind the
+    # server for a while, so how many requests still reach it depends on timing.
+    assert stats["yanked"].errors == yanked.calls >= 1
+    assert stats["down"].errors == down.calls >= 1
     assert stats["server"].hits == len(tags) and stats["server"].bad == 0
     # nothing that failed verification was kept
     assert site.cache.verify() == []

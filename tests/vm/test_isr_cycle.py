@@ -42,7 +42,7 @@ def test_memory_and_disk_move_from_site_a_to_site_b(sites, parcel) -> None:
 
     status = json.loads(b.run("status", "--json").stdout)
     (run,) = status["running"]
-    assert run["sources"]["server"]["hits"] > 0  # B's cache started empty
+    assert {s["name"]: s for s in run["sources"]}["server"]["hits"] > 0  # B's cache started empty
     con.close()
     res = json.loads(b.run("suspend", "--json").stdout)
     assert res["committed"] is True and res["version"] == 3

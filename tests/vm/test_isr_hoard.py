@@ -37,6 +37,6 @@ def test_hoard_follow_fetches_each_new_version(sites, parcel) -> None:
     assert con.command("read note") == "GUEST: DATA hoarded"
     con.close()
     status = b.json("status")
-    assert status["running"][0]["sources"]["server"]["hits"] == 0
+    assert {s["name"]: s for s in status["running"][0]["sources"]}["server"]["hits"] == 0
     b.json("suspend", name)
     b.ended(proc)

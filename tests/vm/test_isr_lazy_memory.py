@@ -37,7 +37,7 @@ async def cold_boot_and_suspend(api_parcel) -> int:
     await asyncio.sleep(0.5)
     n = await counter(api_parcel)
     res = await rt.suspend()
-    assert res["committed"] and res["version"] == 2
+    assert res.committed and res.version == 2
     await rt.close()
     return n
 
@@ -57,10 +57,10 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     assert rep.memory == "lazy" and rt.postcopy is not None
     assert "boot_files" not in rep.seconds  # a restored guest needs no kernel until it reboots
     assert (n := await counter(api_parcel)) >= 0
-    st = rt.status()["memory"]
+    st = rt.status().memory
     assert st["mode"] == "lazy" and st["requests"] > 0  # the guest faulted its pages in
     res = await rt.suspend()
-    assert res["committed"] and res["version"] == 3
+    assert res.committed and res.version == 3
     touched = list(rt.postcopy.touched)
     await rt.close()
     m3 = await memory_of(api_parcel, 3)
@@ -71,7 +71,7 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     rep = await rt.resume()
     assert rep.memory == "eager" and rt.postcopy is None and "ram" in rep.seconds
     assert await counter(api_parcel) >= n
-    assert (await rt.suspend())["version"] == 4
+    assert (await rt.suspend()).version == 4
     await rt.close()
     m4 = await memory_of(api_parcel, 4)  # an eager run faults on nothing: the hot chunks are kept
     assert list(m4.hot) == [i for i in hot if not m4.ram[i].is_zero]
@@ -81,7 +81,7 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     rt = api_parcel.runtime(memory="lazy")
     assert (await rt.resume()).memory == "eager"
     assert await counter(api_parcel) >= n
-    assert (await rt.suspend())["version"] == 5
+    assert (await rt.suspend()).version == 5
     await rt.close()
     monkeypatch.undo()
 
@@ -116,7 +116,7 @@ async def test_a_suspend_while_guest_memory_still_comes_in(api_parcel, monkeypat
     c = await counter(api_parcel)
     assert c >= n and not rt.postcopy.done  # the guest runs; its RAM is not all in yet
     res = await asyncio.wait_for(rt.suspend(), 120)  # the rest comes in at full speed first
-    assert res["committed"] and res["version"] == 3
+    assert res.committed and res.version == 3
     assert rt.postcopy.done and rt.postcopy.stats.completed is not None
     await rt.close()
     monkeypatch.undo()

@@ -15,9 +15,13 @@ def _counter(con) -> int:
     return int(reply.split()[-1])
 
 
+def _source(run: dict, name: str) -> dict:
+    return {s["name"]: s for s in run["sources"]}[name]
+
+
 def _server_hits(site) -> int:
     (run,) = site.json("status")["running"]
-    return run["sources"]["server"]["hits"]
+    return _source(run, "server")["hits"]
 
 
 def test_every_policy_resumes_memory_and_hoarded_proactive_fetches_nothing(sites, parcel) -> None:

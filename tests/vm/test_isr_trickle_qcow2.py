@@ -27,7 +27,7 @@ async def test_trickle_uploads_settled_chunks_and_suspend_sends_the_residue(api_
         assert time.monotonic() < deadline, st
         await asyncio.sleep(0.5)
     con.close()
-    trickled = rt.status()["trickled_chunks"]
+    trickled = rt.status().trickled_chunks
     res = await rt.suspend()
     assert res["committed"] is True
     versions = await api_parcel.site.store.list_versions(api_parcel.pid)

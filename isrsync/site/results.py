@@ -1,0 +1,114 @@
+"""What the site's operations return: typed values that cross the control socket
+and reach the CLI, which only renders them.
+
+Each has ``to_json`` (plain JSON types, for the wire and ``--json``) and
+``from_json`` (checked: a reply that lacks a field is a malformed reply, not a
+KeyError three layers up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import FormatError
+from .sources import SourceInfo
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], d: Any) -> T:
+    if not isinstance(d, dict):
+        raise FormatError(f"malformed {cls.__name__}: not an object")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    required = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not required <= d.keys():
+        raise FormatError(f"malformed {cls.__name__}: missing {', '.join(sorted(required - d.keys()))}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class _Json:
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[T], d: Any) -> T:  # type: ignore[misc]
+        return _build(cls, d)
+
+
+@dataclass
+class ResumeReport(_Json):
+    parcel: str
+    version: int
+    policy: str
+    accel: str
+    cold_boot: bool
+    local_changes: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    fetched_before_start: int = 0
+    memory: str = "none"  # how the memory image came back: lazy, eager, or none (cold boot)
+
+
+@dataclass(frozen=True)
+class SuspendResult(_Json):
+    committed: bool
+    memory_bytes: int
+    memory_seconds: float
+    memory_new_chunks: int
+    memory_kept_chunks: int
+    dirty_chunks: int
+    version: int | None = None  # when committed
+    seconds: float | None = None
+    kept_lock: bool = False
+    reason: str | None = None  # why not committed (the server was unreachable)
+
+
+@dataclass(frozen=True)
+class SyncResult(_Json):
+    version: int
+    committed: bool = True
+    paused_seconds: float | None = None  # a running guest paused this long
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class PowerOffResult(_Json):
+    committed: bool
+    version: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RunStatus(_Json):
+    """One running parcel, as `isrsync status` shows it."""
+
+    parcel: str
+    name: str | None
+    base: int | None
+    policy: str
+    dirty_chunks: int
+    trickled_chunks: int
+    residue_chunks: int
+    reads: int
+    writes: int
+    misses: int
+    cache_hits: int
+    qemu: str
+    sources: list[SourceInfo] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)  # the lazy restore's counters
+    report: ResumeReport | None = None
+
+    @classmethod
+    def from_json(cls, d: Any) -> "RunStatus":
+        st = _build(cls, d)
+        report = d.get("report")
+        return dataclasses.replace(
+            st,
+            sources=[SourceInfo.from_json(s) for s in d.get("sources") or []],
+            report=ResumeReport.from_json(report) if report is not None else None,
+        )
+
+    def source(self, name: str) -> SourceInfo | None:
+        return next((s for s in self.sources if s.name == name), None)

@@ -1,0 +1,107 @@
+"""The committed side of a run: which version it builds on, under which lock
+epoch, what the trickle staged, and the three ways local state reaches the
+server (suspend, sync, an offline suspend committed later).
+
+Every commit goes through :meth:`ParcelSession.commit`, so the post-commit
+reset (dirty rows, saved memory image, staged packs, status) exists once, and
+a commit the server refuses for a stale epoch marks the local state FENCED
+(kept, never merged) in the same place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import Conflict, UsageError
+from ..manifest import Keyring, Manifest, MemoryImage, dirty_since
+from ..store.base import VersionInfo
+from .disk import ParcelDisk
+from .parcel import Site, commit_version, load_version, upload_cached
+from .state import LocalStatus, ParcelState
+
+
+@dataclass
+class ParcelSession:
+    site: Site
+    parcel: uuid.UUID
+    state: ParcelState
+    base: Manifest
+    epoch: int
+    head: Manifest | None = None  # set when an older version was resumed: commits go on top of it
+    staged: list[bytes] = field(default_factory=list)
+    staged_tags: set[bytes] = field(default_factory=set)
+
+    def _parent(self, ring: Keyring, dirty: list[int]) -> tuple[Manifest, list[int]]:
+        if self.head is None:
+            return self.base, dirty
+        assert self.head.keyring is not None
+        # On top of a later head than the base: what differs from the head is what changed.
+        return self.head, dirty_since(self.head.keyring, ring)
+
+    async def commit(self, ring: Keyring, dirty: list[int], memory: MemoryImage | None, trace: list[int], *,
+                     release: bool, running: bool = False, done: list[int] | None = None) -> VersionInfo:
+        """Commit ``ring`` as the next version; ``done``: the dirty rows it covers (all if None)."""
+        if self.state.status is LocalStatus.FENCED:
+            await asyncio.to_thread(self.state.start_running, 0, 0, "")  # raises the fenced line
+        parent, changed = self._parent(ring, dirty)
+        try:
+            v = await commit_version(
+                self.site, self.parcel, epoch=self.epoch, parent=parent, keyring=ring, dirty=changed,
+                memory=memory, trace=trace, release=release, staged=self.staged, staged_tags=self.staged_tags,
+            )
+        except Conflict:
+            # The lock was broken or taken elsewhere: keep everything here, refuse to run it.
+            await asyncio.to_thread(self.state.fenced)
+            raise
+        await asyncio.to_thread(self.state.committed, v.version, released=release, running=running, done=done)
+        self.head = None
+        self.staged, self.staged_tags = [], set()
+        return v
+
+    async def rebase(self, version: int) -> Manifest:
+        """After a sync: the committed version is the base the guest runs on now."""
+        self.base = await load_version(self.site, self.parcel, version, self.state)
+        return self.base
+
+    async def save_locally(self, disk: ParcelDisk, memory: MemoryImage | None) -> None:
+        """Everything a commit needs, durable in the local state, before the commit is tried."""
+        await disk.flush()
+
+        def save() -> None:
+            self.state.save_memory(memory)
+            self.state.save_trace(disk.stats.first_access)
+            self.state.suspended_locally()
+
+        await asyncio.to_thread(save)
+
+    async def upload_settled(self, tags: list[bytes]) -> None:
+        """The trickle: pack and stage chunks ahead of the commit that will name them."""
+        for info in await upload_cached(self.site, self.parcel, tags, strict=False):
+            self.staged.append(info.pack_id)
+            self.staged_tags |= {e.tag for e in info.entries}
+        # A durable write (fsync): never on the loop that serves the guest's disk.
+        await asyncio.to_thread(self.state.stage, self.staged, self.staged_tags)
+
+
+async def commit_offline_suspend(site: Site, parcel: uuid.UUID) -> int:
+    """Commit a suspend that could not reach the server (no VM running); returns the version."""
+    state = site.state(parcel)
+    try:
+        here = state.info()
+        if here.status is not LocalStatus.SUSPENDED_LOCAL:
+            if here.status is LocalStatus.FENCED:
+                state.start_running(0, 0, "")  # raises the fenced line
+            raise UsageError(f"parcel {parcel} has nothing to sync at this site")
+        assert here.base is not None and here.epoch is not None
+        base = await load_version(site, parcel, here.base, state)
+        assert base.keyring is not None
+        dirty = state.dirty()
+        staged, staged_tags = state.staged()
+        session = ParcelSession(site, parcel, state, base, here.epoch, staged=staged, staged_tags=staged_tags)
+        v = await session.commit(base.keyring.overlay(dirty), list(dirty), state.load_memory(), state.load_trace(),
+                                 release=True)
+        return v.version
+    finally:
+        state.close()
