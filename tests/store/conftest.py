@@ -7,7 +7,9 @@ asks for ``store`` (directly or through ``home``) runs once per backend:
   (``LocalStore.open(..., create_user=True)``; further users share its
   :class:`Repository`);
 * ``http``: :class:`HttpStore` against the real ``isrsync serve`` subprocess
-  (``live_server`` from tests/conftest.py), one bearer token per user.
+  (``live_server`` from tests/conftest.py), one bearer token per user;
+* ``memory``: :class:`MemoryStore` (no files); further clients share its
+  :class:`MemoryHome` (``MemoryStore.client(user)``).
 
 Every store a test opens is closed at teardown (the http ones explicitly, so
 no aiohttp session is left unclosed), non-owning stores before the owner.
@@ -23,8 +25,9 @@ import pytest
 from isrsync.store.base import Store
 from isrsync.store.http import HttpStore
 from isrsync.server.local import LocalStore
+from isrsync.store.memory import MemoryStore
 
-BACKENDS = ["local", "http"]
+BACKENDS = ["local", "http", "memory"]
 
 
 class Home:
@@ -35,6 +38,7 @@ class Home:
         self.root = root
         self.server = server
         self._owner: LocalStore | None = None
+        self._memory: MemoryStore | None = None
         self._tokens: dict[str, str] = {}
         self._stores: list[Store] = []
 
@@ -59,6 +63,11 @@ class Home:
                 if user not in {u[0] for u in repo.list_users()}:
                     repo.add_user(user)
                 s = LocalStore(repo, user)
+        elif self.backend == "memory":
+            if self._memory is None:
+                s = self._memory = MemoryStore(user)
+            else:
+                s = self._memory.client(user)
         else:
             s = HttpStore(self.server.url, self._token(user), retries=3, backoff=0.05)
         self._stores.append(s)
