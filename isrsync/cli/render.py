@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from ..site.sources import SourceInfo
 
@@ -57,7 +57,9 @@ def resume_rows(seconds: dict[str, float]) -> list[tuple[str, str]]:
 
 def sources_table(rows: list[SourceInfo]) -> Table:
     """Who served what: the cache, then every source in the order it is asked."""
-    t = Table("source", "kind", "hits", "bytes", "bad", "errors", "mean latency ms")
+    t = Table("kind", "hits", "bytes", "bad", "errors", "mean latency ms")
+    # A source's name is its path or address: fold it, never cut it.
+    t.columns.insert(0, Column("source", overflow="fold", ratio=1))
     for s in rows:
         t.add_row(s.name, s.kind, str(s.hits), human_bytes(s.bytes), str(s.bad), str(s.errors),
                   f"{s.mean_latency_ms:.2f}" if s.hits and s.kind != "cache" else "-")
