@@ -12,7 +12,7 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo login logout init resume suspend sync hoard discard rollback ls status cache server lock'
+            subs='serve demo login logout init resume suspend sync hoard discard rollback ls status cache server sources lock'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -38,8 +38,8 @@ _isrsync_spec() {
             args=1
             ;;
         'isrsync resume')
-            opts='--policy --version --display --serial --memory --json --help'
-            vopts='--policy --version --display --serial --memory'
+            opts='--policy --version --display --serial --memory --lookaside --json --help'
+            vopts='--policy --version --display --serial --memory --lookaside'
             args=1
             ;;
         'isrsync suspend')
@@ -51,8 +51,8 @@ _isrsync_spec() {
             args=1
             ;;
         'isrsync hoard')
-            opts='--follow --interval --json --help'
-            vopts='--interval'
+            opts='--follow --interval --lookaside --json --help'
+            vopts='--interval --lookaside'
             args=1
             ;;
         'isrsync discard')
@@ -107,6 +107,25 @@ _isrsync_spec() {
             vopts='--keep --data'
             args=1
             ;;
+        'isrsync sources')
+            subs='list add withdraw'
+            opts='-p --parcel --json --help'
+            vopts='-p --parcel'
+            ;;
+        'isrsync sources list')
+            opts='--json --help'
+            args=1
+            ;;
+        'isrsync sources add')
+            opts='-p --parcel --json --help'
+            vopts='-p --parcel'
+            args=1
+            ;;
+        'isrsync sources withdraw')
+            opts='-p --parcel --json --help'
+            vopts='-p --parcel'
+            args=1
+            ;;
         'isrsync lock')
             subs='break status'
             opts='--help'
@@ -131,7 +150,10 @@ _isrsync_values() {
         'isrsync demo --memory') files=0 ;;
         'isrsync init --memory') files=0 ;;
         'isrsync init --cpus') files=0 ;;
+        'isrsync resume --policy') choices='auto demand lookaside proactive baseline' ;;
         'isrsync resume --version') files=0 ;;
+        'isrsync resume --display') choices='none gtk sdl vnc' ;;
+        'isrsync resume --memory') choices='lazy eager' ;;
         'isrsync hoard --interval') files=0 ;;
         'isrsync server prune --keep') files=0 ;;
     esac

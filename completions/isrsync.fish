@@ -7,11 +7,13 @@
 function __fish_isrsync_subcommands --description 'Subcommands of a command path of isrsync'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'rollback' 'ls' 'status' 'cache' 'server' 'lock'
+            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
             printf '%s\n' 'add-user' 'remove-user' 'list-users' 'check' 'prune'
+        case 'isrsync sources'
+            printf '%s\n' 'list' 'add' 'withdraw'
         case 'isrsync lock'
             printf '%s\n' 'break' 'status'
     end
@@ -30,9 +32,9 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
         case 'isrsync init'
             printf '%s\n' '--image' '--memory' '--cpus' '--machine' '--kernel' '--initrd' '--append'
         case 'isrsync resume'
-            printf '%s\n' '--policy' '--version' '--display' '--serial' '--memory'
+            printf '%s\n' '--policy' '--version' '--display' '--serial' '--memory' '--lookaside'
         case 'isrsync hoard'
-            printf '%s\n' '--interval'
+            printf '%s\n' '--interval' '--lookaside'
         case 'isrsync server add-user'
             printf '%s\n' '--data'
         case 'isrsync server remove-user'
@@ -43,6 +45,12 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
             printf '%s\n' '--data'
         case 'isrsync server prune'
             printf '%s\n' '--keep' '--data'
+        case 'isrsync sources'
+            printf '%s\n' '-p' '--parcel'
+        case 'isrsync sources add'
+            printf '%s\n' '-p' '--parcel'
+        case 'isrsync sources withdraw'
+            printf '%s\n' '-p' '--parcel'
         case 'isrsync lock break'
             printf '%s\n' '--reason'
     end
@@ -85,13 +93,14 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'init' -d 'Create a
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'resume' -d 'Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'suspend' -d 'Suspend a running parcel: save memory and disk, commit, release the lock'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sync' -d 'Commit now: a running parcel pauses briefly; a locally suspended one is committed'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'hoard' -d 'Fetch every chunk of the latest version into this site\'s cache'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'hoard' -d 'Fetch every chunk of the latest version into this site\'s cache (lookaside sources first)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'discard' -d 'Drop this site\'s uncommitted changes to a parcel and release its lock'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'rollback' -d 'Commit a new version equal to an older one (history is kept)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'ls' -d 'List your parcels with their versions and lock holders'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'status' -d 'What runs here, with dirty/trickled chunks and per-source hits and latency'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'status' -d 'What runs here: dirty and trickled chunks, and which source served what'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'cache' -d 'Inspect and check this site\'s cache'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'server' -d 'Administer a home server\'s data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sources' -d 'List, add and withdraw the lookaside sources of a running parcel'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'lock' -d 'Inspect and break parcel locks'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'debug' -d 'Show tracebacks and debug logging'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'cache-dir' -r -F -d 'Site cache directory'
@@ -139,11 +148,12 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'help' -d 'Show t
 
 # isrsync resume
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -F
-complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'policy' -r -F -d 'Transfer policy: auto, demand, lookaside, proactive, baseline'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'policy' -x -a 'auto demand lookaside proactive baseline' -d 'Transfer policy (paper section 6)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'version' -x -d 'Resume this version (default: latest)'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -r -F -d 'gtk, sdl, vnc or none'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -x -a 'none gtk sdl vnc' -d 'Show the guest\'s screen this way'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'serial' -r -F -d 'Expose the guest\'s serial console on this unix socket'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'memory' -r -F -d 'Restore guest RAM lazily (the guest runs at once, RAM follows as it is touched) or eagerly (all of it first)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'memory' -x -a 'lazy eager' -d 'Restore guest RAM lazily (the guest runs at once, RAM follows as it is touched) or eagerly (all of it first)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'lookaside' -r -F -d 'Another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'help' -d 'Show this message and exit'
 
@@ -162,6 +172,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync sync\'' -l 'help' -d 'Show t
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'follow' -d 'Keep hoarding new versions as they are committed'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'interval' -x -d 'Seconds between checks with --follow'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'lookaside' -r -F -d 'Another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'help' -d 'Show this message and exit'
 
@@ -241,6 +252,32 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'keep' -x
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'data' -r -F -d 'Server data directory'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync sources
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'list' -d 'List the sources of a running parcel: hits, bytes, bad answers, errors and latency'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'add' -d 'Offer another site\'s cache directory to a running parcel as a lookaside source'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'withdraw' -d 'Withdraw a lookaside source from a running parcel (the cache and the server stay)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -s 'p' -l 'parcel' -r -F -d 'Parcel name or id (default: the one running here)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync sources list
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources list\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources list\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources list\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync sources add
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources add\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources add\'' -s 'p' -l 'parcel' -r -F -d 'Parcel name or id (default: the one running here)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources add\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources add\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync sources withdraw
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -s 'p' -l 'parcel' -r -F -d 'Parcel name or id (default: the one running here)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync lock
 complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f

@@ -321,6 +321,9 @@ def ls(json_out: JsonOpt = False) -> None:
                     "holder": p.lock.holder.__dict__ if p.lock.holder else None, "epoch": p.lock.epoch}
                    for p in parcels])
         return
+    if not parcels:
+        out.print("no parcels yet; `isrsync init NAME --image DISK` makes one from a disk image")
+        return
     t = Table("name", "version", "held by", "since", "id")
     for p in parcels:
         h = p.lock.holder
