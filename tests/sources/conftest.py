@@ -1,0 +1,251 @@
+"""Backends for the Source conformance suite (test_conformance.py): one suite, every Source.
+
+(The backends' Held classes, the fallback source and the chunk helpers live in
+sourcekit.py; this file lists the backends and their flags and wires them in.)
+
+restic's backend suite is the model (DESIGN.md, "Style"): a backend hands the
+suite a factory, and every test runs against every backend that can do what the
+test needs. A factory takes a set of encoded chunks (tag -> ciphertext, from
+:func:`isrsync.chunk.encode`) and returns a :class:`Held`: a real Source holding
+exactly those chunks, plus the hooks the suite uses to break it.
+
+Backends (``BACKENDS``):
+
+* ``server``: :class:`ServerSource` over a :class:`MemoryStore`; the chunks are
+  packed with :class:`PackWriter`, uploaded and committed as version 1 of a new
+  parcel, as `init` does.
+* ``server-http``: the same over :class:`HttpStore` against a real `isrsync
+  serve` on loopback. One server per test module (``http_home``); a test that
+  stops it gets a fresh one on the same data directory for the next test.
+* ``cache-dir``: :class:`CacheDirSource` over a real site cache directory written
+  by :meth:`SiteCache.put_many` (chunks in segments).
+* ``cache-dir-pack``: the same, the chunks in packs adopted by
+  :meth:`SiteCache.add_pack`.
+
+Hooks (call them before the source's first read unless noted; each changes the
+backing store, never the Source object):
+
+* ``damage(tag)``: the stored bytes of ``tag`` are wrong (one byte flipped).
+* ``truncate(tag)``: the index claims half the length, so the source answers a
+  truncated copy (a backend whose reader checks lengths may answer nothing).
+* ``vanish()``: the backing goes away, also mid-use: the directory is removed;
+  the server process is killed; the in-memory home forgets the parcel.
+* ``hang()``: from now on a read does not return until cleanup.
+* ``cleanup()``: undo hangs, close the source and what it talks to (always run).
+
+Capability flags (``Caps``) and who lacks which, with the reason:
+
+* ``DAMAGE``, ``TRUNCATE``, ``VANISH``: every backend.
+* ``VANISH_FAILS_MID_USE``: after the source has read once, a vanished backing
+  makes it fail as a whole (an exception or an empty answer). The cache-dir
+  backends lack it: POSIX keeps unlinked files readable through descriptors
+  already open, and CacheDirSource keeps its index.db and segment/pack files
+  open, so after ``rm -r`` it still answers, correctly. (Nothing short of FUSE
+  or a device-mapper target can make those reads fail with EIO here.)
+* ``HANG``: ``server-http`` pauses the server (SIGSTOP on its process group,
+  SIGCONT at cleanup); the cache-dir backends put a FIFO where each segment or
+  pack file was, so the source's own worker blocks in open(2) exactly as on a
+  hung network filesystem (cleanup opens the write end to release it). ``server``
+  lacks it: the in-memory store does no I/O, and its calls take a threading lock
+  synchronously, so stalling it would freeze the event loop, not hang a source.
+* ``CLOSE_ENDS``: after ``close()`` a read fails (cleanly). The server backends
+  lack it by design: ``ServerSource.close()`` leaves the Store open because the
+  store belongs to the site, so a closed ServerSource still answers.
+* ``IO``: the backing does real file or socket I/O, which ``get_many`` must keep
+  off the event loop (the ticker test). ``server`` lacks it: the in-memory store
+  answers without ever suspending, so there is no I/O to keep off the loop.
+
+Fixtures: ``backend`` (a :class:`BackendSpec`), ``make_source`` (the factory),
+``chunks`` and ``held`` (24 random chunks and a source holding them),
+``registry`` (a SourceRegistry over a fresh site cache), ``fallback`` (an honest
+:class:`DictSource` of ``chunks``, asked after the source under test) and
+``http_home`` (the module's server, started only if a server-http test runs).
+
+``pytest_generate_tests`` parametrizes every test that takes ``backend`` over
+the backends whose flags cover the test's ``@pytest.mark.needs(...)``; a test
+that does not apply to a backend is not generated for it (no skips). A
+``@pytest.mark.known_bug(backend, ..., reason=...)`` turns those instances into
+strict xfails, so they fail loudly once the bug is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sourcekit import (
+    CacheDirHeld,
+    DictSource,
+    Held,
+    HttpHome,
+    HttpServerHeld,
+    MemoryServerHeld,
+    commit_chunks,
+    make_chunks,
+    write_cache_dir,
+)
+
+from isrsync.site.cache import SiteCache
+from isrsync.site.sources import SourceRegistry
+from isrsync.store.memory import MemoryStore
+
+
+class Caps(str, enum.Enum):
+    DAMAGE = "damage"
+    TRUNCATE = "truncate"
+    VANISH = "vanish"
+    VANISH_FAILS_MID_USE = "vanish_fails_mid_use"
+    HANG = "hang"
+    CLOSE_ENDS = "close_ends"
+    IO = "io"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    caps: frozenset[Caps]
+    lacks: dict[Caps, str] = field(default_factory=dict)  # capability -> why not
+
+    def __post_init__(self) -> None:
+        assert set(self.caps) | set(self.lacks) == set(Caps), f"{self.name}: say why each flag is missing"
+
+
+_ALL = frozenset(Caps)
+BACKENDS = [
+    BackendSpec("server", _ALL - {Caps.HANG, Caps.CLOSE_ENDS, Caps.IO}, {
+        Caps.HANG: "the in-memory store does no I/O; a stall would freeze the event loop, not hang the source",
+        Caps.IO: "the in-memory store answers without ever suspending: there is no I/O to keep off the loop",
+        Caps.CLOSE_ENDS: "ServerSource.close() leaves the Store open by design (it belongs to the site)",
+    }),
+    BackendSpec("server-http", _ALL - {Caps.CLOSE_ENDS}, {
+        Caps.CLOSE_ENDS: "ServerSource.close() leaves the Store open by design (it belongs to the site)",
+    }),
+    *(BackendSpec(name, _ALL - {Caps.VANISH_FAILS_MID_USE}, {
+        Caps.VANISH_FAILS_MID_USE: "files the source already opened stay readable after rm -r (POSIX unlink)",
+    }) for name in ("cache-dir", "cache-dir-pack")),
+]
+BY_NAME = {b.name: b for b in BACKENDS}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*caps): Source capabilities (conftest Caps) a test needs")
+    config.addinivalue_line("markers", "known_bug(*backends, reason, raises=None): strict xfail on those backends")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    needs: set[Caps] = set()
+    for m in metafunc.definition.iter_markers("needs"):
+        needs.update(Caps(c) for c in m.args)
+    bugs: dict[str, pytest.MarkDecorator] = {}
+    for m in metafunc.definition.iter_markers("known_bug"):
+        for b in m.args:
+            assert b in BY_NAME, f"known_bug names no backend {b!r}"
+            bugs[b] = pytest.mark.xfail(strict=True, reason=m.kwargs["reason"], raises=m.kwargs.get("raises"))
+    params = [
+        pytest.param(b.name, id=b.name, marks=[bugs[b.name]] if b.name in bugs else [])
+        for b in BACKENDS if needs <= b.caps
+    ]
+    assert params, f"{metafunc.function.__name__}: no backend has {sorted(needs)}"
+    metafunc.parametrize("backend", params, indirect=True)
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+def _live_server_cls(config: pytest.Config) -> type:
+    """tests/conftest.py's LiveServer class (tests/ is rootless: it cannot be imported)."""
+    root = Path(__file__).resolve().parent.parent / "conftest.py"
+    for plugin in config.pluginmanager.get_plugins():
+        cls = getattr(plugin, "LiveServer", None)
+        where = getattr(plugin, "__file__", None)
+        if isinstance(cls, type) and where and Path(where).resolve() == root:
+            return cls
+    raise RuntimeError("tests/conftest.py's LiveServer is not loaded")
+
+
+@pytest.fixture(scope="module")
+def http_home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One `isrsync serve` for the whole module, started on first use."""
+    home = HttpHome(_live_server_cls(request.config), tmp_path_factory.mktemp("sources-http") / "data")
+    try:
+        yield home
+    finally:
+        home.close()
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> BackendSpec:
+    return BY_NAME[request.param]
+
+
+MakeSource = Callable[[dict[bytes, bytes]], Awaitable[Held]]
+
+
+@pytest.fixture
+async def make_source(backend: BackendSpec, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeSource]:
+    """``await make_source(chunks)``: a Held of this backend; all are cleaned up at teardown."""
+    made: list[Held] = []
+    home = request.getfixturevalue("http_home") if backend.name == "server-http" else None
+    memory = MemoryStore("alice") if backend.name == "server" else None
+
+    async def make(chunks: dict[bytes, bytes]) -> Held:
+        n = len(made)
+        held: Held
+        if backend.name == "server":
+            assert memory is not None
+            pid, packs = await commit_chunks(memory, chunks, tmp_path / f"work-{n}")
+            held = MemoryServerHeld(memory.client(), pid, packs, chunks)
+        elif backend.name == "server-http":
+            assert home is not None
+            store = await asyncio.to_thread(home.store)
+            try:
+                pid, packs = await commit_chunks(store, chunks, tmp_path / f"work-{n}")
+            except BaseException:
+                await store.close()
+                raise
+            held = HttpServerHeld(home, store, pid, packs, chunks)
+        else:
+            path = tmp_path / f"cache-{n}"
+            await asyncio.to_thread(write_cache_dir, path, chunks, packs=backend.name == "cache-dir-pack")
+            held = CacheDirHeld(path, chunks)
+        made.append(held)
+        return held
+
+    try:
+        yield make
+    finally:
+        for h in reversed(made):
+            await h.cleanup()
+
+
+@pytest.fixture
+def chunks() -> dict[bytes, bytes]:
+    """24 encoded chunks of random plaintext (lengths from 1 byte to a full chunk)."""
+    return make_chunks(24)
+
+
+@pytest.fixture
+async def held(make_source: MakeSource, chunks: dict[bytes, bytes]) -> Held:
+    return await make_source(chunks)
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[SourceRegistry]:
+    """A registry over a fresh site cache (the sources are the test's to add)."""
+    cache = SiteCache(tmp_path / "site")
+    try:
+        yield SourceRegistry(cache)
+    finally:
+        cache.close()
+
+
+@pytest.fixture
+def fallback(chunks: dict[bytes, bytes]) -> DictSource:
+    """An honest source of every chunk of ``chunks``, asked after the one under test."""
+    return DictSource(chunks)

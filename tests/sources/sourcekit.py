@@ -1,0 +1,354 @@
+"""Helpers for the Source conformance suite: chunks, packs, the backends' Held objects,
+an honest fallback source and a counting wrapper (tests/sources/conftest.py wires them in).
+
+tests/ is rootless, so this module is imported by its unique name (like tests/disk/diskkit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from isrsync import manifest
+from isrsync.chunk import CHUNK_SIZE, ChunkRef, encode
+from isrsync.keys import new_convergence_secret, new_master_key
+from isrsync.manifest import Keyring
+from isrsync.pack import PackEntry, PackInfo, PackWriter
+from isrsync.site.cache import SiteCache
+from isrsync.site.cachedir import CacheDirSource
+from isrsync.site.sources import ServerSource, Source, SourceKind
+from isrsync.store.base import CommitRequest, Holder, Store
+from isrsync.store.http import HttpStore
+from isrsync.store.memory import MemoryStore
+
+PACK_LIMIT = 1 << 20  # several packs per chunk set: ServerSource groups and merges ranges per pack
+
+
+# -- chunks ---------------------------------------------------------------------------------
+
+
+def make_chunks(n: int, *, size: int | None = None, secret: bytes | None = None) -> dict[bytes, bytes]:
+    """``n`` encoded chunks of random plaintext (tag -> ciphertext), under a random
+    convergence secret; random lengths from 1 byte to a full chunk unless ``size``."""
+    secret = secret or new_convergence_secret()
+    out: dict[bytes, bytes] = {}
+    lengths = [CHUNK_SIZE, 1, *(int.from_bytes(os.urandom(3)) % CHUNK_SIZE + 1 for _ in range(n))]
+    while len(out) < n:
+        e = encode(os.urandom(size or lengths[len(out)]), secret)
+        if e.data:  # an all-zero plaintext (a 1-byte one may be) is never stored: draw again
+            out[e.tag] = e.data
+    return out
+
+
+def write_packs(chunks: dict[bytes, bytes], where: Path, limit: int = PACK_LIMIT) -> list[tuple[PackInfo, Path]]:
+    """The chunks as real pack files of about ``limit`` bytes, each named by its id."""
+    where.mkdir(parents=True, exist_ok=True)
+    packs: list[tuple[PackInfo, Path]] = []
+    items = list(chunks.items())
+    while items:
+        tmp = where / f".pack-{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            w = PackWriter(f)
+            while items and (w.count == 0 or w.size + len(items[0][1]) <= limit):
+                w.add(*items.pop(0))
+            info = w.finish()
+        path = where / info.pack_id.hex()
+        os.replace(tmp, path)
+        packs.append((info, path))
+    return packs
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+# -- the honest fallback and a counting wrapper ---------------------------------------------
+
+
+class DictSource:
+    """An honest source holding ciphertexts in memory, asked last (high cost)."""
+
+    kind = SourceKind.OTHER
+
+    def __init__(self, chunks: dict[bytes, bytes], name: str = "fallback", cost: float = 1000.0) -> None:
+        self.name = name
+        self.chunks = dict(chunks)
+        self._cost = cost
+        self.asked: Counter[bytes] = Counter()
+
+    def cost(self) -> float:
+        return self._cost
+
+    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
+        self.asked.update(tags)
+        return {t: self.chunks[t] for t in tags if t in self.chunks}
+
+    async def close(self) -> None:
+        pass
+
+
+class CountingSource:
+    """Another source, unchanged, counting how often each tag was asked of it."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.kind = inner.kind
+        self.asked: Counter[bytes] = Counter()
+        self.calls = 0
+
+    def cost(self) -> float:
+        return self.inner.cost()
+
+    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
+        self.calls += 1
+        self.asked.update(tags)
+        return await self.inner.get_many(tags)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# -- what a backend hands the suite ---------------------------------------------------------
+
+
+class Held:
+    """A Source holding exactly ``chunks``, and the hooks that break its backing."""
+
+    source: Source
+    chunks: dict[bytes, bytes]
+
+    async def damage(self, tag: bytes) -> None:
+        raise NotImplementedError
+
+    async def truncate(self, tag: bytes) -> None:
+        raise NotImplementedError
+
+    async def vanish(self) -> None:
+        raise NotImplementedError
+
+    async def hang(self) -> None:
+        raise NotImplementedError
+
+    async def cleanup(self) -> None:
+        # A test may have closed the source already; a second close failing is
+        # reported by test_close_is_idempotent, not here.
+        with contextlib.suppress(Exception):
+            await self.source.close()
+
+
+# -- server: ServerSource over MemoryStore or HttpStore --------------------------------------
+
+
+async def commit_chunks(store: Store, chunks: dict[bytes, bytes], work: Path) -> tuple[uuid.UUID, list[PackInfo]]:
+    """Version 1 of a new parcel whose packs hold exactly ``chunks`` (as `init` commits)."""
+    pid = uuid.uuid4()
+    await store.create_parcel(pid, f"src-{pid.hex[:12]}")
+    packs = await asyncio.to_thread(write_packs, chunks, work / f"packs-{pid.hex[:8]}")
+    for info, path in packs:
+        await store.put_pack(pid, info.pack_id, path)
+    lock = await store.acquire(pid, Holder("test-site", "test-host"))
+    refs = [ChunkRef(t, bytes(32), 0) for t in chunks]  # the server never reads the keyring
+    raw = manifest.encode(parcel=pid, version=1, master_key=new_master_key(), vm={"memory_mib": 64},
+                          keyring=Keyring.from_refs(max(1, len(refs)) * CHUNK_SIZE, refs))
+    await store.commit(pid, CommitRequest(
+        epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packs],
+        added=sorted(chunks), release=True, site="test-site"))
+    return pid, [i for i, _ in packs]
+
+
+def _where(packs: list[PackInfo], tag: bytes) -> PackEntry:
+    return next(e for i in packs for e in i.entries if e.tag == tag)
+
+
+class MemoryServerHeld(Held):
+    def __init__(self, store: MemoryStore, parcel: uuid.UUID, packs: list[PackInfo], chunks: dict[bytes, bytes]) -> None:
+        self.store, self.parcel, self.packs, self.chunks = store, parcel, packs, chunks
+        self.source = ServerSource(store, parcel)
+
+    async def damage(self, tag: bytes) -> None:
+        e = _where(self.packs, tag)
+        home = self.store.home
+        with home.lock:
+            data, info = home.packs[e.pack_id]
+            bad = bytearray(data)
+            bad[e.offset + e.length // 2] ^= 0x5A
+            home.packs[e.pack_id] = (bytes(bad), info)
+
+    async def truncate(self, tag: bytes) -> None:
+        e = _where(self.packs, tag)
+        with self.store.home.lock:
+            self.store.home.parcels[self.parcel].index[tag] = PackEntry(tag, e.pack_id, e.offset, e.length // 2)
+
+    async def vanish(self) -> None:
+        # The in-memory home goes away: its parcel and packs are forgotten.
+        home = self.store.home
+        with home.lock:
+            home.parcels.pop(self.parcel, None)
+            home.packs.clear()
+
+
+class HttpHome:
+    """One `isrsync serve` for a test module (restarted on its data directory if a test killed it)."""
+
+    def __init__(self, server_cls: type, data: Path) -> None:
+        self.server_cls = server_cls
+        self.data = data
+        self.server: Any = None
+        self.token = ""
+        self.paused = False
+
+    def ensure(self) -> None:
+        if self.paused:
+            self.resume()
+        if self.server is None or self.server.proc is None or self.server.proc.poll() is not None:
+            if self.server is not None:
+                self.server.kill()
+            self.server = self.server_cls(self.data).start()
+            if not self.token:
+                self.token = self.server.add_user("alice")
+
+    def store(self) -> HttpStore:
+        self.ensure()
+        return HttpStore(self.server.url, self.token, retries=2, backoff=0.05, connect_timeout=5)
+
+    def pause(self) -> None:
+        os.killpg(self.server.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.server.proc.pid, signal.SIGCONT)
+            self.paused = False
+
+    def stop(self) -> None:
+        self.resume()
+        self.server.kill()
+
+    def close(self) -> None:
+        self.resume()
+        if self.server is not None:
+            self.server.kill()
+
+
+class HttpServerHeld(Held):
+    def __init__(self, home: HttpHome, store: HttpStore, parcel: uuid.UUID, packs: list[PackInfo],
+                 chunks: dict[bytes, bytes]) -> None:
+        self.home, self.store, self.parcel, self.packs, self.chunks = home, store, parcel, packs, chunks
+        self.source = ServerSource(store, parcel)
+
+    def _pack_path(self, pack_id: bytes) -> Path:
+        h = pack_id.hex()
+        return self.home.data / "packs" / h[:2] / h
+
+    async def damage(self, tag: bytes) -> None:
+        e = _where(self.packs, tag)
+        flip(self._pack_path(e.pack_id), e.offset + e.length // 2)
+
+    async def truncate(self, tag: bytes) -> None:
+        # The server's pack index claims half the chunk (the server keeps running).
+        e = _where(self.packs, tag)
+        db = sqlite3.connect(self.home.data / "store.db", timeout=30)
+        try:
+            with db:
+                db.execute("UPDATE pack_entries SET length=? WHERE pack=? AND tag=?", (e.length // 2, e.pack_id, tag))
+        finally:
+            db.close()
+
+    async def vanish(self) -> None:
+        await asyncio.to_thread(self.home.stop)
+
+    async def hang(self) -> None:
+        self.home.pause()
+
+    async def cleanup(self) -> None:
+        self.home.resume()
+        await super().cleanup()
+        await self.store.close()
+
+
+# -- cache-dir: CacheDirSource over a SiteCache directory -------------------------------------
+
+
+class CacheDirHeld(Held):
+    def __init__(self, path: Path, chunks: dict[bytes, bytes]) -> None:
+        self.path, self.chunks = path, chunks
+        self.source = CacheDirSource(path, name=f"dir:{path.name}")
+        self._fifos: list[Path] = []
+
+    def _location(self, tag: bytes) -> tuple[Path, int, int]:
+        db = sqlite3.connect(f"file:{self.path / 'index.db'}?mode=ro", uri=True)
+        try:
+            kind, name, off, n = db.execute(
+                "SELECT f.kind, f.name, c.offset, c.length FROM chunks c JOIN files f ON f.id=c.file WHERE c.tag=?",
+                (tag,)).fetchone()
+        finally:
+            db.close()
+        return self.path / ("segments" if kind == "segment" else "packs") / name, off, n
+
+    async def damage(self, tag: bytes) -> None:
+        path, off, n = self._location(tag)
+        flip(path, off + n // 2)
+
+    async def truncate(self, tag: bytes) -> None:
+        # The index (another site's, so only a hint) claims half the chunk.
+        db = sqlite3.connect(self.path / "index.db", timeout=30)
+        try:
+            with db:
+                db.execute("UPDATE chunks SET length=length/2 WHERE tag=?", (tag,))
+        finally:
+            db.close()
+
+    async def vanish(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.path)
+
+    async def hang(self) -> None:
+        # Every data file becomes a FIFO with no writer: the source's worker
+        # blocks in open(2) as it would on a hung network filesystem.
+        for sub in ("segments", "packs"):
+            for p in sorted((self.path / sub).iterdir()):
+                p.unlink()
+                os.mkfifo(p)
+                self._fifos.append(p)
+
+    async def cleanup(self) -> None:
+        # Release a worker blocked on a FIFO (a writer opening lets its open
+        # return; it then reads nothing), and make later opens fail instead.
+        writers = []
+        for p in self._fifos:
+            with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
+                writers.append(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for fd in writers:
+            os.close(fd)
+        self._fifos.clear()
+        await super().cleanup()
+
+
+def write_cache_dir(path: Path, chunks: dict[bytes, bytes], *, packs: bool) -> None:
+    cache = SiteCache(path)
+    try:
+        if packs:
+            for info, file in write_packs(chunks, path.parent / f"{path.name}-packs"):
+                cache.add_pack(file, info.pack_id, info)
+        else:
+            cache.put_many(list(chunks.items()))
+    finally:
+        cache.close()
+
+
