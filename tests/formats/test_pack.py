@@ -9,6 +9,7 @@ import random
 import shutil
 import struct
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -538,8 +539,10 @@ MEM_LIMIT = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def big_pack(tmp_path_factory) -> tuple[Path, pack.PackInfo, int]:
-    path = tmp_path_factory.mktemp("bigpack") / "pack"
+def big_pack(tmp_path_factory) -> Iterator[tuple[Path, pack.PackInfo, int]]:
+    """A 40 MiB pack, shared by the module and removed after it."""
+    d = tmp_path_factory.mktemp("bigpack")
+    path = d / "pack"
     tracemalloc.start()
     try:
         with open(path, "wb") as f:
@@ -551,7 +554,10 @@ def big_pack(tmp_path_factory) -> tuple[Path, pack.PackInfo, int]:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return path, info, peak
+    try:
+        yield path, info, peak
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _peak(fn) -> int:
