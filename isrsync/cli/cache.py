@@ -11,6 +11,9 @@ from .state import JsonOpt, state
 
 app = typer.Typer(help="Inspect and check this site's cache.", no_args_is_help=True)
 
+#: What to do with an empty cache (printed under listings that would show nothing).
+EMPTY_HINT = "the cache is empty; `isrsync hoard PARCEL` fetches a parcel into it (`isrsync ls` lists parcels)"
+
 
 @app.command("info")
 def info(json_out: JsonOpt = False) -> None:
@@ -28,6 +31,8 @@ def info(json_out: JsonOpt = False) -> None:
     t.add_row("segments", str(st.segments))
     t.add_row("on disk", human_bytes(st.disk_bytes))
     out.print(t)
+    if st.chunks == 0:
+        out.print(EMPTY_HINT, soft_wrap=True)
 
 
 @app.command("verify")
@@ -43,7 +48,9 @@ def verify(json_out: JsonOpt = False) -> None:
     if json_out:
         emit_json({"checked": total, "dropped": [t.hex() for t in bad]})
         return
-    if bad:
+    if total == 0:
+        out.print(f"nothing to check: {EMPTY_HINT}", soft_wrap=True)
+    elif bad:
         out.print(f"checked {total} chunks: dropped {len(bad)} damaged (they will be fetched again)")
     else:
         out.print(f"checked {total} chunks: all verify")
