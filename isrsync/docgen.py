@@ -3,8 +3,8 @@
 Everything here is derived from the command trees typer builds for the two
 commands the package installs, ``isrsync`` (:data:`isrsync.cli.main.app`) and
 ``sneakernet`` (:data:`sneakernet.cli.app`), and from the
-:class:`~isrsync.errors.IsrError` tree for the exit codes (both commands share
-:func:`isrsync.cli.main.run_app`, so they share their exit codes). The output
+:class:`~isrsync.errors.IsrError` tree for the exit codes (both commands turn
+an error into the same exit code: the error's own, or a fixed one). The output
 changes only when a CLI changes: no dates, no host names, no paths. The files
 live in the repository (``man/`` and ``completions/``) and a test fails when
 they are stale; regenerate them with ``scripts/gen-docs`` (``python -m
