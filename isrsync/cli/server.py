@@ -16,7 +16,7 @@ from rich.table import Table
 from ..server.app import default_data_dir
 from ..server.main import ServeConfig, parse_listen, serve
 from ..server.maint import check, collect_garbage, prune
-from ..server.repo import Repository
+from ..server.repo import Repository, check_user_name
 from .render import emit_json, human_bytes, out
 from .state import JsonOpt
 
@@ -28,8 +28,9 @@ DataOpt = Annotated[
 ]
 
 
-def _repo(data: Path | None) -> Repository:
-    return Repository(data or default_data_dir())
+def _repo(data: Path | None, *, create: bool = False) -> Repository:
+    # Only add-user makes a data directory; every other command needs one that exists.
+    return Repository(data or default_data_dir(), create=create)
 
 
 def serve_cmd(
@@ -39,6 +40,8 @@ def serve_cmd(
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="PEM private key for HTTPS.")] = None,
 ) -> None:
     """Run the home server until SIGTERM or Ctrl-C.
+
+    A data directory that holds no server data yet becomes a new, empty home.
 
     Prints one JSON line with the address it listens on when it is ready;
     access log lines (JSON) go to stderr.
@@ -56,8 +59,12 @@ def serve_cmd(
 
 @app.command("add-user")
 def add_user(name: str, data: DataOpt = None, json_out: JsonOpt = False) -> None:
-    """Create a user and print their bearer token (shown only once)."""
-    repo = _repo(data)
+    """Create a user and print their bearer token (shown only once).
+
+    Creates the data directory too if it holds no server data yet.
+    """
+    check_user_name(name)  # a refused name leaves no new, empty data directory behind
+    repo = _repo(data, create=True)
     try:
         token = repo.add_user(name)
     finally:
@@ -95,6 +102,8 @@ def list_users(data: DataOpt = None, json_out: JsonOpt = False) -> None:
     for n, c, k in rows:
         t.add_row(n, time.strftime("%Y-%m-%d %H:%M", time.localtime(c)), str(k))
     out.print(t)
+    if not rows:
+        out.print("no users yet; add one with `isrsync server add-user NAME`")
 
 
 @app.command("check")

@@ -30,10 +30,19 @@ class LocalStore:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isrsync-store")
 
     @classmethod
-    def open(cls, root: str | Path, user: str, *, create_user: bool = False) -> "LocalStore":
-        repo = Repository(root)
-        if create_user and user not in {u[0] for u in repo.list_users()}:
-            repo.add_user(user)
+    def open(cls, root: str | Path, user: str, *, create: bool = False, create_user: bool = False) -> "LocalStore":
+        """``user``'s Store over the data directory ``root``.
+
+        ``create``: make the data directory if it holds none (else NotFound);
+        ``create_user``: add ``user`` to it if they are not there yet.
+        """
+        repo = Repository(root, create=create)
+        try:
+            if create_user and user not in {u[0] for u in repo.list_users()}:
+                repo.add_user(user)
+        except BaseException:
+            repo.close()
+            raise
         return cls(repo, user, owns_repo=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

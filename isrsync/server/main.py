@@ -51,7 +51,7 @@ async def serve(cfg: ServeConfig, on_ready: Callable[[str, int], None] | None = 
     """Serve until SIGTERM/SIGINT; then finish in-flight commits and exit."""
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
-    repo = Repository(cfg.data)
+    repo = Repository(cfg.data, create=True)  # a fresh directory becomes a new home
     app = make_app(repo)
     runner = web.AppRunner(app, access_log_class=JsonAccessLogger, access_log=logging.getLogger("isrsync.access"),
                            shutdown_timeout=120)

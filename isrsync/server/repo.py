@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -114,15 +115,30 @@ def parse_parcel_id(ref: str | uuid.UUID) -> uuid.UUID | None:
 
 
 class Repository:
-    """A home server's data directory. Thread-safe (one connection, one lock)."""
+    """A home server's data directory. Thread-safe (one connection, one lock).
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    Opens an existing data directory; a path that holds none is refused with
+    :class:`~isrsync.errors.NotFound` and nothing is created there (a mistyped
+    ``--data`` or ``file://`` path must not become an empty home that answers
+    "no users", "no parcels"). Only what sets up a home passes ``create=True``:
+    ``isrsync server add-user``, ``isrsync serve`` and the demo.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root)
+        db = self.root / "store.db"
+        if not create and not db.is_file():
+            raise NotFound(
+                f"{self.root} holds no isrsync server data",
+                hint=f"check the path, or create it with `isrsync server add-user NAME --data {self.root}`",
+            )
         try:
             for sub in ("", "packs", "uploads"):
                 (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Without create, mode=rw: SQLite never makes a new, empty database file.
+            target, uri = (db, False) if create else (f"file:{urllib.parse.quote(str(db))}?mode=rw", True)
             self._db = sqlite3.connect(
-                self.root / "store.db", timeout=60, isolation_level=None, check_same_thread=False
+                target, timeout=60, isolation_level=None, check_same_thread=False, uri=uri
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -79,7 +79,9 @@ def save_account(acct: Account) -> None:
 def open_store(acct: Account) -> Store:
     parts = urlsplit(acct.server)
     if parts.scheme == "file":
-        return LocalStore.open(Path(parts.path), acct.user, create_user=True)
+        # The directory must already be a home (made by `isrsync server add-user`):
+        # a mistyped path is refused, never made into a new, empty home.
+        return LocalStore.open(Path(parts.path), acct.user, create=False, create_user=True)
     if parts.scheme in ("http", "https"):
         if not acct.token:
             raise AuthError(f"no token for {acct.server}", hint="log in with `isrsync login --token`")

@@ -26,7 +26,7 @@ SIZE = 40 * CH + 96 * 1024  # 41 chunks, the last one short
 
 @pytest.fixture
 async def local_store(tmp_path: Path) -> AsyncIterator[LocalStore]:
-    store = LocalStore.open(tmp_path / "home", "alice", create_user=True)
+    store = LocalStore.open(tmp_path / "home", "alice", create=True, create_user=True)
     try:
         yield store
     finally:

@@ -20,7 +20,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def store(data_dir: Path) -> AsyncIterator[LocalStore]:
-    repo = Repository(data_dir)
+    repo = Repository(data_dir, create=True)
     repo.add_user(USER)
     s = LocalStore(repo, USER, owns_repo=True)
     try:

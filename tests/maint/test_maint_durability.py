@@ -28,7 +28,7 @@ from isrsync.server.repo import Repository
 async def test_uploaded_pack_bytes_are_fsynced_before_the_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    repo = Repository(tmp_path / "data")
+    repo = Repository(tmp_path / "data", create=True)
     token = repo.add_user(USER)
     synced: set[tuple[int, int]] = set()
     real_fsync = os.fsync

@@ -124,6 +124,7 @@ def test_duplicate_add_user_is_a_clear_error(live_server) -> None:
 
 
 def test_remove_unknown_user_is_a_clear_error(tmp_path: Path) -> None:
+    token_of(cli("add-user", "somebody", data=tmp_path / "d"))
     r = cli("remove-user", "nobody", data=tmp_path / "d")
     assert r.returncode == 5, (r.returncode, r.stderr)  # NotFound
     assert "isrsync: no user nobody" in r.stderr and "Traceback" not in r.stderr
@@ -138,9 +139,14 @@ def test_invalid_user_names_are_rejected(tmp_path: Path, name: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert r.stdout.strip() == "", "no token may be printed for a refused name"
     assert "is not a valid user name" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    rows = json.loads(cli("list-users", "--json", data=data).stdout)
-    assert rows == []
-    # Nothing was created next to the data directory either (a name is never a path).
+    # The name is refused before the data directory is made: nothing was created
+    # (a name is never a path, and a refused add-user leaves no empty home behind).
+    assert list(tmp_path.iterdir()) == []
+    # ...and in an existing home the refused name adds no user and no file.
+    token_of(cli("add-user", "ok", data=data))
+    r = cli("add-user", name, data=data)
+    assert r.returncode == 2 and "is not a valid user name" in r.stderr, r.stderr
+    assert [u["user"] for u in json.loads(cli("list-users", "--json", data=data).stdout)] == ["ok"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     assert not any(p.name not in ("store.db", "store.db-wal", "store.db-shm", "packs", "uploads")
                    for p in data.iterdir())
@@ -156,7 +162,7 @@ def test_user_name_with_a_trailing_newline_is_rejected(tmp_path: Path) -> None:
     r = cli("add-user", "eve\n", data=data)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "is not a valid user name" in r.stderr
-    assert json.loads(cli("list-users", "--json", data=data).stdout) == []
+    assert not data.exists()
 
 
 @pytest.mark.parametrize("name", ["_svc", "a", "a" * 64, "web-1.prod_x"])
@@ -167,3 +173,77 @@ def test_valid_odd_user_names_work_end_to_end(live_server, name: str) -> None:
                 bearer(tok)).status == 201
     assert call(live_server.port, "GET", f"/v1/parcels/{pid}/uploads/{'ab' * 32}", headers=bearer(tok)).status == 200
     assert (live_server.data / "uploads" / name).is_dir()
+
+
+# --------------------------------------------------------------------------
+# A path that holds no data directory is refused, not made into an empty home
+# --------------------------------------------------------------------------
+
+
+def _one_line(r: subprocess.CompletedProcess) -> str:
+    assert r.stdout.strip() == "", r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["list-users"], ["list-users", "--json"], ["remove-user", "alice"], ["check"], ["check", "--quick"],
+    ["prune", "alice", "vm", "--keep", "1"],
+])
+def test_admin_commands_refuse_a_path_with_no_data(tmp_path: Path, args: list[str]) -> None:
+    typo = tmp_path / "TYPO"
+    r = cli(*args, data=typo)
+    assert r.returncode == 5, (r.returncode, r.stderr)  # NotFound
+    line = _one_line(r)
+    assert line.startswith(f"isrsync: {typo} holds no isrsync server data"), line
+    assert f"isrsync server add-user NAME --data {typo}" in line, line
+    assert not typo.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_admin_commands_refuse_an_empty_directory_and_leave_it_empty(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("list-users", data=empty)
+    assert r.returncode == 5 and "holds no isrsync server data" in _one_line(r)
+    assert list(empty.iterdir()) == []
+
+
+def test_add_user_creates_the_data_directory(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "home"
+    token_of(cli("add-user", "alice", data=data))
+    assert (data / "store.db").is_file()
+    assert [u["user"] for u in json.loads(cli("list-users", "--json", data=data).stdout)] == ["alice"]
+
+
+def test_serve_creates_a_fresh_data_directory(live_server) -> None:
+    # live_server runs `isrsync serve --data DIR` on a directory that did not exist.
+    assert (live_server.data / "store.db").is_file()
+    r = cli("list-users", data=live_server.data)
+    assert r.returncode == 0, r.stderr
+    assert "no users yet; add one with `isrsync server add-user NAME`" in r.stdout
+    assert json.loads(cli("list-users", "--json", data=live_server.data).stdout) == []
+
+
+def test_login_to_a_file_home_that_does_not_exist(tmp_path: Path) -> None:
+    """`isrsync login file:///TYPO` refuses, saying how to make a home; nothing is created."""
+    typo = tmp_path / "TYPO"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISRSYNC_")}
+    env.update(HOME=str(tmp_path / "h"), ISRSYNC_CONFIG=str(tmp_path / "h" / "config.json"),
+               ISRSYNC_RUNTIME=str(tmp_path / "h" / "rt"), ISRSYNC_PASSPHRASE="pw", COLUMNS="200")
+    (tmp_path / "h").mkdir()
+    r = subprocess.run([*_cmd(), "login", f"file://{typo}", "--user", "alice", "--kdf-min"],
+                       capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 5, (r.returncode, r.stderr)
+    line = _one_line(r)
+    assert line == (f"isrsync: {typo} holds no isrsync server data; check the path, or create it with "
+                    f"`isrsync server add-user NAME --data {typo}`"), line
+    assert not typo.exists()
+    assert not (tmp_path / "h" / "config.json").exists(), "a refused login must not be recorded"
+    # Once the home exists, the same login works (and adds the user).
+    token_of(cli("add-user", "bob", data=typo))
+    r = subprocess.run([*_cmd(), "login", f"file://{typo}", "--user", "alice", "--kdf-min"],
+                       capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert [u["user"] for u in json.loads(cli("list-users", "--json", data=typo).stdout)] == ["alice", "bob"]

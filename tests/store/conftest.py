@@ -4,7 +4,7 @@
 asks for ``store`` (directly or through ``home``) runs once per backend:
 
 * ``local``: :class:`LocalStore` over a data directory in ``tmp_path``
-  (``LocalStore.open(..., create_user=True)``; further users share its
+  (``LocalStore.open(..., create=True, create_user=True)``; further users share its
   :class:`Repository`);
 * ``http``: :class:`HttpStore` against the real ``isrsync serve`` subprocess
   (``live_server`` from tests/conftest.py), one bearer token per user;
@@ -56,7 +56,7 @@ class Home:
         s: Store
         if self.backend == "local":
             if self._owner is None:
-                self._owner = LocalStore.open(self.root, user, create_user=True)
+                self._owner = LocalStore.open(self.root, user, create=True, create_user=True)
                 s = self._owner
             else:
                 repo = self._owner.repo

@@ -266,7 +266,7 @@ async def test_server_that_comes_up_late_is_reached_by_backoff(server_factory, t
     from isrsync.server.repo import Repository
 
     data = tmp_path / "late-data"
-    repo = Repository(data)
+    repo = Repository(data, create=True)
     token = repo.add_user("alice")
     repo.close()
     port = free_port()
