@@ -4,7 +4,7 @@
 * ``make_parcel(size=..., seed=..., store=None)``: version 1 of a new parcel from
   a mixed image (zero, compressible, random and repeated chunks), committed to
   ``store`` (the local one by default); returns a :class:`diskkit.Parcel`.
-* ``make_site(parcel, name="site", **kw)``: a fresh SiteCache, a SourceChain with
+* ``make_site(parcel, name="site", **kw)``: a fresh SiteCache, a SourceRegistry with
   the (recording) ServerSource, a ParcelState and a ParcelDisk, served by an
   NbdServer on a unix socket; see :func:`diskkit.open_site` for the options.
   Every site is closed at teardown (NBD server first, then state and cache).

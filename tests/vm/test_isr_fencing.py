@@ -53,7 +53,7 @@ def test_fenced_suspend_is_refused_and_local_changes_are_kept(sites, parcel, sta
     assert info["version"] == 1 and info["holder"] is None and info["epoch"] == broken["epoch"]
     # A still has everything the refused suspend saved: the disk changes and the memory image.
     st = state_of(a, pid)
-    assert st["meta"]["status"] == "suspended-local", st
+    assert st["meta"]["status"] == "fenced", st  # kept, refused, never merged
     assert st["meta"]["epoch"] == held["epoch"], st
     assert st["dirty"] > 0, st
     assert "memory" in st["blobs"], f"the memory image of the refused suspend was dropped: {st}"
