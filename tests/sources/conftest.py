@@ -1,4 +1,4 @@
-"""Backends for the Source conformance suite (test_conformance.py): one suite, every Source.
+"""Backends for the Source conformance suite (test_source_conformance.py): one suite, every Source.
 
 (The backends' Held classes, the fallback source and the chunk helpers live in
 sourcekit.py; this file lists the backends and their flags and wires them in.)
