@@ -72,6 +72,10 @@ class CacheDirSource:
         return self._per_chunk
 
     async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
+        if self._closed:
+            # Checked here, not only on the worker: the pool is shut down by now,
+            # and submitting to it would fail with a RuntimeError, not as a source.
+            raise OSError(f"the cache directory source {self.path} is closed")
         if not tags:
             return {}
         t0 = time.perf_counter()
@@ -81,6 +85,11 @@ class CacheDirSource:
         return out
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        # Set on the loop, before the worker gets to _close: reads already queued
+        # behind a hung one then fail in _connect instead of reopening the index.
+        self._closed = True
         # A hung filesystem may hold the worker: give it a moment, never wait forever.
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self._close)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -155,7 +164,6 @@ class CacheDirSource:
 
     def _close(self) -> None:
         with self._lock:
-            self._closed = True
             self._drop_db()
             for fd in self._fds.values():
                 with contextlib.suppress(OSError):

@@ -63,9 +63,7 @@ Fixtures: ``backend`` (a :class:`BackendSpec`), ``make_source`` (the factory),
 
 ``pytest_generate_tests`` parametrizes every test that takes ``backend`` over
 the backends whose flags cover the test's ``@pytest.mark.needs(...)``; a test
-that does not apply to a backend is not generated for it (no skips). A
-``@pytest.mark.known_bug(backend, ..., reason=...)`` turns those instances into
-strict xfails, so they fail loudly once the bug is fixed.
+that does not apply to a backend is not generated for it (no skips).
 """
 
 from __future__ import annotations
@@ -133,7 +131,6 @@ BY_NAME = {b.name: b for b in BACKENDS}
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(*caps): Source capabilities (conftest Caps) a test needs")
-    config.addinivalue_line("markers", "known_bug(*backends, reason, raises=None): strict xfail on those backends")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -142,15 +139,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     needs: set[Caps] = set()
     for m in metafunc.definition.iter_markers("needs"):
         needs.update(Caps(c) for c in m.args)
-    bugs: dict[str, pytest.MarkDecorator] = {}
-    for m in metafunc.definition.iter_markers("known_bug"):
-        for b in m.args:
-            assert b in BY_NAME, f"known_bug names no backend {b!r}"
-            bugs[b] = pytest.mark.xfail(strict=True, reason=m.kwargs["reason"], raises=m.kwargs.get("raises"))
-    params = [
-        pytest.param(b.name, id=b.name, marks=[bugs[b.name]] if b.name in bugs else [])
-        for b in BACKENDS if needs <= b.caps
-    ]
+    params = [pytest.param(b.name, id=b.name) for b in BACKENDS if needs <= b.caps]
     assert params, f"{metafunc.function.__name__}: no backend has {sorted(needs)}"
     metafunc.parametrize("backend", params, indirect=True)
 

@@ -33,7 +33,7 @@ import pytest
 from sourcekit import CountingSource, DictSource, Held, make_chunks
 
 from isrsync.chunk import CHUNK_SIZE, TAG_SIZE, tag_of
-from isrsync.errors import ChunkUnavailable
+from isrsync.errors import ChunkUnavailable, IsrError
 from isrsync.site.sources import Source, SourceKind, SourceRegistry
 
 needs = pytest.mark.needs
@@ -337,13 +337,6 @@ class TestThroughRegistry:
 
 
 class TestClose:
-    @pytest.mark.known_bug(
-        "cache-dir", "cache-dir-pack",
-        reason="CacheDirSource.close() (isrsync/site/cachedir.py:83-88) submits _close to its executor, "
-        "which the first close shut down: a second close raises RuntimeError "
-        "('cannot schedule new futures after shutdown')",
-        raises=RuntimeError,
-    )
     async def test_close_is_idempotent(self, held: Held) -> None:
         await held.source.get_many(list(held.chunks)[:2])
         await asyncio.wait_for(held.source.close(), 10)
@@ -361,6 +354,9 @@ class TestClose:
         await asyncio.wait_for(held.source.close(), 10)
         res = await outcome(held.source.get_many(tags), "get_many of a closed source")
         assert_failed_as_a_whole(res, "get_many of a closed source")
+        # A source failing as a whole says so as I/O or an isrsync error; anything
+        # else (a RuntimeError from a shut-down executor) is a bug that happened to be caught.
+        assert not isinstance(res, Exception) or isinstance(res, (OSError, IsrError)), repr(res)
 
         assert await fetch_through(registry, held.source, fallback, tags) == held.chunks
         s, f = registry.stats()[held.source.name], registry.stats()[fallback.name]
