@@ -75,7 +75,15 @@ def _readonly_fs(path: Path) -> bool:
         return False
 
 
-def _sqlite_error(e: sqlite3.Error, path: Path) -> Exception:
+def sqlite_error(e: sqlite3.Error, path: Path) -> StorageFull | CacheError:
+    """The isrsync error for SQLite failing on a database of the site cache at ``path``.
+
+    A full disk becomes :class:`StorageFull`, a read-only database or filesystem
+    a :class:`CacheError` that says so, anything else a :class:`CacheError`
+    quoting SQLite. Raise it ``from None``: SQLite's own traceback tells a user
+    nothing more. Shared by every SQLite database the site keeps (the cache
+    index, a parcel's local state) so they fail alike.
+    """
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
         return StorageFull(f"no space left while writing the cache index at {path}")
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or _readonly_fs(path):
@@ -106,7 +114,7 @@ def write_transaction(db: sqlite3.Connection, where: Path, durable: bool = True)
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.Error as e:
-        raise _sqlite_error(e, where) from None
+        raise sqlite_error(e, where) from None
 
 
 def default_cache_dir(override: str | os.PathLike[str] | None = None) -> Path:

@@ -40,7 +40,7 @@ from nacl.exceptions import CryptoError
 from ..chunk import ChunkRef, chunk_count
 from ..errors import CacheError, Conflict, IntegrityError, StateError
 from ..manifest import Keyring, MemoryImage
-from .cache import SiteCache, _sqlite_error, write_transaction
+from .cache import SiteCache, sqlite_error, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,7 +120,7 @@ class ParcelState:
             self._db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.Error as e:
-            raise _sqlite_error(e, self.dir) from None
+            raise sqlite_error(e, self.dir) from None
         except OSError as e:
             raise CacheError(f"cannot open the local state of parcel {parcel}: {e.strerror or e}") from None
 
