@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import (
-    AuthError, Conflict, FormatError, IntegrityError, LockHeld, NotFound, UsageError,
+    AuthError, Conflict, FormatError, IntegrityError, NotFound, UsageError,
 )
 from ..fsutil import fsync_dir, os_error
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackEntry, verify_stream
+from ..store import lockrules
 from ..store.base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 
 SCHEMA_VERSION = 1
@@ -426,31 +427,20 @@ class Repository:
     def acquire(self, user: str, parcel: uuid.UUID, holder: Holder) -> LockState:
         with self._tx() as db:
             info = self._info(self._owned(db, user, parcel))
-            cur = info.lock.holder
-            if cur is not None:
-                if cur.site == holder.site:
-                    return info.lock
-                raise lock_held(info.name, cur)
-            epoch = info.lock.epoch + 1
-            db.execute(
-                "UPDATE parcels SET epoch=?, holder_site=?, holder_host=?, holder_user=?, holder_since=?"
-                " WHERE id=?",
-                (epoch, holder.site, holder.host, user, time.time(), str(parcel)),
-            )
-            self._audit(db, user, parcel, "acquire", f"epoch {epoch} site {holder.site} host {holder.host}")
+            new = lockrules.acquire(info.lock, info.name, Holder(holder.site, holder.host, user, time.time()))
+            if new == info.lock:
+                return new
+            self._set_lock(db, parcel, new)
+            self._audit(db, user, parcel, "acquire", f"epoch {new.epoch} site {holder.site} host {holder.host}")
         return self.lock_status(user, parcel)
 
     def release(self, user: str, parcel: uuid.UUID, epoch: int) -> LockState:
         with self._tx() as db:
             info = self._info(self._owned(db, user, parcel))
-            if info.lock.holder is None and info.lock.epoch == epoch:
-                return info.lock  # already released (a retried release)
-            _check_epoch(info.lock, epoch)
-            db.execute(
-                "UPDATE parcels SET holder_site=NULL, holder_host=NULL, holder_user=NULL, holder_since=NULL"
-                " WHERE id=?",
-                (str(parcel),),
-            )
+            new = lockrules.release(info.lock, epoch)
+            if new == info.lock:
+                return new
+            self._set_lock(db, parcel, new)
             self._audit(db, user, parcel, "release", f"epoch {epoch}")
         return self.lock_status(user, parcel)
 
@@ -458,13 +448,10 @@ class Repository:
         with self._tx() as db:
             info = self._info(self._owned(db, user, parcel))
             old = info.lock.holder
-            db.execute(
-                "UPDATE parcels SET epoch=epoch+1, holder_site=NULL, holder_host=NULL, holder_user=NULL,"
-                " holder_since=NULL WHERE id=?",
-                (str(parcel),),
-            )
+            new = lockrules.break_lock(info.lock)
+            self._set_lock(db, parcel, new)
             was = f"site {old.site} host {old.host}" if old else "nobody"
-            self._audit(db, user, parcel, "break", f"epoch {info.lock.epoch + 1}; held by {was}; {reason[:500]}")
+            self._audit(db, user, parcel, "break", f"epoch {new.epoch}; held by {was}; {reason[:500]}")
         return self.lock_status(user, parcel)
 
     def commit(self, user: str, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
@@ -480,12 +467,7 @@ class Repository:
             if done is not None:
                 # A retry of a commit that landed (its answer was lost): same result.
                 return VersionInfo(*done)
-            _check_epoch(info.lock, req.epoch)
-            if info.version != req.parent:
-                raise Conflict(
-                    f"parcel {info.name} is at version {info.version}, not {req.parent}",
-                    hint="another site committed first; your local changes are kept at this site",
-                )
+            lockrules.check_commit(info.lock, info.name, req.epoch, req.parent)
             if header.parcel != parcel or header.version != req.parent + 1:
                 raise IntegrityError("the manifest is not the next version of this parcel")
             parent_hash = NO_PARENT
@@ -546,6 +528,13 @@ class Repository:
             self._audit(db, user, parcel, "commit", f"version {v} epoch {req.epoch} release {req.release}")
         return VersionInfo(v, now, site, mhash, len(req.manifest), new_bytes)
 
+    def _set_lock(self, db: sqlite3.Connection, parcel: uuid.UUID, lock: LockState) -> None:
+        h = lock.holder
+        db.execute(
+            "UPDATE parcels SET epoch=?, holder_site=?, holder_host=?, holder_user=?, holder_since=? WHERE id=?",
+            (lock.epoch, *((h.site, h.host, h.user, h.since) if h else (None,) * 4), str(parcel)),
+        )
+
     def _audit(self, db: sqlite3.Connection, user: str, parcel: uuid.UUID | None, event: str, detail: str) -> None:
         db.execute(
             "INSERT INTO audit VALUES (?,?,?,?,?)",
@@ -557,24 +546,3 @@ class Repository:
             return self._q("SELECT * FROM audit ORDER BY rowid")
         return self._q("SELECT * FROM audit WHERE parcel=? ORDER BY rowid", (str(parcel),))
 
-
-def _check_epoch(lock: LockState, epoch: int) -> None:
-    if lock.holder is not None and lock.epoch == epoch:
-        return
-    if lock.holder is None:
-        why = "the lock is free (it was released or broken)"
-    else:
-        why = f"the lock is held by site {lock.holder.site} on {lock.holder.host}"
-    raise Conflict(
-        f"this site no longer holds the lock (its epoch {epoch}, the server's {lock.epoch}): {why}",
-        hint="your local changes are kept at this site; nothing on the server was changed",
-        details={"epoch": lock.epoch},
-    )
-
-
-def lock_held(parcel_name: str, holder: Holder) -> LockHeld:
-    since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(holder.since))
-    return LockHeld(
-        f"parcel {parcel_name} is in use on {holder.host} (site {holder.site}) since {since}",
-        details={"site": holder.site, "host": holder.host, "user": holder.user, "since": holder.since},
-    )

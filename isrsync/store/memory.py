@@ -4,8 +4,9 @@ Same contract and same answers as the home server's data directory
 (:mod:`isrsync.server.repo` behind :mod:`isrsync.server.local`), with dicts for
 SQLite and bytes for pack files, so it passes the one conformance suite
 (tests/store/conformance.py) and needs no files: only
-:meth:`MemoryStore.put_pack` reads the pack the caller names. Its few checks
-and messages are copied, not imported: store/ never imports server/.
+:meth:`MemoryStore.put_pack` reads the pack the caller names. The lock rules
+come from :mod:`.lockrules`, which the server applies too; its other checks and
+messages are copied, not imported: store/ never imports server/.
 
 A :class:`MemoryHome` holds the state of one home (bundles, parcels, packs);
 a :class:`MemoryStore` is one user's client of it. ``MemoryStore()`` makes a
@@ -37,13 +38,13 @@ from ..errors import (
     Conflict,
     FormatError,
     IntegrityError,
-    LockHeld,
     NotFound,
     UsageError,
 )
 from ..fsutil import os_error
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackEntry, PackInfo, verify_stream
+from . import lockrules
 from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 
 # As the server's repository checks them: a name create refuses names no parcel.
@@ -66,6 +67,10 @@ class _Parcel:
 
     def lock(self) -> LockState:
         return LockState(self.id, self.epoch, self.version, self.holder, self.hardware)
+
+    def set_lock(self, lock: LockState) -> LockState:
+        self.epoch, self.holder = lock.epoch, lock.holder
+        return lock
 
     def info(self) -> ParcelInfo:
         return ParcelInfo(self.id, self.name, self.created, self.version, self.lock())
@@ -220,29 +225,18 @@ class MemoryStore:
     async def acquire(self, parcel: uuid.UUID, holder: Holder) -> LockState:
         with self.home.lock:
             p = self._owned(parcel)
-            if p.holder is not None:
-                if p.holder.site == holder.site:
-                    return p.lock()
-                raise _lock_held(p.name, p.holder)
-            p.epoch += 1
-            p.holder = Holder(holder.site, holder.host, self.user, time.time())
-            return p.lock()
+            return p.set_lock(lockrules.acquire(
+                p.lock(), p.name, Holder(holder.site, holder.host, self.user, time.time())))
 
     async def release(self, parcel: uuid.UUID, epoch: int) -> LockState:
         with self.home.lock:
             p = self._owned(parcel)
-            if p.holder is None and p.epoch == epoch:
-                return p.lock()  # already released (a retried release)
-            _check_epoch(p.lock(), epoch)
-            p.holder = None
-            return p.lock()
+            return p.set_lock(lockrules.release(p.lock(), epoch))
 
     async def break_lock(self, parcel: uuid.UUID, reason: str = "") -> LockState:
         with self.home.lock:
             p = self._owned(parcel)
-            p.epoch += 1
-            p.holder = None
-            return p.lock()
+            return p.set_lock(lockrules.break_lock(p.lock()))
 
     async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         header = parse_header(req.manifest)
@@ -253,12 +247,7 @@ class MemoryStore:
             done = p.versions.get(v)
             if done is not None and done[0].manifest_hash == mhash:
                 return done[0]  # a retry of a commit that landed (its answer was lost)
-            _check_epoch(p.lock(), req.epoch)
-            if p.version != req.parent:
-                raise Conflict(
-                    f"parcel {p.name} is at version {p.version}, not {req.parent}",
-                    hint="another site committed first; your local changes are kept at this site",
-                )
+            lockrules.check_commit(p.lock(), p.name, req.epoch, req.parent)
             if header.parcel != parcel or header.version != v:
                 raise IntegrityError("the manifest is not the next version of this parcel")
             if header.parent != (p.versions[req.parent][0].manifest_hash if req.parent else NO_PARENT):
@@ -321,24 +310,3 @@ def _parse_parcel_id(ref: uuid.UUID | str) -> uuid.UUID | None:
     except (ValueError, AttributeError):
         return None
 
-
-def _check_epoch(lock: LockState, epoch: int) -> None:
-    if lock.holder is not None and lock.epoch == epoch:
-        return
-    if lock.holder is None:
-        why = "the lock is free (it was released or broken)"
-    else:
-        why = f"the lock is held by site {lock.holder.site} on {lock.holder.host}"
-    raise Conflict(
-        f"this site no longer holds the lock (its epoch {epoch}, the server's {lock.epoch}): {why}",
-        hint="your local changes are kept at this site; nothing on the server was changed",
-        details={"epoch": lock.epoch},
-    )
-
-
-def _lock_held(parcel_name: str, holder: Holder) -> LockHeld:
-    since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(holder.since))
-    return LockHeld(
-        f"parcel {parcel_name} is in use on {holder.host} (site {holder.site}) since {since}",
-        details={"site": holder.site, "host": holder.host, "user": holder.user, "since": holder.since},
-    )

@@ -1,0 +1,78 @@
+"""The rules of a parcel's lock record, as pure decisions (the contract in :mod:`.base`).
+
+Each function takes the lock as it stands and returns the lock as it must be
+after the operation, or raises the error the operation is refused with; the
+backend stores the result inside its own transaction. Both backends that keep
+lock records, the server's :class:`~isrsync.server.repo.Repository` and
+:class:`~.memory.MemoryStore`, decide here, so the fencing they promise cannot
+drift apart (store/ may not import server/, so this lives in store/).
+
+No I/O and no reading of the clock: the caller stamps the new holder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from ..errors import Conflict, LockHeld
+from .base import Holder, LockState
+
+
+def acquire(lock: LockState, parcel_name: str, holder: Holder) -> LockState:
+    """Compare-and-set: a free lock goes to ``holder`` under the next epoch.
+
+    The site that already holds it gets ``lock`` back unchanged (a retried
+    acquire keeps its epoch); any other site is refused with :class:`LockHeld`.
+    """
+    if lock.holder is not None:
+        if lock.holder.site == holder.site:
+            return lock
+        raise lock_held(parcel_name, lock.holder)
+    return replace(lock, epoch=lock.epoch + 1, holder=holder)
+
+
+def release(lock: LockState, epoch: int) -> LockState:
+    """The lock freed by the holder of ``epoch``; the epoch is kept."""
+    if lock.holder is None and lock.epoch == epoch:
+        return lock  # already released (a retried release)
+    check_epoch(lock, epoch)
+    return replace(lock, holder=None)
+
+
+def break_lock(lock: LockState) -> LockState:
+    """The lock freed and its epoch bumped, whoever held it: the old holder is fenced off."""
+    return replace(lock, epoch=lock.epoch + 1, holder=None)
+
+
+def check_commit(lock: LockState, parcel_name: str, epoch: int, parent: int) -> None:
+    """Refuse, with :class:`Conflict`, a commit from a stale epoch or onto a stale parent."""
+    check_epoch(lock, epoch)
+    if lock.version != parent:
+        raise Conflict(
+            f"parcel {parcel_name} is at version {lock.version}, not {parent}",
+            hint="another site committed first; your local changes are kept at this site",
+        )
+
+
+def check_epoch(lock: LockState, epoch: int) -> None:
+    """Refuse, with :class:`Conflict`, a caller whose ``epoch`` no longer holds the lock."""
+    if lock.holder is not None and lock.epoch == epoch:
+        return
+    if lock.holder is None:
+        why = "the lock is free (it was released or broken)"
+    else:
+        why = f"the lock is held by site {lock.holder.site} on {lock.holder.host}"
+    raise Conflict(
+        f"this site no longer holds the lock (its epoch {epoch}, the server's {lock.epoch}): {why}",
+        hint="your local changes are kept at this site; nothing on the server was changed",
+        details={"epoch": lock.epoch},
+    )
+
+
+def lock_held(parcel_name: str, holder: Holder) -> LockHeld:
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(holder.since))
+    return LockHeld(
+        f"parcel {parcel_name} is in use on {holder.host} (site {holder.site}) since {since}",
+        details={"site": holder.site, "host": holder.host, "user": holder.user, "since": holder.since},
+    )
