@@ -75,20 +75,20 @@ def _readonly_fs(path: Path) -> bool:
         return False
 
 
-def sqlite_error(e: sqlite3.Error, path: Path) -> StorageFull | CacheError:
+def sqlite_error(e: sqlite3.Error, path: Path, what: str = "the cache index") -> StorageFull | CacheError:
     """The isrsync error for SQLite failing on a database of the site cache at ``path``.
 
     A full disk becomes :class:`StorageFull`, a read-only database or filesystem
     a :class:`CacheError` that says so, anything else a :class:`CacheError`
     quoting SQLite. Raise it ``from None``: SQLite's own traceback tells a user
     nothing more. Shared by every SQLite database the site keeps (the cache
-    index, a parcel's local state) so they fail alike.
+    index, a parcel's local state) so they fail alike; ``what`` names which.
     """
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return StorageFull(f"no space left while writing the cache index at {path}")
+        return StorageFull(f"no space left while writing {what} at {path}")
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or _readonly_fs(path):
         return CacheError(f"the cache at {path} is read-only", hint="pick a writable cache with --cache-dir")
-    return CacheError(f"the cache index at {path} failed: {e}")
+    return CacheError(f"{what} at {path} failed: {e}")
 
 
 @contextlib.contextmanager

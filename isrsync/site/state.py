@@ -120,7 +120,7 @@ class ParcelState:
             self._db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.Error as e:
-            raise sqlite_error(e, self.dir) from None
+            raise sqlite_error(e, self.dir, "the parcel's local state") from None
         except OSError as e:
             raise CacheError(f"cannot open the local state of parcel {parcel}: {e.strerror or e}") from None
 
