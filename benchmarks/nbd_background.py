@@ -114,6 +114,7 @@ from isrsync.site.state import ParcelState
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import HttpStore
 from isrsync.vm.nbd import NbdServer
+from isrsync.vmspec import VmSpec
 
 CH = CHUNK_SIZE
 MIB = 1 << 20
@@ -300,7 +301,7 @@ async def make_parcel(store: HttpStore, work: Path, size: int) -> tuple[uuid.UUI
         await store.put_pack(pid, info.pack_id, path)
         path.unlink()
     lock = await store.acquire(pid, Holder("bench-site", "bench-host"))
-    raw = manifest.encode(parcel=pid, version=1, master_key=mkey, vm={"memory_mib": 64}, keyring=packed.keyring)
+    raw = manifest.encode(parcel=pid, version=1, master_key=mkey, vm=VmSpec(memory_mib=64), keyring=packed.keyring)
     await store.commit(pid, CommitRequest(
         epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packed.packs],
         added=sorted(packed.keyring.tags()), release=False, site="bench-site",

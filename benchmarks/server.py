@@ -95,6 +95,7 @@ from isrsync.site.packer import pack_stream
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import UPLOAD_PIECE, HttpStore
 from isrsync.server.repo import Repository
+from isrsync.vmspec import VmSpec
 
 DOWNLOAD_TARGET = 0.8
 GIB = 1 << 30
@@ -368,7 +369,7 @@ class DiskParcel:
                 self.ring[i] = self.sets[0][j]
         added = sorted(self.ring.tags())
         t = time.perf_counter()
-        raw = manifest.encode(parcel=self.parcel, version=1, master_key=self.key, vm={}, keyring=self.ring)
+        raw = manifest.encode(parcel=self.parcel, version=1, master_key=self.key, vm=VmSpec(), keyring=self.ring)
         await self.store.commit(self.parcel, CommitRequest(self.epoch, 0, raw, self.packs, added, [], [], release=False))
         dt = time.perf_counter() - t
         self._advance(raw)
@@ -379,7 +380,7 @@ class DiskParcel:
         v = self.version + 1
         t = time.perf_counter()
         raw = manifest.encode(
-            parcel=self.parcel, version=v, master_key=self.key, vm={}, keyring=self.ring,
+            parcel=self.parcel, version=v, master_key=self.key, vm=VmSpec(), keyring=self.ring,
             parent=self.parent, dirty=dirty,
         )
         await self.store.commit(

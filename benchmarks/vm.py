@@ -16,7 +16,7 @@ written from inside the guest, and a suspend at A: version 2 has a memory image.
    site B_i hoards the head version (``isrsync.site.parcel.hoard``: every disk,
    boot and memory chunk in B_i's cache), then:
 
-   * isrsync: ``Runtime(policy="proactive", memory=--memory).resume()`` at
+   * isrsync: ``Runtime(policy=Policy.PROACTIVE, memory=--memory).resume()`` at
      B_i; reported is ``report.seconds["total"]`` (until the guest runs) and its
      breakdown (manifest, lock, fetch_before_start, qemu_start, memory_image).
      With ``--memory lazy`` (the default) the guest runs before all of its RAM
@@ -409,6 +409,7 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         open_site,
         write_blob,
     )
+    from isrsync.site.policy import MemoryMode, Policy
     from isrsync.site.runtime import Runtime
     from isrsync.demo.guest import build_guest, make_disk_image
     from isrsync.vm.qemu import VmConfig, accelerator
@@ -476,15 +477,14 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
                     await write_blob(blob, f.fileno(), site.cache, chain)
 
             cfg = VmConfig(
-                memory_mib=int(m.vm.get("memory_mib", 256)), cpus=int(m.vm.get("cpus", 1)),
-                machine=str(m.vm.get("machine", "q35")), cpu_model=str(m.vm.get("cpu_model", "max")),
+                memory_mib=m.vm.memory_mib, cpus=m.vm.cpus, machine=m.vm.machine, cpu_model=m.vm.cpu_model,
                 accel=accelerator("auto"), display="none",
                 kernel=str(g.kernel), initrd=str(g.initrd), cmdline=g.cmdline,
             )
             await floor_image(FloorQemu, cfg, m.memory, site.cache, chain, fdir, raw, devfile, memfile)
             run_floor = floor_run(lambda name: FloorQemu(cfg, fdir / name, raw, memfile, fdir / "ser"), fdir,
                                   run_seconds)
-            run_isrsync = isrsync_run(Runtime(site, pid, policy="proactive", memory=memory, serial=work / f"serB{i}",
+            run_isrsync = isrsync_run(Runtime(site, pid, policy=Policy.PROACTIVE, memory=MemoryMode(memory), serial=work / f"serB{i}",
                                               rundir=work / f"runB{i}"), work / f"serB{i}", run_seconds)
             steps = [run_floor, run_isrsync] if i % 2 == 0 else [run_isrsync, run_floor]
             outs = {}

@@ -43,6 +43,7 @@ from .chunk import (
     chunk_count,
 )
 from .errors import FormatError, IntegrityError, UnsupportedVersion
+from .vmspec import VmSpec
 
 MAGIC = b"ISRMANI\x00"
 BODY_MAGIC = b"ISRBODY\x00"
@@ -267,7 +268,7 @@ class Manifest:
 
     header: Header
     hash: bytes
-    vm: dict[str, Any]
+    vm: VmSpec
     disk_size: int
     memory: MemoryImage | None
     trace: array  # array('I') of chunk indices in first-access order
@@ -292,7 +293,7 @@ def encode(
     parcel: uuidlib.UUID,
     version: int,
     master_key: bytes,
-    vm: Mapping[str, Any],
+    vm: VmSpec,
     keyring: Keyring,
     parent: Manifest | None = None,
     dirty: Iterable[int] | None = None,
@@ -345,7 +346,7 @@ def encode(
     if trace:
         sections.append((S_TRACE, array("I", trace).tobytes()))
     meta = {
-        "vm": dict(vm),
+        "vm": vm.to_json(),
         "disk_size": keyring.size,
         "memory_length": memory.length if memory is not None else None,
         "ram_size": memory.ram.size if memory is not None and memory.ram is not None else None,
@@ -404,9 +405,10 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
         ram_size = meta.get("ram_size")
         if ram_size is not None and (mem_len is None or int(ram_size) < 0):
             raise ValueError
-        vm, site, when, codec = meta["vm"], str(meta["site"]), float(meta["time"]), int(meta["codec"])
+        vm = VmSpec.from_json(meta["vm"])
+        site, when, codec = str(meta["site"]), float(meta["time"]), int(meta["codec"])
         extra = meta.get("extra", {})
-        if not isinstance(vm, dict) or disk_size < 0 or not isinstance(extra, dict):
+        if disk_size < 0 or not isinstance(extra, dict):
             raise ValueError
     except (ValueError, KeyError, TypeError, RecursionError):
         raise FormatError("manifest metadata is malformed") from None

@@ -1,6 +1,6 @@
 """The package layout is the architecture: imports flow one way (DESIGN.md, "Layout").
 
-    cli -> site / server / swarm -> vm / store -> formats (chunk, pack, manifest, keys)
+    cli -> site / server / swarm -> vm / store -> formats (chunk, pack, manifest, vmspec, keys)
 
 Every module under isrsync/ and sneakernet/ is parsed with :mod:`ast` (function-
 local imports included, nothing is imported) and these must hold:
@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("isrsync", "sneakernet")
 
-FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.keys"}
+FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.vmspec", "isrsync.keys"}
 ERRORS = "isrsync.errors"
 SOURCE_PROTOCOL = "isrsync.site.sources"
 SNEAKERNET_MAY_USE = FORMATS | {ERRORS, SOURCE_PROTOCOL}

@@ -149,7 +149,7 @@ def resume(
                 st = site.state(pid)
                 st.set_name(parcel)
                 st.close()
-            return await run_parcel(site, pid, policy=policy, version=version, display=display.value,
+            return await run_parcel(site, pid, policy=policy, version=version, display=display,
                                     serial=serial, events=events, memory=memory, lookaside=sources)
 
     res = asyncio.run(go())

@@ -31,6 +31,7 @@ from ..server.repo import Repository
 from ..site import account
 from ..site.cache import SiteCache
 from ..site.parcel import Site, init_parcel, open_site
+from ..site.policy import Policy
 from ..site.runtime import Runtime
 from .console import GuestConsole
 from .guest import build_guest, make_disk_image
@@ -112,7 +113,7 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
         img.unlink()
         rep.parcel = str(pid)
 
-        run_a = Runtime(site_a, pid, policy="auto", serial=work / "a.ser", rundir=short_runtime(work) / "a")
+        run_a = Runtime(site_a, pid, policy=Policy.AUTO, serial=work / "a.ser", rundir=short_runtime(work) / "a")
         rep_a = await timed("site A: isrsync resume (cold boot: no memory image yet)", run_a.resume())
         con = await asyncio.to_thread(GuestConsole, work / "a.ser")
         await timed("site A: the guest boots", asyncio.to_thread(con.wait_for, "GUEST: READY"))
@@ -130,7 +131,7 @@ async def run_demo(work: Path, ui: DemoUI, *, memory_mib: int = 256, guest_cache
 
         site_b = await open_site(SiteCache(work / "site-b"), acct)
         sites.append(site_b)
-        run_b = Runtime(site_b, pid, policy="auto", serial=work / "b.ser", rundir=short_runtime(work) / "b")
+        run_b = Runtime(site_b, pid, policy=Policy.AUTO, serial=work / "b.ser", rundir=short_runtime(work) / "b")
         rep_b = await timed("site B: isrsync resume (empty cache, demand fetch)", run_b.resume())
         rep.resume_b = rep_b.seconds
         con = await asyncio.to_thread(GuestConsole, work / "b.ser")

@@ -20,9 +20,10 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import Executor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from .. import manifest
 from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
@@ -31,6 +32,7 @@ from ..keys import KeyBundle, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
 from ..pack import PackInfo
 from ..store.base import CommitRequest, Holder, Store, VersionInfo
+from ..vmspec import Accel, BootBlob, BootSpec, VmSpec
 from .account import Account, add_parcel_key, host_name, open_store, session_keys
 from .cache import SiteCache
 from .disk import decode_cached
@@ -110,20 +112,15 @@ async def load_version(site: Site, parcel: uuid.UUID, version: int, state: Parce
 # -- boot files kept inside the parcel ------------------------------------------------
 
 
-def blob_json(length: int, refs: Keyring) -> dict[str, Any]:
-    return {"length": length, "refs": refs.to_bytes().hex()}
+def blob_image(blob: BootBlob) -> MemoryImage:
+    """A boot file as an object to decode (the same shape as a memory image)."""
+    return MemoryImage(blob.length, Keyring.from_bytes(blob.length, blob.refs))
 
 
-def blob_from(d: dict[str, Any]) -> MemoryImage:
-    length = int(d["length"])
-    return MemoryImage(length, Keyring.from_bytes(length, bytes.fromhex(d["refs"])))
-
-
-def boot_tags(vm: dict[str, Any]) -> set[bytes]:
+def boot_tags(vm: VmSpec) -> set[bytes]:
     out: set[bytes] = set()
-    for key in ("kernel", "initrd"):
-        if vm.get("boot", {}).get(key):
-            out |= blob_from(vm["boot"][key]).refs.tags()
+    for _, blob in vm.boot.blobs() if vm.boot is not None else ():
+        out |= blob_image(blob).refs.tags()
     return out
 
 
@@ -223,10 +220,6 @@ def raw_stream(path: Path, fmt: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def hardware_tag(vm: dict[str, Any]) -> str:
-    return f"x86_64 mem={vm['memory_mib']}M cpus={vm['cpus']} machine={vm['machine']} cpu={vm['cpu_model']}"
-
-
 async def upload_packs(store: Store, parcel: uuid.UUID, packs: list[tuple[PackInfo, Path]], *, parallel: int = 3,
                        progress: Progress | None = None) -> None:
     sem = asyncio.Semaphore(parallel)
@@ -258,13 +251,11 @@ async def init_parcel(
     """Turn an image into a parcel at version 1 (no memory image: it cold-boots)."""
     fmt, size = image_format(image)
     parcel = uuid.uuid4()
-    vm: dict[str, Any] = {
-        "memory_mib": memory_mib, "cpus": cpus, "machine": machine, "cpu_model": cpu_model, "accel": "auto",
-    }
+    vm = VmSpec(memory_mib=memory_mib, cpus=cpus, machine=machine, cpu_model=cpu_model)
     # The key is stored (sealed) on the server before anything uses it: a parcel
     # can never exist whose key was lost.
     site.bundle = await add_parcel_key(site.store, site.acct, str(parcel), new_master_key())
-    await site.store.create_parcel(parcel, name, hardware_tag(vm))
+    await site.store.create_parcel(parcel, name, vm.hardware_tag)
     staging = Path(tempfile.mkdtemp(prefix=".init-", dir=site.cache.path / "packs"))
     try:
         done = [0]
@@ -280,7 +271,7 @@ async def init_parcel(
             )
         packs = list(packed.packs)
         added = set(packed.keyring.tags())
-        boot: dict[str, Any] = {}
+        boot: dict[str, BootBlob] = {}
         for key, path in (("kernel", kernel), ("initrd", initrd)):
             if path is not None:
                 blob_size = path.stat().st_size
@@ -288,10 +279,9 @@ async def init_parcel(
                     bp = await asyncio.to_thread(pack_stream, f, blob_size, site.secret(), staging)
                 packs += bp.packs
                 added |= bp.keyring.tags()
-                boot[key] = blob_json(blob_size, bp.keyring)
+                boot[key] = BootBlob(blob_size, bp.keyring.to_bytes())
         if boot:
-            boot["cmdline"] = append or ""
-            vm["boot"] = boot
+            vm = dataclasses.replace(vm, boot=BootSpec(**boot, cmdline=append or ""))
         total = sum(i.size for i, _ in packs)
         sent = [0]
 
@@ -489,18 +479,18 @@ async def rollback(site: Site, parcel: uuid.UUID, target: int) -> VersionInfo:
         raise
 
 
-def hardware_problems(vm: dict[str, Any], accel: str) -> list[str]:
+def hardware_problems(vm: VmSpec, accel: str) -> list[str]:
     """Why this site cannot run the parcel's machine (paper section 8.3)."""
     problems = []
-    need = int(vm.get("memory_mib", 0)) << 20
+    need = vm.memory_mib << 20
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         avail = need
     if need + (256 << 20) > avail:
         problems.append(f"it needs {need >> 20} MiB of memory and this site has {avail >> 20} MiB free")
-    if vm.get("accel") == "kvm" and accel != "kvm":
+    if vm.accel is Accel.KVM and accel != "kvm":
         problems.append("it requires KVM, which this site cannot run")
-    if int(vm.get("cpus", 1)) > (os.cpu_count() or 1) * 4:
-        problems.append(f"it has {vm['cpus']} CPUs, too many for this site's {os.cpu_count()} cores")
+    if vm.cpus > (os.cpu_count() or 1) * 4:
+        problems.append(f"it has {vm.cpus} CPUs, too many for this site's {os.cpu_count()} cores")
     return problems

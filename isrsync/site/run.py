@@ -30,7 +30,7 @@ from .control import (
     run_dir,
 )
 from .parcel import Site
-from .policy import MemoryMode, Policy
+from .policy import Display, MemoryMode, Policy
 from .results import SuspendResult
 from .runtime import Events, Runtime
 from .sources import Source
@@ -40,13 +40,13 @@ async def run_parcel(
     site: Site,
     parcel: uuid.UUID,
     *,
-    policy: Policy | str = Policy.AUTO,
+    policy: Policy = Policy.AUTO,
     version: int | None = None,
-    display: str = "none",
+    display: Display = Display.NONE,
     serial: Path | None = None,
     events: Events | None = None,
     lookaside: Sequence[Source] = (),
-    memory: MemoryMode | str = MemoryMode.LAZY,
+    memory: MemoryMode = MemoryMode.LAZY,
 ) -> dict[str, Any]:
     """Resume a parcel and serve it until it is suspended or the guest powers off.
 

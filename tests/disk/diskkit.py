@@ -30,6 +30,7 @@ from isrsync.site.packer import pack_stream
 from isrsync.site.sources import ServerSource, SourceRegistry
 from isrsync.site.state import ParcelState
 from isrsync.store.base import CommitRequest, Holder, Store
+from isrsync.vmspec import VmSpec
 
 
 def _load_kit():
@@ -94,7 +95,7 @@ async def make_parcel(store: Store, workdir: Path, image: bytes, *, pack_limit: 
         blobs.update(await asyncio.to_thread(_read_pack, path, info))
         await store.put_pack(pid, info.pack_id, path)
     lock = await store.acquire(pid, Holder("test-site", "test-host"))
-    raw = manifest.encode(parcel=pid, version=1, master_key=mkey, vm={"memory_mib": 64}, keyring=packed.keyring)
+    raw = manifest.encode(parcel=pid, version=1, master_key=mkey, vm=VmSpec(memory_mib=64), keyring=packed.keyring)
     await store.commit(pid, CommitRequest(
         epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packed.packs],
         added=sorted(packed.keyring.tags()), release=False, site="test-site",

@@ -27,6 +27,7 @@ from isrsync.manifest import (
     parse_header,
     resolve,
 )
+from isrsync.vmspec import VmSpec
 
 PARCEL = uuid.UUID("12345678-1234-5678-1234-567812345678")
 OTHER_PARCEL = uuid.UUID("87654321-4321-8765-4321-876543218765")
@@ -34,14 +35,14 @@ KEY = hashlib.sha256(b"master key").digest()
 OTHER_KEY = hashlib.sha256(b"other master key").digest()
 GiB = 1 << 30
 
-VM = {
+VM = VmSpec.from_json({
     "machine": "pc-q35-7.2",
     "memory_mib": 2048,
     "cpus": 2,
     "devices": [{"kind": "virtio-net", "mac": "52:54:00:12:34:56"}, {"kind": "usb-tablet"}],
     "hardware": "x86_64-v2",
     "nested": {"a": [1, 2.5, None, True], "unicode": "résumé ✓"},
-}
+})
 
 
 def rref(rng: random.Random, flags: int | None = None) -> ChunkRef:
@@ -224,9 +225,9 @@ def test_the_ram_trace_round_trips_and_is_checked() -> None:
 
 
 def test_round_trip_minimal() -> None:
-    raw = encode(parcel=PARCEL, version=1, master_key=KEY, vm={}, keyring=Keyring(0))
+    raw = encode(parcel=PARCEL, version=1, master_key=KEY, vm=VmSpec(), keyring=Keyring(0))
     m = decode(raw, KEY)
-    assert m.vm == {} and m.disk_size == 0 and len(m.keyring) == 0
+    assert m.vm == VmSpec() and m.disk_size == 0 and len(m.keyring) == 0
     assert m.memory is None and list(m.trace) == [] and m.site == "" and m.time == 0.0
     assert m.extra == {}
 

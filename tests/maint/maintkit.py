@@ -29,6 +29,7 @@ from isrsync.manifest import Keyring, MemoryImage
 from isrsync.pack import PackInfo, PackReader
 from isrsync.site.packer import pack_stream
 from isrsync.store.base import CommitRequest, Holder, VersionInfo
+from isrsync.vmspec import VmSpec
 
 USER = "alice"
 ZERO = bytes(CHUNK_SIZE)
@@ -167,7 +168,7 @@ class Client:
             new_packs += mp
             mem = MemoryImage.from_refs(memory_chunks * CHUNK_SIZE, refs)
         raw = manifest.encode(
-            parcel=self.parcel, version=v, master_key=self.key, vm={"memory": 64}, keyring=ring,
+            parcel=self.parcel, version=v, master_key=self.key, vm=VmSpec(memory_mib=64), keyring=ring,
             parent=self.head, dirty=sorted(writes) if parent else None, memory=mem,
             full_every=self.full_every,
         )

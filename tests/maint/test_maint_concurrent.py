@@ -26,6 +26,7 @@ from isrsync.errors import IsrError, NotFound
 from isrsync.server.maint import check, collect_garbage, prune
 from isrsync.server.local import LocalStore
 from isrsync.server.repo import Repository
+from isrsync.vmspec import VmSpec
 
 KEEP = 2
 STEPS = 30
@@ -177,7 +178,7 @@ async def _commit_reusing(client: Client, pack) -> None:
     mem = MemoryImage.from_refs(len(plains) * chunk.CHUNK_SIZE, refs)
     ver.memory, ver.memory_plain = mem, plains
     ver.raw = req.manifest = manifest.encode(
-        parcel=client.parcel, version=ver.number, master_key=client.key, vm={}, keyring=ver.keyring,
+        parcel=client.parcel, version=ver.number, master_key=client.key, vm=VmSpec(), keyring=ver.keyring,
         parent=client.head, dirty=[0], memory=mem, full_every=client.full_every,
     )
     req.memory = sorted(pack.tags)

@@ -25,6 +25,7 @@ from isrsync.manifest import Keyring, Manifest
 from isrsync.pack import PackWriter
 from isrsync.site.packer import pack_stream
 from isrsync.store.base import CommitRequest
+from isrsync.vmspec import VmSpec
 
 API = "/v1"
 
@@ -387,7 +388,7 @@ class Chain:
         old_tags, new_tags = self.keyring.tags(), ring.tags()
         version = self.version + 1
         raw = mf.encode(
-            parcel=self.parcel, version=version, master_key=self.master, vm={"machine": "q35", "mem": 256},
+            parcel=self.parcel, version=version, master_key=self.master, vm=VmSpec(machine="q35"),
             keyring=ring, parent=self.head, dirty=dirty if self.head else None, site=site,
         )
         req = CommitRequest(

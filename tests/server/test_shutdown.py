@@ -23,6 +23,7 @@ from isrsync.store import wire
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import HttpStore
 from isrsync.server.repo import Repository
+from isrsync.vmspec import VmSpec
 
 from srvkit import bearer, call, fast_pack, files_under
 
@@ -172,7 +173,7 @@ def _big_manifest(pid: uuid.UUID, master: bytes, chunks: int) -> bytes:
     buf = bytearray(os.urandom(65 * chunks))
     buf[64::65] = bytes(chunks)  # flags 0: plain stored chunks
     ring = Keyring(chunks * CHUNK_SIZE, buf)
-    return encode(parcel=pid, version=1, master_key=master, vm={"machine": "q35"}, keyring=ring)
+    return encode(parcel=pid, version=1, master_key=master, vm=VmSpec(machine="q35"), keyring=ring)
 
 
 @WHEN

@@ -29,6 +29,7 @@ from isrsync.site.sources import ServerSource, Source, SourceKind
 from isrsync.store.base import CommitRequest, Holder, Store
 from isrsync.store.http import HttpStore
 from isrsync.store.memory import MemoryStore
+from isrsync.vmspec import VmSpec
 
 PACK_LIMIT = 1 << 20  # several packs per chunk set: ServerSource groups and merges ranges per pack
 
@@ -162,7 +163,7 @@ async def commit_chunks(store: Store, chunks: dict[bytes, bytes], work: Path) ->
         await store.put_pack(pid, info.pack_id, path)
     lock = await store.acquire(pid, Holder("test-site", "test-host"))
     refs = [ChunkRef(t, bytes(32), 0) for t in chunks]  # the server never reads the keyring
-    raw = manifest.encode(parcel=pid, version=1, master_key=new_master_key(), vm={"memory_mib": 64},
+    raw = manifest.encode(parcel=pid, version=1, master_key=new_master_key(), vm=VmSpec(memory_mib=64),
                           keyring=Keyring.from_refs(max(1, len(refs)) * CHUNK_SIZE, refs))
     await store.commit(pid, CommitRequest(
         epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packs],

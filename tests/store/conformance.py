@@ -42,12 +42,13 @@ from isrsync.store.base import (
     Store,
     VersionInfo,
 )
+from isrsync.vmspec import VmSpec
 
 MiB = 1 << 20
 SITE_A = Holder("site-a", "host-a.example")
 SITE_B = Holder("site-b", "host-b.example")
 INVALID_NAMES = ["../x", "", "a/b", "x" * 200, ".hidden", "-opt", "a b", "é", "..", "."]
-VM = {"machine": "q35", "memory": 512, "cpus": 1}
+VM = VmSpec(machine="q35", memory_mib=512, cpus=1)
 
 
 def h32(b: bytes) -> bytes:

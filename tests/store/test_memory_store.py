@@ -20,6 +20,7 @@ from isrsync.manifest import Keyring
 from isrsync.pack import PackWriter
 from isrsync.store.base import CommitRequest, Holder, Store
 from isrsync.store.memory import MemoryStore
+from isrsync.vmspec import VmSpec
 
 SITE = Holder("site-a", "host-a")
 
@@ -85,7 +86,7 @@ async def test_end_to_end_without_files(tmp_path: Path) -> None:
     await store.put_pack(pid, pack_id, path)
     path.unlink()  # the store keeps its own copy; nothing on disk is needed again
     lock = await store.acquire(pid, SITE)
-    m = manifest.encode(parcel=pid, version=1, master_key=key, vm={"machine": "q35"}, keyring=ring,
+    m = manifest.encode(parcel=pid, version=1, master_key=key, vm=VmSpec(machine="q35"), keyring=ring,
                         site="site-a", time=time.time())
     tags = sorted(ring.tags())
     vi = await store.commit(pid, CommitRequest(lock.epoch, 0, m, packs=[pack_id], added=tags))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from isrsync.site import memimage, runtime
+from isrsync.site import machine, memimage
+from isrsync.site.policy import MemoryMode
 from isrsync.site.parcel import load_version
 from isrsync.demo.console import GuestConsole
 
@@ -52,7 +53,7 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     n = await cold_boot_and_suspend(api_parcel)
     assert list((await memory_of(api_parcel, 2)).hot) == []  # a cold boot faults on nothing
 
-    rt = api_parcel.runtime(memory="lazy")
+    rt = api_parcel.runtime(memory=MemoryMode.LAZY)
     rep = await rt.resume()
     assert rep.memory == "lazy" and rt.postcopy is not None
     assert "boot_files" not in rep.seconds  # a restored guest needs no kernel until it reboots
@@ -65,9 +66,9 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     await rt.close()
     m3 = await memory_of(api_parcel, 3)
     hot = list(m3.hot)
-    assert hot and hot == [i for i in touched if not m3.ram[i].is_zero][: runtime.HOT_CHUNKS]
+    assert hot and hot == [i for i in touched if not m3.ram[i].is_zero][: machine.HOT_CHUNKS]
 
-    rt = api_parcel.runtime(memory="eager")
+    rt = api_parcel.runtime(memory=MemoryMode.EAGER)
     rep = await rt.resume()
     assert rep.memory == "eager" and rt.postcopy is None and "ram" in rep.seconds
     assert await counter(api_parcel) >= n
@@ -77,8 +78,8 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
     assert list(m4.hot) == [i for i in hot if not m4.ram[i].is_zero]
 
     # No userfaultfd for QEMU on this host: a lazy resume restores eagerly, and says so.
-    monkeypatch.setattr(runtime, "postcopy_usable", lambda: False)
-    rt = api_parcel.runtime(memory="lazy")
+    monkeypatch.setattr(machine, "postcopy_usable", lambda: False)
+    rt = api_parcel.runtime(memory=MemoryMode.LAZY)
     assert (await rt.resume()).memory == "eager"
     assert await counter(api_parcel) >= n
     assert (await rt.suspend()).version == 5
@@ -87,7 +88,7 @@ async def test_lazy_and_eager_resumes_carry_on_and_keep_the_hot_chunks(api_parce
 
     # The hot chunks are in place before the guest starts: it never faults on them.
     hot = list((await memory_of(api_parcel, 5)).hot)
-    rt = api_parcel.runtime(memory="lazy")
+    rt = api_parcel.runtime(memory=MemoryMode.LAZY)
     rep = await rt.resume()
     assert rep.memory == "lazy" and rt.postcopy is not None
     assert hot and rt.postcopy.stats.hot_chunks == len(hot)
@@ -121,7 +122,7 @@ async def test_a_suspend_while_guest_memory_still_comes_in(api_parcel, monkeypat
     await rt.close()
     monkeypatch.undo()
 
-    rt = api_parcel.runtime(memory="eager")
+    rt = api_parcel.runtime(memory=MemoryMode.EAGER)
     await rt.resume()
     assert await counter(api_parcel) >= c  # what the suspend saved is the whole guest
 

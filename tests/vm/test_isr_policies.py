@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from isrsync.site.runtime import POLICIES
+from isrsync.site.policy import Policy
 
 
 def _counter(con) -> int:
@@ -25,7 +25,7 @@ def _server_hits(site) -> int:
 
 
 def test_every_policy_resumes_memory_and_hoarded_proactive_fetches_nothing(sites, parcel) -> None:
-    assert set(POLICIES) == {"baseline", "proactive", "demand", "lookaside", "auto"}
+    assert {p.value for p in Policy} == {"baseline", "proactive", "demand", "lookaside", "auto"}
     a, name = parcel
     proc, ev, con = a.resume(name)
     con.wait_for("GUEST: READY", 120)

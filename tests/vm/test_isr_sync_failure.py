@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from isrsync.errors import StorageFull
-from isrsync.site import runtime
+from isrsync.site import machine
 from isrsync.demo.console import GuestConsole
 
 
@@ -18,12 +18,12 @@ async def test_a_sync_that_cannot_save_leaves_the_guest_running(api_parcel, monk
     con = await asyncio.to_thread(GuestConsole, api_parcel.short / "ser")
     await asyncio.to_thread(con.wait_for, "GUEST: READY")
 
-    real = runtime.save_ram
+    real = machine.save_ram
 
     def full(*a, **k):
         raise StorageFull("no space left while writing a pack")
 
-    monkeypatch.setattr(runtime, "save_ram", full)
+    monkeypatch.setattr(machine, "save_ram", full)
     with pytest.raises(StorageFull):
         await rt.sync()
     assert rt.qemu is not None and await rt.qemu.status() == "running"
@@ -31,7 +31,7 @@ async def test_a_sync_that_cannot_save_leaves_the_guest_running(api_parcel, monk
     await asyncio.sleep(0.5)
     assert int((await asyncio.to_thread(con.command, "counter")).split()[-1]) > c1  # it runs on
 
-    monkeypatch.setattr(runtime, "save_ram", real)
+    monkeypatch.setattr(machine, "save_ram", real)
     res = await rt.sync()  # space again: the same run commits
-    assert res["version"] == 2 and await rt.qemu.status() == "running"
+    assert res.version == 2 and await rt.qemu.status() == "running"
     con.close()

@@ -22,14 +22,14 @@ async def test_trickle_uploads_settled_chunks_and_suspend_sends_the_residue(api_
     deadline = time.monotonic() + 60
     while True:
         st = rt.status()
-        if st["trickled_chunks"] >= 32 and st["residue_chunks"] < st["dirty_chunks"]:
+        if st.trickled_chunks >= 32 and st.residue_chunks < st.dirty_chunks:
             break
         assert time.monotonic() < deadline, st
         await asyncio.sleep(0.5)
     con.close()
     trickled = rt.status().trickled_chunks
     res = await rt.suspend()
-    assert res["committed"] is True
+    assert res.committed is True
     versions = await api_parcel.site.store.list_versions(api_parcel.pid)
     # The random 4 MiB went up with the trickle (staged packs the commit named);
     # the suspend itself uploaded the residue and the memory image only.
