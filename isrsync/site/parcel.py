@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from .. import manifest
 from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
-from ..errors import IntegrityError, NotFound, UsageError
+from ..errors import NotFound, UsageError
 from ..keys import KeyBundle, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
 from ..pack import PackInfo
@@ -34,7 +34,7 @@ from ..store.base import CommitRequest, Holder, Store, VersionInfo
 from .account import Account, add_parcel_key, host_name, open_store, session_keys
 from .cache import SiteCache
 from .disk import decode_cached
-from .packer import DEFAULT_PACK_LIMIT, PackSink, pack_stream
+from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
 from .sources import ServerSource, Source, SourceRegistry
 from .state import ParcelState
 
@@ -370,24 +370,16 @@ async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *,
     ``strict``: a chunk missing from the cache is an error (a commit needs it);
     otherwise it is skipped (the trickle will catch it at suspend).
     """
-    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=site.cache.path / "packs"))
+    # The trickle runs on the loop that serves the guest's disk, and packing
+    # reads, hashes, writes and fsyncs: all of it on worker threads.
+    packs_dir = site.cache.path / "packs"
+    staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".upload-", dir=packs_dir))
     try:
-        sink = PackSink(staging)
-        for t in tags:
-            data = await asyncio.to_thread(site.cache.get, t)
-            if data is None:
-                if strict:
-                    raise IntegrityError(
-                        f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
-                        hint="run `isrsync cache verify`; the local changes are kept",
-                    )
-                continue
-            sink.add(t, data)
-        sink.flush()
-        await upload_packs(site.store, parcel, sink.done)
-        return [info for info, _ in sink.done]
+        done = await asyncio.to_thread(pack_cached, site.cache, staging, list(tags), strict=strict)
+        await upload_packs(site.store, parcel, done)
+        return [info for info, _ in done]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
 
 
 # -- hoard, discard, rollback --------------------------------------------------------------
