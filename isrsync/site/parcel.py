@@ -95,16 +95,25 @@ async def load_version(site: Site, parcel: uuid.UUID, version: int, state: Parce
     version can open it again while the server is unreachable.
     """
     mk = site.master_key(parcel)
-    raws = state.manifests(version, version) if state else None
+
+    def local(first: int) -> list[bytes] | None:
+        return state.manifests(first, version) if state else None
+
+    # A sync rebases while this loop serves the guest's disk: the local state's
+    # SQLite and the decryption of a big disk's keyring stay off it.
+    raws = await asyncio.to_thread(local, version)
     if raws is None:
         raws = await site.store.get_manifests(parcel, version, version)
-    head = manifest.decode(raws[0], mk, parcel)
+    head = await asyncio.to_thread(manifest.decode, raws[0], mk, parcel)
     base = head.header.keyring_base
-    chain_raw = (state.manifests(base, version) if state else None) or await site.store.get_manifests(parcel, base, version)
-    if state is not None:
-        state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
-    chain = [manifest.decode(r, mk, parcel) for r in chain_raw]
-    return manifest.resolve(chain)
+    chain_raw = await asyncio.to_thread(local, base) or await site.store.get_manifests(parcel, base, version)
+
+    def resolve() -> Manifest:
+        if state is not None:
+            state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
+        return manifest.resolve([manifest.decode(r, mk, parcel) for r in chain_raw])
+
+    return await asyncio.to_thread(resolve)
 
 
 # -- boot files kept inside the parcel ------------------------------------------------
@@ -167,9 +176,13 @@ async def write_blob(
     )) for i in part]
     if lost:
         got = await chain.fetch_many([blob.refs[i].tag for i in lost])
-        for i in lost:
-            ref = blob.refs[i]
-            put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
+
+        def refetched() -> None:
+            for i in lost:
+                ref = blob.refs[i]
+                put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
+
+        await loop.run_in_executor(pool, refetched)
 
 
 # -- init ----------------------------------------------------------------------------
@@ -352,9 +365,12 @@ async def commit_version(
     located = await site.store.locate(parcel, ask) if ask else {}
     missing = [t for t in ask if t not in located]
     uploaded = await upload_cached(site, parcel, missing, strict=True)
-    raw = manifest.encode(
+    # Encrypting a big disk's keyring takes a while; a sync does it while the
+    # guest runs and keeps extending its trace, hence the copy.
+    raw = await asyncio.to_thread(
+        manifest.encode,
         parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
-        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=trace,
+        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=list(trace),
         site=site.host, time=time.time(),
     )
     return await site.store.commit(parcel, CommitRequest(
