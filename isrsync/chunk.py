@@ -99,6 +99,24 @@ def tag_of(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=TAG_SIZE).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedChunk:
+    """Ciphertext already hashed to its tag: the site cache stores it without hashing again.
+
+    Made by :func:`verified` (or from what :func:`encode` just returned, whose
+    tag was computed from these very bytes); building one from bytes nobody
+    hashed defeats the check it stands for.
+    """
+
+    tag: bytes
+    data: bytes
+
+
+def verified(tag: bytes, data: bytes) -> VerifiedChunk | None:
+    """``data`` as a :class:`VerifiedChunk` if it hashes to ``tag``, else None."""
+    return VerifiedChunk(tag, data) if tag_of(data) == tag else None
+
+
 def is_zero(plain: bytes | bytearray | memoryview) -> bool:
     n = len(plain)
     # Slicing a bytes constant and comparing is a memcmp; much faster than any().

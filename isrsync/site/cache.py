@@ -32,7 +32,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import platformdirs
 
-from ..chunk import TAG_SIZE, tag_of
+from ..chunk import VerifiedChunk, tag_of, verified
 from ..errors import CacheError, IntegrityError, StorageFull
 from ..fsutil import atomic_write, fsync_dir, os_error, remove_stale_temps
 from ..pack import PackInfo, verify_stream
@@ -320,7 +320,7 @@ class SiteCache:
         return self.put_many([(tag, data)]) == 1
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]], *, durable: bool = True) -> int:
-        """Store verified chunks; returns how many were new.
+        """Store chunks, checking each against its tag; returns how many were new.
 
         ``durable`` makes this call a commit point (bytes and index fsynced).
         Without it the chunks survive a killed process but not a power cut until
@@ -328,14 +328,28 @@ class SiteCache:
         calls sync). A chunk whose bytes do not match its tag is refused
         (IntegrityError) before anything is written.
         """
+        chunks = []
+        for tag, data in items:
+            v = verified(tag, data)
+            if v is None:
+                raise IntegrityError(f"refusing to cache chunk {tag.hex()[:16]}: bytes do not match tag")
+            chunks.append(v)
+        return self.put_verified(chunks, durable=durable)
+
+    def put_verified(self, chunks: Iterable[VerifiedChunk], *, durable: bool = True) -> int:
+        """:meth:`put_many` for chunks whose tags were checked already (no second hash pass).
+
+        Plain (tag, bytes) pairs are refused with TypeError: only a
+        :class:`VerifiedChunk` says the check was made.
+        """
         batch: list[tuple[bytes, bytes]] = []
         seen: set[bytes] = set()
-        for tag, data in items:
-            if len(tag) != TAG_SIZE or tag_of(data) != tag:
-                raise IntegrityError(f"refusing to cache chunk {tag.hex()[:16]}: bytes do not match tag")
-            if tag not in seen:
-                seen.add(tag)
-                batch.append((tag, data))
+        for c in chunks:
+            if not isinstance(c, VerifiedChunk):
+                raise TypeError(f"put_verified takes VerifiedChunk, not {type(c).__name__}")
+            if c.tag not in seen:
+                seen.add(c.tag)
+                batch.append((c.tag, c.data))
         if not batch:
             return 0
         with self._lock, self._write_tx(durable):

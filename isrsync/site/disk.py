@@ -25,6 +25,7 @@ from typing import Callable
 from ..chunk import (
     CHUNK_SIZE,
     ChunkRef,
+    VerifiedChunk,
     chunk_length,
     decode,
     default_pool,
@@ -277,7 +278,9 @@ class ParcelDisk:
             encs = await loop.run_in_executor(
                 self._pool, lambda: {i: encode(p, self._secret) for i, p in news.items()}
             )
-            blobs = [(e.tag, e.data) for e in encs.values() if e.data]
+            # encode() computed each tag from these very bytes: hashing them again
+            # would only take codec threads from the guest's reads.
+            blobs = [VerifiedChunk(e.tag, e.data) for e in encs.values() if e.data]
             refs = {i: e.ref for i, e in encs.items()}
             await loop.run_in_executor(self._pool, self._store, blobs, refs)
             for i, r in refs.items():
@@ -288,11 +291,11 @@ class ParcelDisk:
             for lk in locks:
                 lk.release()
 
-    def _store(self, blobs: list[tuple[bytes, bytes]], refs: dict[int, ChunkRef]) -> None:
+    def _store(self, blobs: list[VerifiedChunk], refs: dict[int, ChunkRef]) -> None:
         # Bytes first, then the map that names them: a crash never leaves the map
         # pointing at a chunk the cache lacks.
         if blobs:
-            self._cache.put_many(blobs, durable=False)
+            self._cache.put_verified(blobs, durable=False)
         self._state.set_dirty(refs, durable=False)
 
     async def flush(self) -> None:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..chunk import CHUNK_SIZE, ChunkRef, chunk_count, encode_many
+from ..errors import IntegrityError
 from ..fsutil import fsync_dir, os_error
 from ..manifest import Keyring
 from ..pack import PackInfo, PackWriter
+from .cache import SiteCache
 
 DEFAULT_PACK_LIMIT = 256 << 20
 
@@ -179,6 +181,31 @@ def pack_stream(
     assert len(refs) == chunk_count(size)
     result.keyring = Keyring.from_refs(size, refs)
     return result
+
+
+def pack_cached(cache: SiteCache, out_dir: Path, tags: Iterable[bytes], *, strict: bool) -> list[tuple[PackInfo, Path]]:
+    """Worker thread: the chunks of ``tags`` that ``cache`` holds, packed into ``out_dir``.
+
+    ``strict``: a chunk missing from the cache raises IntegrityError (a commit
+    needs it) and leaves no pack behind; otherwise it is skipped.
+    """
+    sink = PackSink(out_dir)
+    try:
+        for t in tags:
+            data = cache.get(t)
+            if data is None:
+                if strict:
+                    raise IntegrityError(
+                        f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
+                        hint="run `isrsync cache verify`; the local changes are kept",
+                    )
+                continue
+            sink.add(t, data)
+        sink.flush()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.done
 
 
 def fd_chunks(fd: int, counter: list[int] | None = None) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 from .. import manifest
 from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
-from ..errors import IntegrityError, NotFound, UsageError
+from ..errors import NotFound, UsageError
 from ..keys import KeyBundle, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
 from ..pack import PackInfo
@@ -36,7 +36,7 @@ from ..vmspec import Accel, BootBlob, BootSpec, VmSpec
 from .account import Account, add_parcel_key, host_name, open_store, session_keys
 from .cache import SiteCache
 from .disk import decode_cached
-from .packer import DEFAULT_PACK_LIMIT, PackSink, pack_stream
+from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
 from .sources import ServerSource, Source, SourceRegistry
 from .state import ParcelState
 
@@ -97,16 +97,25 @@ async def load_version(site: Site, parcel: uuid.UUID, version: int, state: Parce
     version can open it again while the server is unreachable.
     """
     mk = site.master_key(parcel)
-    raws = state.manifests(version, version) if state else None
+
+    def local(first: int) -> list[bytes] | None:
+        return state.manifests(first, version) if state else None
+
+    # A sync rebases while this loop serves the guest's disk: the local state's
+    # SQLite and the decryption of a big disk's keyring stay off it.
+    raws = await asyncio.to_thread(local, version)
     if raws is None:
         raws = await site.store.get_manifests(parcel, version, version)
-    head = manifest.decode(raws[0], mk, parcel)
+    head = await asyncio.to_thread(manifest.decode, raws[0], mk, parcel)
     base = head.header.keyring_base
-    chain_raw = (state.manifests(base, version) if state else None) or await site.store.get_manifests(parcel, base, version)
-    if state is not None:
-        state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
-    chain = [manifest.decode(r, mk, parcel) for r in chain_raw]
-    return manifest.resolve(chain)
+    chain_raw = await asyncio.to_thread(local, base) or await site.store.get_manifests(parcel, base, version)
+
+    def resolve() -> Manifest:
+        if state is not None:
+            state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
+        return manifest.resolve([manifest.decode(r, mk, parcel) for r in chain_raw])
+
+    return await asyncio.to_thread(resolve)
 
 
 # -- boot files kept inside the parcel ------------------------------------------------
@@ -164,9 +173,13 @@ async def write_blob(
     )) for i in part]
     if lost:
         got = await chain.fetch_many([blob.refs[i].tag for i in lost])
-        for i in lost:
-            ref = blob.refs[i]
-            put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
+
+        def refetched() -> None:
+            for i in lost:
+                ref = blob.refs[i]
+                put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
+
+        await loop.run_in_executor(pool, refetched)
 
 
 # -- init ----------------------------------------------------------------------------
@@ -342,9 +355,12 @@ async def commit_version(
     located = await site.store.locate(parcel, ask) if ask else {}
     missing = [t for t in ask if t not in located]
     uploaded = await upload_cached(site, parcel, missing, strict=True)
-    raw = manifest.encode(
+    # Encrypting a big disk's keyring takes a while; a sync does it while the
+    # guest runs and keeps extending its trace, hence the copy.
+    raw = await asyncio.to_thread(
+        manifest.encode,
         parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
-        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=trace,
+        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=list(trace),
         site=site.host, time=time.time(),
     )
     return await site.store.commit(parcel, CommitRequest(
@@ -360,24 +376,16 @@ async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *,
     ``strict``: a chunk missing from the cache is an error (a commit needs it);
     otherwise it is skipped (the trickle will catch it at suspend).
     """
-    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=site.cache.path / "packs"))
+    # The trickle runs on the loop that serves the guest's disk, and packing
+    # reads, hashes, writes and fsyncs: all of it on worker threads.
+    packs_dir = site.cache.path / "packs"
+    staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".upload-", dir=packs_dir))
     try:
-        sink = PackSink(staging)
-        for t in tags:
-            data = await asyncio.to_thread(site.cache.get, t)
-            if data is None:
-                if strict:
-                    raise IntegrityError(
-                        f"chunk {t.hex()[:16]} of the new version is missing from this site's cache",
-                        hint="run `isrsync cache verify`; the local changes are kept",
-                    )
-                continue
-            sink.add(t, data)
-        sink.flush()
-        await upload_packs(site.store, parcel, sink.done)
-        return [info for info, _ in sink.done]
+        done = await asyncio.to_thread(pack_cached, site.cache, staging, list(tags), strict=strict)
+        await upload_packs(site.store, parcel, done)
+        return [info for info, _ in done]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
 
 
 # -- hoard, discard, rollback --------------------------------------------------------------

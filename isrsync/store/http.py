@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,6 +29,7 @@ from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 
 TRANSIENT_STATUS = {502, 503, 504}
 UPLOAD_PIECE = 64 << 20
+READ_BLOCK = 1 << 20  # bytes of a pack file read per worker-thread hop while uploading
 
 
 class HttpStore:
@@ -171,8 +173,13 @@ class HttpStore:
 
         Returns only once the server says the pack is verified and staged.
         """
-        path = Path(path)
-        size = path.stat().st_size
+        fd, size = await asyncio.to_thread(_open_sized, Path(path))
+        try:
+            await self._put_pack_fd(parcel, pack_id, fd, size)
+        finally:
+            os.close(fd)
+
+    async def _put_pack_fd(self, parcel: uuid.UUID, pack_id: bytes, fd: int, size: int) -> None:
         url = f"{self._p(parcel)}/packs/{pack_id.hex()}"
         restarts = 0
         for _ in range(self._retries + 8):
@@ -190,14 +197,12 @@ class HttpStore:
                     continue
                 while offset < size:
                     end = min(size, offset + UPLOAD_PIECE) - 1
-                    with open(path, "rb") as f:
-                        f.seek(offset)
-                        body = f.read(end - offset + 1)
                     # POST, not PUT: aiohttp silently replays an idempotent
                     # request after a cut, which would resend a whole piece.
                     await self._call_once(
-                        "POST", url, body,
+                        "POST", url, _read_range(fd, offset, end + 1),
                         {"Content-Range": f"bytes {offset}-{end}/{size}",
+                         "Content-Length": str(end - offset + 1),
                          "Content-Type": "application/octet-stream"},
                     )
                     offset = end + 1
@@ -210,7 +215,9 @@ class HttpStore:
                     raise
         raise Unreachable(f"could not upload pack {pack_id.hex()[:16]} to {self.url}")
 
-    async def _call_once(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, Any]:
+    async def _call_once(
+        self, method: str, path: str, body: bytes | AsyncIterator[bytes], headers: dict[str, str]
+    ) -> tuple[int, bytes, Any]:
         try:
             async with self._sess().request(method, self.url + path, data=body, headers=headers) as resp:
                 raw = await resp.read()
@@ -273,6 +280,31 @@ class HttpStore:
             headers={"Content-Type": "application/octet-stream"},
         )
         return wire.version_from(json.loads(raw))
+
+
+def _open_sized(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd, os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def _read_range(fd: int, start: int, stop: int) -> AsyncIterator[bytes]:
+    """Bytes ``start`` to ``stop`` of ``fd``, READ_BLOCK at a time, read on a worker thread.
+
+    A piece is up to UPLOAD_PIECE (64 MiB): read whole, or read on the loop,
+    it would hold that much memory or stall a guest's disk served by the loop.
+    """
+    pos = start
+    while pos < stop:
+        block = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, stop - pos), pos)
+        if not block:
+            # Content-Length promised more: fail the request rather than let it hang.
+            raise OSError(f"pack file ended at {pos}, expected {stop} bytes")
+        pos += len(block)
+        yield block
 
 
 def _maybe_json(raw: bytes) -> Any:

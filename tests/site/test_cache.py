@@ -15,6 +15,7 @@ from pathlib import Path
 import platformdirs
 import pytest
 
+from isrsync import chunk as chunk_mod
 from isrsync.chunk import CHUNK_SIZE, encode, tag_of
 from isrsync.errors import CacheError, IntegrityError, IsrError, StorageFull
 from isrsync.pack import PackWriter
@@ -170,6 +171,26 @@ def test_put_mismatched_chunk_raises_and_writes_nothing(
     c2 = open_cache(tmp_path / "c")
     assert sorted(c2.tags()) == before_tags
     assert c2.verify() == []
+
+
+def test_put_verified_stores_without_hashing_and_takes_only_verified_chunks(
+    open_cache, tmp_path, make_chunks, monkeypatch
+):
+    """put_verified is put_many for chunks already checked: it hashes nothing
+    again, and a plain (tag, bytes) pair is a TypeError, not a silent skip of the check."""
+    c = open_cache(tmp_path / "c")
+    a, b = make_chunks(2, 5000)
+    with pytest.raises(TypeError):
+        c.put_verified([(a.tag, a.data)])  # type: ignore[list-item]
+    assert c.tags() == []
+    hashed = []
+    monkeypatch.setattr(chunk_mod, "tag_of", lambda d: hashed.append(d) or tag_of(d))
+    checked = [chunk_mod.verified(e.tag, e.data) for e in (a, b)]
+    assert len(hashed) == 2 and all(isinstance(v, chunk_mod.VerifiedChunk) for v in checked)
+    assert c.put_verified([*checked, checked[0]]) == 2
+    assert len(hashed) == 2
+    assert c.get(a.tag) == a.data and c.get(b.tag) == b.data
+    assert chunk_mod.verified(a.tag, b.data) is None
 
 
 # -- encrypted at rest -------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -477,6 +478,56 @@ async def test_cut_upload_resumes_within_one_call(
         f"{proxy.c2s} bytes sent for a pack of {size}; "
         f"server saw PUT statuses {[d['status'] for d in puts]}"
     )
+
+
+async def test_upload_streams_each_piece_in_blocks_read_off_the_loop(
+    live_server, open_http, tmp_path, monkeypatch
+) -> None:
+    """A piece (64 MiB at most) is neither held whole in memory nor read on the
+    loop that may be serving a guest's disk: it goes out READ_BLOCK at a time,
+    read on worker threads. Sizes here leave a short last block and piece."""
+    monkeypatch.setattr(http_mod, "UPLOAD_PIECE", MiB + 4096)
+    monkeypatch.setattr(http_mod, "READ_BLOCK", 100_003)
+    path = tmp_path / "p.pack"
+    info = make_big_pack(path, 3 * MiB)
+    token = live_server.add_user("alice")
+    store = open_http(live_server.url, token)
+    pid = uuid.uuid4()
+    await store.create_parcel(pid, "vm")
+
+    blocks: list[int] = []
+    bodies: list[type] = []
+    orig = HttpStore._call_once
+
+    async def spy(self: HttpStore, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+        bodies.append(type(body))
+        if not isinstance(body, bytes):
+            inner = body
+
+            async def counted() -> AsyncIterator[bytes]:
+                async for b in inner:
+                    blocks.append(len(b))
+                    yield b
+
+            body = counted()
+        return await orig(self, method, path, body, headers)
+
+    readers: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, off: int) -> bytes:
+        readers.append(threading.get_ident())
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(HttpStore, "_call_once", spy)
+    monkeypatch.setattr(os, "pread", pread)
+    await store.put_pack(pid, info.pack_id, path)
+
+    assert len(bodies) == 3 and bytes not in bodies, bodies
+    assert sum(blocks) == info.size and max(blocks) == 100_003 and len(blocks) > 3 * 10
+    assert readers and threading.get_ident() not in readers
+    assert await store.have_packs(pid, [info.pack_id]) == {info.pack_id}
+    assert await store.get_pack(pid, info.pack_id) == path.read_bytes()
 
 
 @pytest.mark.parametrize("part", ["intact", "damaged"])
