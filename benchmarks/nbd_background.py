@@ -25,8 +25,8 @@ Set-up (once, in one process and one loop, wired as a resume wires them)
 Conditions (run in turns, ``--rounds`` rounds after one warm-up round)
 --------------------------------------------------------------------------
 (a) idle: nothing else runs.
-(b) hoard: the background hoard of ``Runtime._prefetch_and_hoard``
-    (isrsync/site/runtime.py): ``ParcelDisk.prefetch`` over the cold chunks in
+(b) hoard: the background hoard of ``TraceHoard``
+    (isrsync/site/background.py): ``ParcelDisk.prefetch`` over the cold chunks in
     batches of 16 with a pause between batches (``--hoard-pause``, 0.05 s: the
     trace-order pace; the hoard of the rest uses 0.2 s), fetching from the
     server. When the cold region is all in, it is dropped from the cache index
@@ -34,7 +34,7 @@ Conditions (run in turns, ``--rounds`` rounds after one warm-up round)
 (c) hoard + trickle: (b), plus the guest writing (a second NBD client,
     ``qemu-io`` fed 64 KiB random writes at 4 KiB-aligned offsets in the write
     region, ``--write-mibps``, a flush every 10 writes), plus the trickle of
-    ``Runtime._trickle``: dirty chunks unchanged for ``--settle`` s (30 s in a
+    ``Trickle``: dirty chunks unchanged for ``--settle`` s (30 s in a
     resume: shortened so that uploads happen inside the window) are uploaded
     by ``ParcelSession.upload_settled`` (isrsync/site/session.py), within the
     8 MiB/s cap.
@@ -108,6 +108,7 @@ from isrsync.site.cache import SiteCache
 from isrsync.site.disk import ParcelDisk
 from isrsync.site.packer import pack_stream
 from isrsync.site.parcel import Site
+from isrsync.site.background import TraceHoard, Trickle
 from isrsync.site.session import ParcelSession
 from isrsync.site.sources import ServerSource, SourceRegistry
 from isrsync.site.state import ParcelState
@@ -120,8 +121,8 @@ CH = CHUNK_SIZE
 MIB = 1 << 20
 TICK = 0.005  # the ticker's period
 RAMP = 1.5  # seconds of background before the reads start
-HOARD_BATCH = 16  # as Runtime._prefetch_and_hoard
-TRICKLE_RATE = 8 << 20  # Runtime's default trickle_rate
+HOARD_BATCH = TraceHoard.batch  # as the runtime's background hoard
+TRICKLE_RATE = Trickle.rate  # the runtime default
 WRITE_SIZE = 64 << 10
 IDLE, HOARD, TRICKLE = "idle", "hoard", "hoard+trickle"
 CONDITIONS = (IDLE, HOARD, TRICKLE)
@@ -383,7 +384,7 @@ class Activity:
 
 
 async def hoard(b: Bench, pause: float, stop: asyncio.Event, act: Activity) -> None:
-    """The loop of Runtime._prefetch_and_hoard over the cold region, started over whenever it is all in."""
+    """The background hoard's loop (TraceHoard) over the cold region, started over whenever it is all in."""
     idxs = list(b.layout.cold)
     while not stop.is_set():
         for k in range(0, len(idxs), HOARD_BATCH):
@@ -403,33 +404,23 @@ async def forget_cold(b: Bench) -> None:
 
 
 async def trickle(b: Bench, settle: float, stop: asyncio.Event, act: Activity) -> None:
-    """The loop of Runtime._trickle (settle time shortened, stops on ``stop``)."""
-    disk, session = b.disk, b.session
-    seen: dict[int, object] = {}
-    since: dict[int, float] = {}
-    cap = max(1, int(TRICKLE_RATE * 5 // CH))
+    """The runtime's Trickle (isrsync/site/background.py), its rounds timed; stops on ``stop``."""
+    work = Trickle(b.disk, b.session, settle=settle, rate=TRICKLE_RATE)
+    period = min(5.0, settle)
+    cap = max(1, int(TRICKLE_RATE * period // CH))
     while True:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(5.0, settle))
+            await asyncio.wait_for(stop.wait(), period)
         if stop.is_set():
             return
-        now = time.monotonic()
-        for i, r in list(disk.dirty.items()):
-            if seen.get(i) is not r:
-                seen[i] = r
-                since[i] = now
-        settled = [
-            disk.dirty[i].tag for i, t in since.items()
-            if now - t >= settle and i in disk.dirty and not disk.dirty[i].is_zero
-        ]
-        todo = [t for t in dict.fromkeys(settled) if t not in session.staged_tags]
+        todo = work.settled(time.monotonic())
         if todo:
             t0 = time.perf_counter()
-            before = len(session.staged_tags)
-            await session.upload_settled(todo[:cap])
+            before = len(b.session.staged_tags)
+            await b.session.upload_settled(todo[:cap])
             act.upload_seconds.append(time.perf_counter() - t0)
             act.uploads += 1
-            act.uploaded_chunks += len(session.staged_tags) - before
+            act.uploaded_chunks += len(b.session.staged_tags) - before
 
 
 class Writer:
