@@ -206,30 +206,8 @@ class Medium:
         return self.root / fmt.DIR
 
     def parcels(self) -> list[ParcelVersions]:
-        """Parcels and versions whose manifests are on the medium (from headers: no key needed).
-
-        A manifest file that is damaged or is not what its path says is left out.
-        """
-        found: dict[uuid.UUID, list[int]] = {}
-        base = self.dot / fmt.MANIFESTS_DIR
-        try:
-            parcel_dirs = sorted(base.iterdir())
-        except OSError:
-            return []
-        for d in parcel_dirs:
-            try:
-                names = sorted(p.name for p in d.iterdir())
-            except OSError:
-                continue
-            for name in names:
-                try:
-                    parcel, version = fmt.parse_manifest_name(d.name, name)
-                    h = mf.parse_header((d / name).read_bytes())
-                except (FormatError, OSError):
-                    continue
-                if (h.parcel, h.version) == (parcel, version):
-                    found.setdefault(parcel, []).append(version)
-        return [ParcelVersions(p, tuple(sorted(v))) for p, v in sorted(found.items())]
+        """Parcels and versions whose manifests are on the medium (from headers: no key needed)."""
+        return list_parcels(self.root)
 
     def read_manifest(self, parcel: uuid.UUID, version: int) -> bytes | None:
         try:
@@ -269,6 +247,44 @@ class Medium:
 
     def writer(self, *, pack_limit: int = DEFAULT_PACK_LIMIT) -> "MediumWriter":
         return MediumWriter(self, pack_limit=pack_limit)
+
+
+def list_parcels(root: Path) -> list[ParcelVersions]:
+    """Parcels and versions whose manifests are under ``root/.isrsync/manifests``.
+
+    A manifest file that is damaged, or is not the one its path names, is left out.
+    """
+    found: dict[uuid.UUID, list[int]] = {}
+    base = root / fmt.DIR / fmt.MANIFESTS_DIR
+    try:
+        parcel_dirs = sorted(base.iterdir())
+    except OSError:
+        return []
+    for d in parcel_dirs:
+        try:
+            names = sorted(p.name for p in d.iterdir())
+        except OSError:
+            continue
+        for name in names:
+            try:
+                parcel, version = fmt.parse_manifest_name(d.name, name)
+                h = mf.parse_header((d / name).read_bytes())
+            except (FormatError, OSError):
+                continue
+            if (h.parcel, h.version) == (parcel, version):
+                found.setdefault(parcel, []).append(version)
+    return [ParcelVersions(p, tuple(sorted(v))) for p, v in sorted(found.items())]
+
+
+def writable(root: Path) -> bool:
+    """Whether the index can go on the medium itself (its .isrsync/ is writable here)."""
+    dot = root / fmt.DIR
+    try:
+        if os.statvfs(dot).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    return os.access(dot, os.W_OK)
 
 
 def _as_dir(path: str | os.PathLike[str]) -> Path:
