@@ -20,12 +20,19 @@ import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Column, Table
 
 from isrsync.errors import IsrError
@@ -81,7 +88,7 @@ def root(
         typer.Option("--debug", envvar=DEBUG_ENV, help="Show tracebacks on errors.", show_envvar=True),
     ] = False,
     cache_dir: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--cache-dir", envvar=known.ENV_CACHE, help="Site cache directory.", show_envvar=True),
     ] = None,
     version: Annotated[
@@ -190,7 +197,7 @@ def format_cmd(
 @app.command("index")
 def index_cmd(
     path: Annotated[Path, typer.Argument(help="A medium or any tree: a USB key, a DVD or ISO mount, NFS, a directory.")],
-    index_dir: Annotated[Optional[Path], typer.Option(
+    index_dir: Annotated[Path | None, typer.Option(
         "--index-dir", help="Keep the index here instead of on the medium "
         "(default: on a writable medium; else in the site cache's media/ directory).")] = None,
     json_out: JsonOpt = False,
@@ -227,10 +234,10 @@ def _report_json(r: IndexReport) -> dict:
 def _show_index(r: IndexReport, rec: known.KnownMedium) -> None:
     who = (f"medium {rec.medium_id}" + (f" \"{rec.label}\"" if rec.label else "")) if rec.medium_id else "a tree"
     lines = [
-        f"indexed {r.root} ({who}): {r.chunks} chunks, {_bytes(r.chunk_bytes)}, "
-        f"in {r.packs} packs and {r.chunk_files} one-chunk files",
-        f"read {r.rehashed} of {r.files} files ({_bytes(r.hashed_bytes)} hashed) in {r.seconds:.1f} s; "
-        f"{r.kept} unchanged",
+        (f"indexed {r.root} ({who}): {r.chunks} chunks, {_bytes(r.chunk_bytes)}, "
+         f"in {r.packs} packs and {r.chunk_files} one-chunk files"),
+        (f"read {r.rehashed} of {r.files} files ({_bytes(r.hashed_bytes)} hashed) in {r.seconds:.1f} s; "
+         f"{r.kept} unchanged"),
         f"index: {r.index_file}",
     ]
     if r.bad_entries:

@@ -25,8 +25,8 @@ import enum
 import hashlib
 import struct
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 from isrsync.chunk import CHUNK_SIZE, TAG_SIZE
 from isrsync.errors import FormatError, UnsupportedVersion
@@ -196,7 +196,7 @@ class EntryTable(Sequence[IndexEntry]):
         self._n = len(self._buf) // ENTRY_SIZE
 
     @classmethod
-    def build(cls, entries: Iterable[IndexEntry]) -> "EntryTable":
+    def build(cls, entries: Iterable[IndexEntry]) -> EntryTable:
         """Sorted by tag; of entries with one tag the first given is kept."""
         seen: dict[bytes, IndexEntry] = {}
         for e in entries:
@@ -260,6 +260,30 @@ class Index:
 
 def empty_index(medium_id: uuid.UUID) -> Index:
     return Index(medium_id)
+
+
+FileRows = Iterable[tuple[FileRecord, Iterable[tuple[bytes, int, int]]]]  # records and their (tag, offset, length)
+
+
+def build_index(medium_id: uuid.UUID, files: FileRows, *, generation: int, created_ns: int) -> Index:
+    """An index over ``files``, in that order; of entries with one tag the first is kept."""
+    records: list[FileRecord] = []
+    entries: list[IndexEntry] = []
+    for rec, es in files:
+        i = len(records)
+        records.append(rec)
+        entries += [IndexEntry(t, i, o, n) for t, o, n in es]
+    return Index(medium_id, generation, created_ns, tuple(records), EntryTable.build(entries))
+
+
+def merge_index(base: Index, files: FileRows, *, created_ns: int) -> Index:
+    """``base`` with ``files`` added, each replacing any record of the same path and its entries."""
+    rows = list(files)
+    replaced = {f.path for f, _ in rows}
+    by_file = base.by_file()
+    kept = [(f, [(e.tag, e.offset, e.length) for e in by_file.get(i, [])])
+            for i, f in enumerate(base.files) if f.path not in replaced]
+    return build_index(base.medium_id, kept + rows, generation=base.generation + 1, created_ns=created_ns)
 
 
 def encode_index(index: Index) -> bytes:
@@ -366,3 +390,8 @@ def parse_manifest_name(parcel_dir: str, name: str) -> tuple[uuid.UUID, int]:
 
 def lock_path(parcel: uuid.UUID) -> str:
     return f"{DIR}/{LOCKS_DIR}/{parcel}"
+
+
+def path_key(absolute_path: bytes) -> str:
+    """The name of an index kept beside a tree with no header: a hash of its absolute path."""
+    return hashlib.blake2b(absolute_path, digest_size=8).hexdigest()

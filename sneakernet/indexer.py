@@ -20,14 +20,22 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from isrsync.chunk import TAG_SIZE, tag_of
 from isrsync.errors import FormatError, IntegrityError, MediumError, UsageError
-from isrsync.pack import ENTRY_HEADER_SIZE, FOOTER_SIZE, HEADER_SIZE, MAGIC, parse_trailer
+from isrsync.pack import (
+    ENTRY_HEADER_SIZE,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    parse_trailer,
+)
 
+from . import durable
 from . import format as fmt
 from . import medium as md
 from .format import FileKind, FileRecord, Index
@@ -169,8 +177,8 @@ def _publish(top: Path, beside: Path | None, where: Path, mid: uuid.UUID, old: I
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise md.write_error(top if beside is None else lock_dir, e, "its index", 0) from None
-    with md.locked(lock_dir, top):
+        raise durable.write_error(top if beside is None else lock_dir, e, "its index", 0) from None
+    with durable.locked(lock_dir, top):
         # A writer may have published packs while we walked: keep what it
         # listed for files we did not see, if they are still there unchanged.
         current, _ = md.read_index(where, mid)
@@ -185,7 +193,8 @@ def _publish(top: Path, beside: Path | None, where: Path, mid: uuid.UUID, old: I
                 continue
             if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns):
                 rows.append((rec, [(e.tag, e.offset, e.length) for e in by_file.get(i, [])]))
-        index = md.build(mid, rows, generation=max(old.generation, current.generation) + 1)
+        index = fmt.build_index(mid, rows, generation=max(old.generation, current.generation) + 1,
+                                created_ns=time.time_ns())
         md.publish_index(top if beside is None else where.parent, where, index)
     return index
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
+from . import durable
 from . import format as fmt
 from . import medium as md
 
@@ -76,7 +77,7 @@ class KnownMedium:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "KnownMedium":
+    def from_json(cls, d: dict) -> KnownMedium:
         parcels = tuple(ParcelSeen(str(p["parcel"]), tuple(int(v) for v in p["versions"])) for p in d["parcels"])
         return cls(
             key=str(d["key"]), medium_id=None if d["medium_id"] is None else str(d["medium_id"]),
@@ -115,9 +116,9 @@ def note_seen(cache_dir: Path, rec: KnownMedium) -> None:
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
-        raise md.write_error(cache_dir, e, "the record of a medium", 4096) from None
+        raise durable.write_error(cache_dir, e, "the record of a medium", 4096, "the site cache") from None
     data = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode()
-    md.atomic_write(cache_dir, d / SEEN_FILE, data, "the record of a medium")
+    durable.atomic_write(cache_dir, d / SEEN_FILE, data, "the record of a medium", "the site cache")
 
 
 def known_media(cache_dir: Path) -> list[KnownMedium]:

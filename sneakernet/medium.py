@@ -17,105 +17,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import logging
 import os
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 from isrsync import manifest as mf
-from isrsync.errors import FormatError, MediumError, StorageFull, UsageError
+from isrsync.errors import FormatError, MediumError, UsageError
 from isrsync.pack import PackInfo, PackWriter, verify_stream
 
 from . import format as fmt
+from .durable import atomic_write, free_bytes, fsync_dir, locked, write_error
 from .format import FileKind, FileRecord, Index, MediumHeader
 
 log = logging.getLogger("sneakernet.medium")
 
 DEFAULT_PACK_LIMIT = 64 << 20  # bytes per pack a writer makes from chunks
-_MIB = 1 << 20
-LOCK_FILE = ".lock"
-
-
-# -- small durable-file helpers ---------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems (FUSE mounts, a few network ones) refuse fsync on a
-        # directory; their renames are as durable as they will ever be.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def free_bytes(path: Path) -> int:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def _full(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def write_error(root: Path, e: OSError, what: str, needed: int) -> Exception:
-    """The one line a failed write to a medium becomes."""
-    if _full(e):
-        free = free_bytes(root)
-        return StorageFull(
-            f"the medium at {root} is full: {free / _MIB:.0f} MiB free, {max(needed, 1) / _MIB:.0f} MiB needed "
-            f"for {what}",
-            hint="free some space on it or use a bigger one; everything its index already listed is intact",
-        )
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UsageError(
-            f"cannot write to the medium at {root}: {e.strerror}",
-            hint="a read-only medium can still be indexed beside it: `sneakernet index PATH --index-dir DIR`",
-        )
-    return MediumError(f"writing {what} to the medium at {root} failed: {e.strerror or e}",
-                       hint="the medium may have been pulled or be failing; its previous index is intact")
-
-
-def atomic_write(root: Path, path: Path, data: bytes, what: str) -> None:
-    """``data`` at ``path`` completely and durably, or not at all."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise write_error(root, e, what, len(data)) from None
-
-
-@contextlib.contextmanager
-def locked(lock_dir: Path, root: Path) -> Iterator[None]:
-    """Serialize index publication among writers of one medium (or one beside directory)."""
-    try:
-        fd = os.open(lock_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise write_error(root, e, "its lock file", 0) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -245,7 +167,7 @@ class Medium:
     def reload(self) -> None:
         self.index, self.index_problem = read_index(self.index_file, self.medium_id)
 
-    def writer(self, *, pack_limit: int = DEFAULT_PACK_LIMIT) -> "MediumWriter":
+    def writer(self, *, pack_limit: int = DEFAULT_PACK_LIMIT) -> MediumWriter:
         return MediumWriter(self, pack_limit=pack_limit)
 
 
@@ -382,7 +304,7 @@ class MediumWriter:
         except OSError as e:
             raise write_error(self.root, e, "its packs directory", 4096) from None
 
-    def __enter__(self) -> "MediumWriter":
+    def __enter__(self) -> MediumWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -516,7 +438,7 @@ class MediumWriter:
                                            if fmt.MIN_ENCODED <= e.length <= fmt.MAX_ENCODED]) for w in self._packs]
             index = current
             if new or problem:
-                index = merge(current, new)
+                index = fmt.merge_index(current, new, created_ns=time.time_ns())
                 publish_index(self.root, self.medium.index_file, index)
         self.medium.index, self.medium.index_problem = index, None
         for (parcel, version), raw in sorted(self._manifests.items()):
@@ -556,29 +478,6 @@ class MediumWriter:
             self._drop(tmp)
 
 
-def merge(base: Index, files: Iterable[tuple[FileRecord, Iterable[tuple[bytes, int, int]]]], *,
-          generation: int | None = None) -> Index:
-    """``base`` with ``files`` added, each replacing any row of the same path and its entries."""
-    rows = list(files)
-    replaced = {f.path for f, _ in rows}
-    by_file = base.by_file()
-    kept = [(f, [(e.tag, e.offset, e.length) for e in by_file.get(i, [])])
-            for i, f in enumerate(base.files) if f.path not in replaced]
-    return build(base.medium_id, kept + rows, generation=base.generation + 1 if generation is None else generation)
-
-
-def build(medium_id: uuid.UUID, files: Iterable[tuple[FileRecord, Iterable[tuple[bytes, int, int]]]], *,
-          generation: int = 1) -> Index:
-    """An index over ``files`` (records and their (tag, offset, length) entries), in that order."""
-    records: list[FileRecord] = []
-    entries: list[fmt.IndexEntry] = []
-    for rec, es in files:
-        i = len(records)
-        records.append(rec)
-        entries += [fmt.IndexEntry(t, i, o, n) for t, o, n in es]
-    return Index(medium_id, generation, time.time_ns(), tuple(records), fmt.EntryTable.build(entries))
-
-
 def path_key(root: Path) -> str:
-    """The name of an index kept beside an unformatted tree: a hash of its absolute path."""
-    return hashlib.blake2b(os.fsencode(str(root)), digest_size=8).hexdigest()
+    """The name of an index kept beside ``root`` when it has no header (see known.media_dir)."""
+    return fmt.path_key(os.fsencode(str(root)))

@@ -21,9 +21,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from isrsync.chunk import TAG_SIZE
 from isrsync.errors import UsageError

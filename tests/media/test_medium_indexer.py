@@ -81,7 +81,7 @@ def test_indexes_packs_and_loose_chunks(tree) -> None:
 
 
 def test_reindex_rehashes_only_what_changed(tree) -> None:
-    root, chunks = tree
+    root, _ = tree
     index_tree(root)
     again = index_tree(root)
     assert (again.rehashed, again.kept, again.hashed_bytes, again.chunks) == (0, 14, 0, 30)
@@ -115,7 +115,7 @@ def test_a_file_that_changed_within_the_racy_window_is_read_again(tree) -> None:
 
 
 def test_damaged_and_truncated_packs_keep_their_good_entries(tree) -> None:
-    root, chunks = tree
+    root, _ = tree
     index_tree(root)
     idx = read_index(root)
     in_a = [e for e in idx.entries if idx.file_of(e).path == "backup/a.pack"]
@@ -148,7 +148,7 @@ def test_the_index_of_a_plain_tree_goes_beside_it(tmp_path: Path) -> None:
 
 
 def test_a_read_only_medium_is_indexed_beside_it(tree, tmp_path: Path, mounts) -> None:
-    root, chunks = tree
+    root, _ = tree
     ro = mounts.bind_readonly(root, tmp_path / "dvd")
     beside = tmp_path / "cache" / "media" / "dvd"
     r = index_tree(ro, beside)
@@ -168,7 +168,7 @@ def test_an_index_directory_inside_the_tree_is_not_walked(tree) -> None:
 
 
 def test_a_torn_index_is_rebuilt_from_nothing(tree) -> None:
-    root, chunks = tree
+    root, _ = tree
     index_tree(root)
     p = root / fmt.DIR / fmt.INDEX_FILE
     p.write_bytes(p.read_bytes()[:-7])

@@ -458,9 +458,9 @@ def _run(*cmd: str) -> None:
 def _unmount(path: Path) -> None:
     import subprocess
 
-    if subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0:
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+    mounted = subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+    if mounted and subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def write_medium(path: Path, chunks: dict[bytes, bytes]) -> None:
