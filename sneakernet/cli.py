@@ -39,7 +39,7 @@ from isrsync.errors import IsrError
 
 from . import known
 from . import medium as md
-from .indexer import IndexReport, index_tree
+from .indexer import IndexReport
 
 PROG = "sneakernet"
 DEBUG_ENV = "ISRSYNC_DEBUG"
@@ -145,8 +145,11 @@ def _remember(rec: known.KnownMedium) -> None:
     try:
         known.note_seen(_cache(), rec)
     except IsrError as e:
-        _err.print(f"{PROG}: warning: cannot record the medium in the site cache: {escape(str(e))}",
-                   markup=False, soft_wrap=True)
+        _warn_unrecorded(str(e))
+
+
+def _warn_unrecorded(why: str) -> None:
+    _err.print(f"{PROG}: warning: cannot record the medium in the site cache: {why}", markup=False, soft_wrap=True)
 
 
 class _IndexProgress:
@@ -206,23 +209,17 @@ def index_cmd(
 
     Incremental: only files whose size or mtime changed are read again.
     """
-    root = path.expanduser().absolute()
-    header = md.read_header(root) if root.is_dir() else None
-    if index_dir is None and (header is None or not md.writable(root)):
-        index_dir = known.media_dir(_cache(), known.media_key(root, header))
     progress = _IndexProgress(not json_out)
     try:
-        report = index_tree(root, index_dir, progress=progress)
+        done = known.index_and_remember(path, _cache(), index_dir=index_dir, progress=progress)
     finally:
         progress.close()
-    parcels = md.list_parcels(root) if header is not None else []
-    rec = known.describe(root, report.index_file, header, chunks=report.chunks, chunk_bytes=report.chunk_bytes,
-                         parcels=parcels)
-    _remember(rec)
+    if done.record_error:
+        _warn_unrecorded(done.record_error)
     if json_out:
-        _emit_json({"index": _report_json(report), "medium": rec.to_json()})
+        _emit_json({"index": _report_json(done.report), "medium": done.medium.to_json()})
         return
-    _show_index(report, rec)
+    _show_index(done.report, done.medium)
 
 
 def _report_json(r: IndexReport) -> dict:

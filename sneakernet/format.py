@@ -277,13 +277,17 @@ def build_index(medium_id: uuid.UUID, files: FileRows, *, generation: int, creat
 
 
 def merge_index(base: Index, files: FileRows, *, created_ns: int) -> Index:
-    """``base`` with ``files`` added, each replacing any record of the same path and its entries."""
+    """``base`` with ``files`` added, each replacing any record of the same path and its entries.
+
+    For a tag both hold, the new entry wins: a writer that rewrote a chunk
+    (its old copy may be damaged) means its own copy.
+    """
     rows = list(files)
     replaced = {f.path for f, _ in rows}
     by_file = base.by_file()
     kept = [(f, [(e.tag, e.offset, e.length) for e in by_file.get(i, [])])
             for i, f in enumerate(base.files) if f.path not in replaced]
-    return build_index(base.medium_id, kept + rows, generation=base.generation + 1, created_ns=created_ns)
+    return build_index(base.medium_id, rows + kept, generation=base.generation + 1, created_ns=created_ns)
 
 
 def encode_index(index: Index) -> bytes:

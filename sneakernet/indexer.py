@@ -21,7 +21,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,7 +71,7 @@ class IndexReport:
     unreadable: int = 0  # files or directories that could not be read (retried next time)
     seconds: float = 0.0
     previous_problem: str | None = None  # why the old index was not used, if it was not
-    notes: list[str] = field(default_factory=list)
+    published: bool = False  # False when nothing had changed: the index was left as it was
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def index_tree(
     if not top.is_dir():
         raise MediumError(f"the medium at {top} went away while it was being indexed",
                           hint="plug it in again and rerun `sneakernet index`; its previous index is intact")
-    index = _publish(top, beside, where, mid, old, rows)
+    index, report.published = _publish(top, beside, where, mid, old, rows)
     report.chunks = len(index.entries)
     report.chunk_bytes = index.chunk_bytes
     report.seconds = time.monotonic() - t0
@@ -172,7 +172,7 @@ def _count(report: IndexReport, kind: FileKind) -> None:
 
 
 def _publish(top: Path, beside: Path | None, where: Path, mid: uuid.UUID, old: Index,
-             rows: list[tuple[FileRecord, Entries]]) -> Index:
+             rows: list[tuple[FileRecord, Entries]]) -> tuple[Index, bool]:
     lock_dir = beside if beside is not None else top / fmt.DIR
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -195,8 +195,11 @@ def _publish(top: Path, beside: Path | None, where: Path, mid: uuid.UUID, old: I
                 rows.append((rec, [(e.tag, e.offset, e.length) for e in by_file.get(i, [])]))
         index = fmt.build_index(mid, rows, generation=max(old.generation, current.generation) + 1,
                                 created_ns=time.time_ns())
+        if index.files == current.files and index.entries.packed() == current.entries.packed():
+            # Nothing changed: a medium plugged in again is not written to.
+            return current, False
         md.publish_index(top if beside is None else where.parent, where, index)
-    return index
+    return index, True
 
 
 def _walk(top: Path, beside: Path | None, one_fs: bool, report: IndexReport) -> Iterator[_Found]:

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import platformdirs
 
+from isrsync.errors import IsrError
+
 from . import durable
 from . import format as fmt
 from . import medium as md
+from .indexer import IndexReport, Progress, index_tree
 
 log = logging.getLogger("sneakernet.known")
 
@@ -119,6 +122,48 @@ def note_seen(cache_dir: Path, rec: KnownMedium) -> None:
         raise durable.write_error(cache_dir, e, "the record of a medium", 4096, "the site cache") from None
     data = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode()
     durable.atomic_write(cache_dir, d / SEEN_FILE, data, "the record of a medium", "the site cache")
+
+
+def index_dir_for(cache_dir: Path, root: Path, header: fmt.MediumHeader | None) -> Path | None:
+    """Where the index of ``root`` goes: on the medium (None) if it is a writable medium,
+    else beside it in the site cache (a read-only medium, a tree nobody formatted)."""
+    if header is not None and md.writable(root):
+        return None
+    return media_dir(cache_dir, media_key(root, header))
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """What :func:`index_and_remember` did: the run, the record, and where the index is."""
+
+    report: IndexReport
+    medium: KnownMedium
+    index_dir: Path | None  # None: on the medium; else pass it to MediumSource(index_dir=...)
+    record_error: str | None  # the record could not be kept (the index is fine)
+
+
+def index_and_remember(root: str | os.PathLike[str], cache_dir: Path, *, index_dir: Path | None = None,
+                       progress: Progress | None = None) -> Indexed:
+    """Index a medium or tree where its index belongs, and record it as seen by this site.
+
+    The one call `sneakernet index` and a udev watcher make. The index run is
+    incremental, and a medium whose files did not change is not written to.
+    """
+    top = Path(root).expanduser().absolute()
+    header = md.read_header(top) if top.is_dir() else None
+    if index_dir is None:
+        index_dir = index_dir_for(cache_dir, top, header)
+    report = index_tree(top, index_dir, progress=progress)
+    rec = describe(top, report.index_file, header, chunks=report.chunks, chunk_bytes=report.chunk_bytes,
+                   parcels=md.list_parcels(top) if header is not None else [])
+    try:
+        note_seen(cache_dir, rec)
+        problem = None
+    except IsrError as e:
+        # The medium is fine whatever happens here: a site that cannot keep
+        # the record only forgets the medium in `sneakernet ls`.
+        problem = str(e)
+    return Indexed(report, rec, index_dir, problem)
 
 
 def known_media(cache_dir: Path) -> list[KnownMedium]:

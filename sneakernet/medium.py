@@ -359,12 +359,14 @@ class MediumWriter:
             self._drop(tmp)
             raise
 
-    def add_chunks(self, chunks: Iterable[tuple[bytes, bytes]]) -> list[PackInfo]:
+    def add_chunks(self, chunks: Iterable[tuple[bytes, bytes]], *, skip_known: bool = True) -> list[PackInfo]:
         """Write encoded chunks (tag, ciphertext) as packs of about ``pack_limit`` bytes.
 
         Streams: the input may be a generator fed by a suspend. Tags are trusted
-        (the encoder just made them; readers check them anyway); a tag already
-        on the medium or in this writer is skipped. On a full medium the packs
+        (the encoder just made them; readers check them anyway). A tag this
+        writer already wrote is skipped, and with ``skip_known`` one the
+        medium's index lists too (``skip_known=False`` rewrites them, for a
+        medium whose copies may be damaged). On a full medium the packs
         finished so far stay (they can still be published) and StorageFull is
         raised.
         """
@@ -374,7 +376,7 @@ class MediumWriter:
         w: PackWriter | None = None
         try:
             for tag, data in chunks:
-                if self.has(tag) or (w is not None and tag in w):
+                if tag in self._tags or (skip_known and tag in self.medium.index) or (w is not None and tag in w):
                     continue
                 if w is None:
                     tmp = self._tmp()

@@ -163,3 +163,17 @@ def test_a_cache_that_cannot_be_written_only_warns(run, tmp_path: Path) -> None:
     assert code == 0 and "formatted" in out
     assert len(err) == 1 and err[0].startswith("sneakernet: warning: cannot record the medium")
     assert os.path.isdir(key / fmt.DIR)
+
+
+def test_index_and_remember_is_what_a_watcher_calls(tmp_path: Path, mounts) -> None:
+    cache = tmp_path / "cache"
+    key = tmp_path / "key"
+    key.mkdir()
+    format_medium(key, "w")
+    on = known.index_and_remember(key, cache)
+    assert on.index_dir is None and on.record_error is None and on.medium.label == "w"
+    assert on.report.index_file == key / fmt.DIR / fmt.INDEX_FILE
+    ro = mounts.bind_readonly(key, tmp_path / "ro")
+    beside = known.index_and_remember(ro, cache)
+    assert beside.index_dir == known.media_dir(cache, on.medium.key) and beside.medium.index_beside
+    assert [m.path for m in known.known_media(cache)] == [str(ro)], "one record per medium, where it was last seen"

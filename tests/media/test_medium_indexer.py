@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mediakit import flip, make_chunks, read_index
 
-from isrsync.chunk import CHUNK_SIZE
+from isrsync.chunk import CHUNK_SIZE, tag_of
 from isrsync.errors import UsageError
 from isrsync.pack import PackWriter
 from sneakernet import format as fmt
@@ -83,8 +83,11 @@ def test_indexes_packs_and_loose_chunks(tree) -> None:
 def test_reindex_rehashes_only_what_changed(tree) -> None:
     root, _ = tree
     index_tree(root)
+    stamp = (root / fmt.DIR / fmt.INDEX_FILE).stat()
     again = index_tree(root)
     assert (again.rehashed, again.kept, again.hashed_bytes, again.chunks) == (0, 14, 0, 30)
+    assert not again.published, "nothing changed: the medium is not written to"
+    assert (root / fmt.DIR / fmt.INDEX_FILE).stat().st_ino == stamp.st_ino
 
     # One loose chunk replaced by another of the same size: only that file is read.
     new = make_chunks(1, size=1000)
@@ -98,9 +101,8 @@ def test_reindex_rehashes_only_what_changed(tree) -> None:
     assert (r.rehashed, r.kept) == (1, 12)
     assert r.hashed_bytes == len(d_new)
     idx = read_index(root)
-    from isrsync.chunk import tag_of
     assert t_new in idx and tag_of(old) not in idx
-    assert r.chunks == 29 and idx.generation == 3
+    assert r.chunks == 29 and r.published and idx.generation == 2
 
 
 def test_a_file_that_changed_within_the_racy_window_is_read_again(tree) -> None:
