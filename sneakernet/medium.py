@@ -127,6 +127,11 @@ class Medium:
     def dot(self) -> Path:
         return self.root / fmt.DIR
 
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of the chunks its index lists."""
+        return self.index.chunk_bytes
+
     def parcels(self) -> list[ParcelVersions]:
         """Parcels and versions whose manifests are on the medium (from headers: no key needed)."""
         return list_parcels(self.root)

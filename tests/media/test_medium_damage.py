@@ -58,6 +58,7 @@ async def test_an_intact_medium_serves_everything(tmp_path: Path, registry: Sour
     src, fb = MediumSource(tmp_path / "key"), DictSource(chunks)
     assert await fetch(registry, src, fb, list(chunks)) == chunks
     assert stats(registry, src) == (len(chunks), 0, 0) and not fb.asked
+    assert await src.holds([*chunks, os.urandom(32), b"short"]) == set(chunks)
     assert src.cost() < ServerSource(MemoryStore("u").client(), os.urandom(16)).cost()  # type: ignore[arg-type]
     assert_clean(registry, chunks)
 
