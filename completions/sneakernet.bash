@@ -12,7 +12,22 @@ _sneakernet_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'sneakernet')
-            opts='--debug --version --help'
+            subs='format index ls'
+            opts='--debug --cache-dir --version --help'
+            vopts='--cache-dir'
+            ;;
+        'sneakernet format')
+            opts='-l --label --json --help'
+            vopts='-l --label'
+            args=1
+            ;;
+        'sneakernet index')
+            opts='--index-dir --json --help'
+            vopts='--index-dir'
+            args=1
+            ;;
+        'sneakernet ls')
+            opts='--json --help'
             ;;
     esac
 }

@@ -6,13 +6,19 @@
 
 function __fish_sneakernet_subcommands --description 'Subcommands of a command path of sneakernet'
     switch $argv[1]
-
+        case 'sneakernet'
+            printf '%s\n' 'format' 'index' 'ls'
     end
 end
 
 function __fish_sneakernet_value_options --description 'Options taking a value, of a command path of sneakernet'
     switch $argv[1]
-        case '*'
+        case 'sneakernet'
+            printf '%s\n' '--cache-dir'
+        case 'sneakernet format'
+            printf '%s\n' '-l' '--label'
+        case 'sneakernet index'
+            printf '%s\n' '--index-dir'
     end
 end
 
@@ -45,6 +51,27 @@ end
 
 # sneakernet
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'format' -d 'Prepare a medium: create .isrsync/ with a new medium id and an empty index'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'index' -d 'Index a medium or any tree: every pack entry and one-chunk file whose bytes match its tag'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'ls' -d 'List the media this site has seen: ids, sizes, the parcels they can help, when last seen'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'debug' -d 'Show tracebacks on errors'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'cache-dir' -r -F -d 'Site cache directory'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'version' -d 'Print the version and exit'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet format
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet format\'' -F
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet format\'' -s 'l' -l 'label' -r -F -d 'A name for people (at most 255 bytes)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet format\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet format\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet index
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -F
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'index-dir' -r -F -d 'Keep the index here instead of on the medium (default: on a writable medium; else in the site cache\'s media/ directory)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet ls
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -l 'help' -d 'Show this message and exit'

@@ -132,3 +132,13 @@ class StateError(IsrError):
     """A parcel's local state does not allow what was asked (e.g. suspending one that is not running)."""
 
     exit_code = 13
+
+
+class MediumError(IsrError):
+    """A medium (USB key, SD card, DVD, directory) cannot be read or written as a whole.
+
+    Never fatal to a guest: a medium is only ever a lookaside source, so reads
+    fall through to the next source; this is what a medium *command* reports.
+    """
+
+    exit_code = 14

@@ -1,26 +1,45 @@
 """The `sneakernet` command: prepare and inspect media that carry parcels between sites.
 
-Media commands arrive with the sneakernet format; this is the entry point they
-hang off. sneakernet reaches isrsync only through the Source protocol and the
-error tree (:mod:`isrsync.errors`), never through isrsync's CLI, so it has its
-own small runner: an :class:`~isrsync.errors.IsrError` becomes one line on
-stderr and its exit code, a traceback only with ``--debug`` (or
-``ISRSYNC_DEBUG=1``). The exit codes are isrsync's (see ``man sneakernet``).
+Thin: parse, call :mod:`sneakernet.medium`, :mod:`~sneakernet.indexer` and
+:mod:`~sneakernet.known`, render with rich (or ``--json`` for scripts).
+sneakernet reaches isrsync only through the Source protocol and the error tree
+(:mod:`isrsync.errors`), never through isrsync's CLI, so it has its own small
+runner: an :class:`~isrsync.errors.IsrError` becomes one line on stderr (and,
+with ``--json``, a JSON object on stdout) and its exit code, a traceback only
+with ``--debug`` (or ``ISRSYNC_DEBUG=1``). The exit codes are isrsync's (see
+``man sneakernet``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Column, Table
 
 from isrsync.errors import IsrError
+
+from . import known
+from . import medium as md
+from .indexer import IndexReport
 
 PROG = "sneakernet"
 DEBUG_ENV = "ISRSYNC_DEBUG"
@@ -33,7 +52,18 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+_out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class _State:
+    cache_dir: str | None = None
+
+
+_state = _State()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (errors too).")]
 
 
 def version() -> str:
@@ -57,17 +87,195 @@ def root(
         bool,
         typer.Option("--debug", envvar=DEBUG_ENV, help="Show tracebacks on errors.", show_envvar=True),
     ] = False,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option("--cache-dir", envvar=known.ENV_CACHE, help="Site cache directory.", show_envvar=True),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
+    _state.cache_dir = cache_dir
     if ctx.invoked_subcommand is None:
         print(ctx.get_help())
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _ago(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.0f} {unit} ago"
+    return "just now"
+
+
+def _parcels(rec: known.KnownMedium) -> str:
+    if not rec.parcels:
+        return "-"
+    return ", ".join(f"{p.parcel[:8]} v{_versions(p.versions)}" for p in rec.parcels)
+
+
+def _versions(vs: tuple[int, ...]) -> str:
+    return f"{vs[0]}" if len(vs) == 1 else f"{vs[0]}..{vs[-1]}" if vs == tuple(range(vs[0], vs[-1] + 1)) else ",".join(
+        map(str, vs))
+
+
+def _cache() -> Path:
+    return known.default_cache_dir(_state.cache_dir)
+
+
+def _remember(rec: known.KnownMedium) -> None:
+    # The medium itself is fine whatever happens here: a site that cannot
+    # keep the record only forgets the medium in `sneakernet ls`.
+    try:
+        known.note_seen(_cache(), rec)
+    except IsrError as e:
+        _warn_unrecorded(str(e))
+
+
+def _warn_unrecorded(why: str) -> None:
+    _err.print(f"{PROG}: warning: cannot record the medium in the site cache: {why}", markup=False, soft_wrap=True)
+
+
+class _IndexProgress:
+    """Bytes, rate and time left on stderr, shown only once an index has run a second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and _err.is_terminal
+        self.t0 = time.monotonic()
+        self.bar: Progress | None = None
+        self.task = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if not self.enabled or time.monotonic() - self.t0 < 1.0:
+                return
+            self.bar = Progress(TextColumn("indexing"), BarColumn(), DownloadColumn(binary_units=True),
+                                TransferSpeedColumn(), TimeRemainingColumn(), console=_err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("index", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+@app.command("format")
+def format_cmd(
+    path: Annotated[Path, typer.Argument(help="The mount point of the medium, or any writable directory.")],
+    label: Annotated[str, typer.Option("--label", "-l", help="A name for people (at most 255 bytes).")] = "",
+    json_out: JsonOpt = False,
+) -> None:
+    """Prepare a medium: create .isrsync/ with a new medium id and an empty index."""
+    m = md.format_medium(path, label)
+    rec = known.describe(m.root, m.index_file, m.header, chunks=0, chunk_bytes=0, parcels=[])
+    _remember(rec)
+    if json_out:
+        _emit_json({"medium": rec.to_json()})
+        return
+    named = f" ({m.label})" if m.label else ""
+    _out.print(f"formatted {m.root} as medium {m.medium_id}{named}; "
+               f"`isrsync suspend --to-usb {m.root}` writes a parcel to it", markup=False, soft_wrap=True)
+
+
+@app.command("index")
+def index_cmd(
+    path: Annotated[Path, typer.Argument(help="A medium or any tree: a USB key, a DVD or ISO mount, NFS, a directory.")],
+    index_dir: Annotated[Path | None, typer.Option(
+        "--index-dir", help="Keep the index here instead of on the medium "
+        "(default: on a writable medium; else in the site cache's media/ directory).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Index a medium or any tree: every pack entry and one-chunk file whose bytes match its tag.
+
+    Incremental: only files whose size or mtime changed are read again.
+    """
+    progress = _IndexProgress(not json_out)
+    try:
+        done = known.index_and_remember(path, _cache(), index_dir=index_dir, progress=progress)
+    finally:
+        progress.close()
+    if done.record_error:
+        _warn_unrecorded(done.record_error)
+    if json_out:
+        _emit_json({"index": _report_json(done.report), "medium": done.medium.to_json()})
+        return
+    _show_index(done.report, done.medium)
+
+
+def _report_json(r: IndexReport) -> dict:
+    d = dict(r.__dict__)
+    d["root"], d["index_file"], d["medium_id"] = str(r.root), str(r.index_file), str(r.medium_id)
+    return d
+
+
+def _show_index(r: IndexReport, rec: known.KnownMedium) -> None:
+    who = (f"medium {rec.medium_id}" + (f" \"{rec.label}\"" if rec.label else "")) if rec.medium_id else "a tree"
+    lines = [
+        (f"indexed {r.root} ({who}): {r.chunks} chunks, {_bytes(r.chunk_bytes)}, "
+         f"in {r.packs} packs and {r.chunk_files} one-chunk files"),
+        (f"read {r.rehashed} of {r.files} files ({_bytes(r.hashed_bytes)} hashed) in {r.seconds:.1f} s; "
+         f"{r.kept} unchanged"),
+        f"index: {r.index_file}",
+    ]
+    if r.bad_entries:
+        lines.append(f"{r.bad_entries} pack entries did not match their tag and were left out")
+    if r.unreadable:
+        lines.append(f"{r.unreadable} files or directories could not be read (they are retried next time)")
+    if r.previous_problem and r.previous_problem != "not indexed yet":
+        lines.append(f"the previous index was not used: {r.previous_problem}")
+    for p in rec.parcels:
+        lines.append(f"carries parcel {p.parcel} version {_versions(p.versions)}")
+    for line in lines:
+        _out.print(line, markup=False, soft_wrap=True)
+
+
+@app.command("ls")
+def ls_cmd(json_out: JsonOpt = False) -> None:
+    """List the media this site has seen: ids, sizes, the parcels they can help, when last seen."""
+    media = known.known_media(_cache())
+    if json_out:
+        _emit_json([m.to_json() for m in media])
+        return
+    if not media:
+        _out.print("no media seen at this site yet; `sneakernet index PATH` indexes one "
+                   "(`sneakernet format PATH` prepares a new one)", markup=False, soft_wrap=True)
+        return
+    t = Table("medium", "label", Column("path", overflow="fold", ratio=1), "size", "chunks", "parcels", "last seen")
+    for m in media:
+        t.add_row(m.medium_id[:8] if m.medium_id else f"({m.key[:8]})", m.label or "-", m.path,
+                  _bytes(m.capacity) if m.capacity else "-", f"{m.chunks} ({_bytes(m.chunk_bytes)})",
+                  _parcels(m), _ago(m.last_seen))
+    _out.print(t)
 
 
 def error_line(message: str) -> None:
     # Messages carry paths and names: never let rich read them as markup.
     _err.print(f"[bold red]{PROG}:[/] {escape(message)}", markup=True, soft_wrap=True)
+
+
+def error_json(e: IsrError) -> None:
+    _emit_json({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
+                          "exit_code": e.exit_code, "details": e.details}})
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -90,6 +298,8 @@ def _run(args: list[str], *, debug: bool) -> int:
         if debug:
             traceback.print_exc()
         error_line(str(e))
+        if "--json" in args:
+            error_json(e)
         return e.exit_code
     except KeyboardInterrupt:
         error_line("interrupted")

@@ -152,6 +152,7 @@ EXIT_CODES: dict[type[errors.IsrError], int] = {
     errors.QemuError: 11,
     errors.AuthError: 12,
     errors.StateError: 13,
+    errors.MediumError: 14,
 }
 
 

@@ -4,7 +4,7 @@ Every value is taken from the code (imported, or read from the source with ``ast
 where importing would pull in the server or the runtime); nothing is written here a
 second time. What is checked:
 
-* constants tables: each row `` `isrsync.module.NAME` `` | `` `value` `` equals the
+* constants tables: each row `` `isrsync.module.NAME` `` (or ``sneakernet.``) | `` `value` `` equals the
   constant in the code; every magic, version, flag, section kind, size and limit
   defined in a format module has such a row, and every magic appears as hex;
 * byte tables: a table marked ``<!-- struct: NAME -->`` matches that
@@ -12,7 +12,8 @@ second time. What is checked:
   every Struct of the format modules has a marked table; in every byte table the
   offsets are contiguous and the sizes match the types;
 * the HTTP status table, the HTTP routes and the control commands equal the code's;
-* the worked examples are what the encoder and the pack writer produce;
+* the worked examples are what the encoder, the pack writer and the medium format
+  (sneakernet.format) produce;
 * docs/README.md links every document.
 """
 
@@ -29,13 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uuid
+
 import pytest
 
 from isrsync import chunk, pack
 from isrsync.store import wire
+from sneakernet import format as medium
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-DOC_FILES = ["README.md", "chunk.md", "pack.md", "manifest.md", "keys.md", "cache.md", "http.md", "control.md"]
+DOC_FILES = ["README.md", "chunk.md", "pack.md", "manifest.md", "keys.md", "medium.md", "cache.md", "http.md",
+             "control.md"]
 FORMAT_MODULES = [
     "isrsync.chunk",
     "isrsync.pack",
@@ -44,13 +49,14 @@ FORMAT_MODULES = [
     "isrsync.site.cache",
     "isrsync.site.state",
     "isrsync.store.wire",
+    "sneakernet.format",
 ]
 # Module-level constants a reader of the formats needs: they must be in a constants table.
 REQUIRED = re.compile(r"MAGIC|(^|_)(VERSION|FORMAT)$|^_?(FLAG|S)_[A-Z0-9_]+$|_SIZE$|^_?(MAX|MIN|DEFAULT)_|LEVEL$|^API$")
 # Structs that are integer helpers, not layouts (the commit framing's u32 and u64).
 NOT_LAYOUTS = {"isrsync.store.wire._U32", "isrsync.store.wire._U64"}
-STRUCT_TYPES = {"B": "u8", "H": "u16 LE", "I": "u32 LE", "Q": "u64 LE"}
-TYPE_SIZES = {"u8": 1, "u16 LE": 2, "u32 LE": 4, "u64 LE": 8}
+STRUCT_TYPES = {"B": "u8", "H": "u16 LE", "I": "u32 LE", "Q": "u64 LE", "q": "i64 LE"}
+TYPE_SIZES = {"u8": 1, "u16 LE": 2, "u32 LE": 4, "u64 LE": 8, "i64 LE": 8}
 
 
 # -- reading the Markdown -------------------------------------------------------------
@@ -203,7 +209,7 @@ def test_every_document_exists_and_the_index_links_it() -> None:
 
 @pytest.mark.parametrize(("name", "written", "where"), DOCUMENTED_ROWS, ids=[f"{w}:{n}" for n, _, w in DOCUMENTED_ROWS])
 def test_documented_constant_matches_code(name: str, written: str, where: str) -> None:
-    assert name.startswith("isrsync."), f"{where}: {name!r} is not a backquoted isrsync.module.NAME"
+    assert name.startswith(("isrsync.", "sneakernet.")), f"{where}: {name!r} is not a backquoted package.module.NAME"
     value = ast.literal_eval(written)
     actual = _resolve(name)
     assert type(actual) is type(value) and actual == value, (
@@ -426,3 +432,46 @@ def test_pack_example() -> None:
     m = re.search(r"pack id: `([0-9a-f]{64})`\s*\((\d+) bytes\)", _text("pack.md"))
     assert m and m[1] == info.pack_id.hex() and int(m[2]) == info.size == len(raw)
     assert pack.verify_stream(io.BytesIO(raw), info.pack_id).entries == info.entries
+
+
+def _dump(doc: str, name: str) -> bytes:
+    """The bytes of a hex-dump example (``offset  hex words  # comment`` lines), offsets checked."""
+    pos, dump = 0, b""
+    for line in _example(doc, name):
+        offset, *words = line.split("#", 1)[0].split()
+        assert int(offset) == pos, f"docs/{doc}: example line at {offset} should be at {pos}"
+        data = bytes.fromhex("".join(words))
+        dump += data
+        pos += len(data)
+    return dump
+
+
+MEDIUM_ID = uuid.UUID("00112233-4455-4677-8899-aabbccddeeff")
+CREATED = 1_700_000_000_000_000_000
+
+
+def test_medium_header_example() -> None:
+    header = medium.MediumHeader(MEDIUM_ID, "demo", CREATED)
+    raw = _dump("medium.md", "medium-header")
+    assert raw == medium.encode_header(header)
+    assert medium.decode_header(raw) == header
+    assert f"`{MEDIUM_ID}`" in _text("medium.md")
+
+
+def test_medium_index_example() -> None:
+    _, enc = _chunk_example()
+    out = io.BytesIO()
+    writer = pack.PackWriter(out)
+    writer.add(enc.tag, enc.data)
+    info = writer.finish()
+    (entry,) = info.entries
+    index = medium.Index(
+        MEDIUM_ID, 1, CREATED,
+        (medium.FileRecord(medium.pack_path(info.pack_id), info.size, CREATED, medium.FileKind.PACK),),
+        medium.EntryTable.build([medium.IndexEntry(enc.tag, 0, entry.offset, entry.length)]),
+    )
+    raw = _dump("medium.md", "medium-index")
+    assert raw == medium.encode_index(index)
+    assert f"({len(raw)} bytes.)" in _text("medium.md")
+    back = medium.decode_index(raw)
+    assert back.find(enc.tag) == medium.IndexEntry(enc.tag, 0, 52, len(enc.data))

@@ -21,6 +21,13 @@ Backends (``BACKENDS``):
   by :meth:`SiteCache.put_many` (chunks in segments).
 * ``cache-dir-pack``: the same, the chunks in packs adopted by
   :meth:`SiteCache.add_pack`.
+* ``medium``: :class:`sneakernet.source.MediumSource` over a formatted medium
+  (a directory) whose chunks a :class:`MediumWriter` wrote as packs and listed
+  in the medium's own index.
+* ``medium-beside``: the same over a formatted medium mounted read-only (a
+  bind mount, as a DVD or a write-protected key), its chunks half in packs and
+  half in loose one-chunk files, indexed by :func:`index_tree` into a
+  directory beside it (a site cache's ``media/<id>/``).
 
 Hooks (call them before the source's first read unless noted; each changes the
 backing store, never the Source object):
@@ -35,15 +42,21 @@ backing store, never the Source object):
 
 Capability flags (``Caps``) and who lacks which, with the reason:
 
-* ``DAMAGE``, ``TRUNCATE``, ``VANISH``: every backend.
+* ``DAMAGE``, ``TRUNCATE``, ``VANISH``: every backend. For the media, ``truncate``
+  rewrites the index (with a valid checksum) to claim half the chunk, and
+  ``vanish`` removes the tree (``medium``) or lazily unmounts the read-only
+  mount and removes the tree behind it (``medium-beside``: a pulled key).
 * ``VANISH_FAILS_MID_USE``: after the source has read once, a vanished backing
-  makes it fail as a whole (an exception or an empty answer). The cache-dir
-  backends lack it: POSIX keeps unlinked files readable through descriptors
+  makes it fail as a whole (an exception or an empty answer). The media have
+  it: MediumSource checks on every request that the directory it opened is
+  still the one at that path (device and inode), so a removed tree or an
+  unmounted medium fails even though its open files would still read. The
+  cache-dir backends lack it: POSIX keeps unlinked files readable through descriptors
   already open, and CacheDirSource keeps its index.db and segment/pack files
   open, so after ``rm -r`` it still answers, correctly. (Nothing short of FUSE
   or a device-mapper target can make those reads fail with EIO here.)
 * ``HANG``: ``server-http`` pauses the server (SIGSTOP on its process group,
-  SIGCONT at cleanup); the cache-dir backends put a FIFO where each segment or
+  SIGCONT at cleanup); the cache-dir and medium backends put a FIFO where each segment or
   pack file was, so the source's own worker blocks in open(2) exactly as on a
   hung network filesystem (cleanup opens the write end to release it). ``server``
   lacks it: the in-memory store does no I/O, and its calls take a threading lock
@@ -81,10 +94,14 @@ from sourcekit import (
     Held,
     HttpHome,
     HttpServerHeld,
+    MediumBesideHeld,
+    MediumHeld,
     MemoryServerHeld,
     commit_chunks,
     make_chunks,
     write_cache_dir,
+    write_medium,
+    write_readonly_medium,
 )
 
 from isrsync.site.cache import SiteCache
@@ -125,6 +142,8 @@ BACKENDS = [
     *(BackendSpec(name, _ALL - {Caps.VANISH_FAILS_MID_USE}, {
         Caps.VANISH_FAILS_MID_USE: "files the source already opened stay readable after rm -r (POSIX unlink)",
     }) for name in ("cache-dir", "cache-dir-pack")),
+    BackendSpec("medium", _ALL),
+    BackendSpec("medium-beside", _ALL),
 ]
 BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -199,6 +218,14 @@ async def make_source(backend: BackendSpec, request: pytest.FixtureRequest, tmp_
                 await store.close()
                 raise
             held = HttpServerHeld(home, store, pid, packs, chunks)
+        elif backend.name == "medium":
+            path = tmp_path / f"medium-{n}"
+            await asyncio.to_thread(write_medium, path, chunks)
+            held = MediumHeld(path, chunks)
+        elif backend.name == "medium-beside":
+            data, mount, beside = tmp_path / f"dvd-{n}", tmp_path / f"mnt-{n}", tmp_path / f"site-{n}" / "media" / "dvd"
+            await asyncio.to_thread(write_readonly_medium, data, mount, beside, chunks)
+            held = MediumBesideHeld(mount, data, beside, chunks)
         else:
             path = tmp_path / f"cache-{n}"
             await asyncio.to_thread(write_cache_dir, path, chunks, packs=backend.name == "cache-dir-pack")

@@ -30,6 +30,10 @@ from isrsync.store.base import CommitRequest, Holder, Store
 from isrsync.store.http import HttpStore
 from isrsync.store.memory import MemoryStore
 from isrsync.vmspec import VmSpec
+from sneakernet import format as medium_format
+from sneakernet.indexer import index_tree
+from sneakernet.medium import format_medium, publish_index
+from sneakernet.source import MediumSource
 
 PACK_LIMIT = 1 << 20  # several packs per chunk set: ServerSource groups and merges ranges per pack
 
@@ -353,3 +357,138 @@ def write_cache_dir(path: Path, chunks: dict[bytes, bytes], *, packs: bool) -> N
         cache.close()
 
 
+
+
+# -- medium: MediumSource over a formatted medium (on-medium index) or a read-only one -----
+
+
+class MediumHeld(Held):
+    """A medium written by MediumWriter, its index on the medium (``.isrsync/index``).
+
+    ``data`` is where the bytes can be changed (the medium itself here; the
+    writable tree behind a read-only mount for :class:`MediumBesideHeld`).
+    """
+
+    def __init__(self, root: Path, chunks: dict[bytes, bytes], *, data: Path | None = None,
+                 index_dir: Path | None = None) -> None:
+        self.root, self.chunks, self.index_dir = root, chunks, index_dir
+        self.data = data or root
+        self.source = MediumSource(root, index_dir=index_dir)
+        self._fifos: list[Path] = []
+
+    @property
+    def index_file(self) -> Path:
+        return (self.index_dir or self.data / medium_format.DIR) / medium_format.INDEX_FILE
+
+    def _index(self) -> medium_format.Index:
+        return medium_format.decode_index(self.index_file.read_bytes())
+
+    async def damage(self, tag: bytes) -> None:
+        idx = self._index()
+        e = idx.find(tag)
+        assert e is not None
+        flip(self.data / idx.file_of(e).path, e.offset + e.length // 2)
+
+    async def truncate(self, tag: bytes) -> None:
+        # The index (only a hint) claims half the chunk; its checksum is redone,
+        # so this is an index that lies, not a damaged one.
+        idx = self._index()
+        entries = [medium_format.IndexEntry(e.tag, e.file, e.offset, e.length // 2 if e.tag == tag else e.length)
+                   for e in idx.entries]
+        new = medium_format.Index(idx.medium_id, idx.generation + 1, idx.created_ns, idx.files,
+                                  medium_format.EntryTable.build(entries))
+        publish_index(self.data, self.index_file, new)
+
+    async def vanish(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.data)
+
+    async def hang(self) -> None:
+        # Every data file becomes a FIFO with no writer: the source's worker
+        # blocks in open(2), as on a dying key or a hung network mount.
+        idx = self._index()
+        for f in idx.files:
+            if f.kind != medium_format.FileKind.OTHER:
+                p = self.data / f.path
+                p.unlink()
+                os.mkfifo(p)
+                self._fifos.append(p)
+
+    async def cleanup(self) -> None:
+        writers = []
+        for p in self._fifos:
+            with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
+                writers.append(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for fd in writers:
+            os.close(fd)
+        self._fifos.clear()
+        await super().cleanup()
+
+
+class MediumBesideHeld(MediumHeld):
+    """A formatted medium mounted read-only (a burnt DVD, a write-protected key), its
+    index kept beside it in a site cache's ``media/<id>/``. Half the chunks are in
+    packs, half are loose one-chunk files; both are found by :func:`index_tree`.
+    ``vanish`` pulls it: the mount goes (lazily) and the tree behind it is removed."""
+
+    def __init__(self, mount: Path, data: Path, index_dir: Path, chunks: dict[bytes, bytes]) -> None:
+        self.mount = mount
+        try:
+            super().__init__(mount, chunks, data=data, index_dir=index_dir)
+        except BaseException:
+            _unmount(mount)
+            raise
+
+    async def vanish(self) -> None:
+        await asyncio.to_thread(_run, "umount", "-l", str(self.mount))
+        await asyncio.to_thread(shutil.rmtree, self.data)
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await asyncio.to_thread(_unmount, self.mount)
+
+
+def _run(*cmd: str) -> None:
+    import subprocess
+
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _unmount(path: Path) -> None:
+    import subprocess
+
+    mounted = subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+    if mounted and subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def write_medium(path: Path, chunks: dict[bytes, bytes]) -> None:
+    """A formatted medium holding ``chunks`` in several packs, listed by the writer."""
+    path.mkdir(parents=True)
+    m = format_medium(path, "conformance")
+    with m.writer(pack_limit=PACK_LIMIT) as w:
+        w.add_chunks(chunks.items())
+        w.publish()
+
+
+def write_readonly_medium(data: Path, mount: Path, index_dir: Path, chunks: dict[bytes, bytes]) -> None:
+    """A formatted medium whose chunks are half packs, half loose files, mounted read-only at
+    ``mount`` and indexed into ``index_dir``."""
+    data.mkdir(parents=True)
+    format_medium(data, "dvd")
+    items = list(chunks.items())
+    half = len(items) // 2
+    for i, (_, blob) in enumerate(items[:half]):
+        sub = data / "chunks" / f"{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"c{i:04d}").write_bytes(blob)
+    write_packs(dict(items[half:]), data / "packs")
+    mount.mkdir(parents=True)
+    _run("mount", "--bind", str(data), str(mount))
+    try:
+        _run("mount", "-o", "remount,bind,ro", str(mount))
+        index_tree(mount, index_dir)
+    except BaseException:
+        _unmount(mount)
+        raise
