@@ -12,7 +12,26 @@ _sneakernet_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'sneakernet')
+            subs='install-udev attach detach watch'
             opts='--debug --version --help'
+            ;;
+        'sneakernet install-udev')
+            opts='--prefix --uninstall --help'
+            vopts='--prefix'
+            ;;
+        'sneakernet attach')
+            opts='--media-dir --any --json --help'
+            vopts='--media-dir'
+            args=1
+            ;;
+        'sneakernet detach')
+            opts='--media-dir --json --help'
+            vopts='--media-dir'
+            args=1
+            ;;
+        'sneakernet watch')
+            opts='--media-dir --any --only --json --help'
+            vopts='--media-dir --only'
             ;;
     esac
 }
