@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyudev
 
@@ -111,7 +112,7 @@ class MediumDevice:
         return {**asdict(self), "mountpoint": str(self.mountpoint)}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "MediumDevice":
+    def from_json(cls, d: Mapping[str, Any]) -> MediumDevice:
         return cls(**{**d, "mountpoint": Path(d["mountpoint"])})
 
 

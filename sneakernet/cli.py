@@ -118,18 +118,19 @@ def _run(args: list[str], *, debug: bool) -> int:
 # and does not need libudev.
 # ----------------------------------------------------------------------------
 
-import json  # noqa: E402 - this block keeps its imports to itself
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+# This block keeps its imports to itself, so it merges cleanly with the rest.
+import json
+from pathlib import Path
+from typing import Any
 
 _MediaDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--media-dir", help="Where to mount media [default: media/ in the site's runtime directory]."),
 ]
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a line of text.")]
 
 
-def _media_dir(given: Optional[Path]) -> Path:
+def _media_dir(given: Path | None) -> Path:
     from .mounts import default_media_dir
 
     return given if given is not None else default_media_dir()
@@ -150,7 +151,7 @@ def _report(event: str, device: Any, devnode: str, as_json: bool) -> None:
 @app.command("install-udev")
 def install_udev(
     prefix: Annotated[
-        Optional[Path], typer.Option("--prefix", help="Install under this root instead of / (packaging, tests); reloads nothing.")
+        Path | None, typer.Option("--prefix", help="Install under this root instead of / (packaging, tests); reloads nothing.")
     ] = None,
     uninstall: Annotated[bool, typer.Option("--uninstall", help="Remove the rule and the unit.")] = False,
 ) -> None:
@@ -196,7 +197,7 @@ def watch_cmd(
     media_dir: _MediaDir = None,
     offer_any: Annotated[bool, typer.Option("--any", help="Offer any filesystem, not only media with .isrsync/.")] = False,
     only: Annotated[
-        Optional[list[str]], typer.Option("--only", metavar="PATTERN", help="Watch only device nodes matching this shell pattern (repeatable).")
+        list[str] | None, typer.Option("--only", metavar="PATTERN", help="Watch only device nodes matching this shell pattern (repeatable).")
     ] = None,
     as_json: _Json = False,
 ) -> None:

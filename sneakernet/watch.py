@@ -33,9 +33,10 @@ import functools
 import logging
 import select
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pyudev
 
@@ -44,7 +45,7 @@ from isrsync.errors import StateError
 from .attach import BlockFs, Hooks, MediumDevice, block_fs, prepare, release
 from .mounts import MOUNTINFO, find_mount, mounted_at, read_mountinfo
 
-__all__ = ["Accept", "MediumDevice", "BlockFs", "OnDevice", "Watcher"]
+__all__ = ["Accept", "BlockFs", "MediumDevice", "OnDevice", "Watcher"]
 
 log = logging.getLogger("sneakernet.watch")
 
@@ -67,7 +68,7 @@ class _State(enum.Enum):
 class _Tracked:
     fs: BlockFs
     state: _State = _State.PREPARING
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Future[None] | None = None
     device: MediumDevice | None = None
 
 
@@ -88,11 +89,11 @@ class Watcher:
         self._gone_grace = gone_grace
         self._context = context or pyudev.Context()
         self._tracked: dict[str, _Tracked] = {}
-        self._teardowns: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._teardowns: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
         self._touched: set[str] = set()  # keys an event spoke of while a rescan was listing
-        self._rescan_task: asyncio.Task[None] | None = None
-        self._remount_task: asyncio.Task[None] | None = None
+        self._rescan_task: asyncio.Future[None] | None = None
+        self._remount_task: asyncio.Future[None] | None = None
         self._remount_again = False
         self._monitor: pyudev.Monitor | None = None
         self._mountinfo: Any = None
@@ -115,11 +116,15 @@ class Watcher:
         self._loop.add_reader(monitor.fileno(), self._udev_readable)
         # /proc/self/mountinfo is always readable; a change shows as EPOLLPRI,
         # which asyncio's readers do not ask for: an inner epoll asks for it.
-        self._mountinfo = open(MOUNTINFO, "rb")  # noqa: SIM115 - closed in close()
+        self._mountinfo = open(MOUNTINFO, "rb")  # noqa: SIM115, ASYNC230 - a /proc file opens at once; closed in close()
         self._mount_poll = select.epoll()
         self._mount_poll.register(self._mountinfo.fileno(), select.EPOLLPRI | select.EPOLLERR)
         self._loop.add_reader(self._mount_poll.fileno(), self._mounts_changed)
-        await self.rescan()
+        try:
+            await self.rescan()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening; every offered medium gets its ``on_gone`` and our mounts go."""
@@ -142,7 +147,7 @@ class Watcher:
             await asyncio.gather(*self._teardowns.values(), *self._background, return_exceptions=True)
         self._loop = None
 
-    async def __aenter__(self) -> "Watcher":
+    async def __aenter__(self) -> Watcher:
         await self.start()
         return self
 
@@ -196,7 +201,7 @@ class Watcher:
                 return
             try:
                 self._on_event(dev.action or "", dev)
-            except Exception:  # noqa: BLE001 - one odd event must not stop the watcher
+            except Exception:
                 log.exception("udev event %s on %s", dev.action, dev.sys_name)
                 self._schedule_rescan()
 
@@ -271,7 +276,7 @@ class Watcher:
         self._teardowns[key] = task
         task.add_done_callback(lambda _t, key=key: self._teardowns.get(key) is _t and self._teardowns.pop(key))
 
-    async def _down(self, t: _Tracked, before: asyncio.Task[None] | None) -> None:
+    async def _down(self, t: _Tracked, before: asyncio.Future[None] | None) -> None:
         if t.task is not None and not t.task.done():
             await asyncio.wait([t.task], timeout=self._gone_grace)
         if before is not None:
@@ -331,7 +336,7 @@ class Watcher:
         assert self._loop is not None, "the watcher is not started"
         return self._loop.run_in_executor(None, fn)
 
-    def _spawn(self, aw: Awaitable[T]) -> asyncio.Task[T]:
+    def _spawn(self, aw: Awaitable[T]) -> asyncio.Future[T]:
         assert self._loop is not None, "the watcher is not started"
         task = asyncio.ensure_future(aw)
         self._background.add(task)
@@ -344,7 +349,7 @@ class Watcher:
             await callback(device)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a consumer's bug must not stop the feeding
+        except Exception:
             log.exception("%s for %s failed", getattr(callback, "__name__", callback), device.devnode)
 
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyudev
 import pytest
+import pyudev
 from udevkit import LoopKit, async_wait_for, loops, udevd, within  # noqa: F401 - fixtures
 
 from sneakernet.attach import MediumDevice
@@ -53,7 +53,7 @@ class Recorder:
 
 
 def watcher(kit: LoopKit, rec: Recorder, tmp_path: Path, **kw: object) -> Watcher:
-    mine = lambda fs: any(fs.devnode == loop.devnode for loop in kit.loops)  # noqa: E731
+    mine = lambda fs: any(fs.devnode == loop.devnode for loop in kit.loops)
     return Watcher(tmp_path / "media", rec.on_medium, rec.on_gone, accept=mine, **kw)  # type: ignore[arg-type]
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import pyudev
 import pytest
+import pyudev
 
 from sneakernet.attach import has_filesystem
 from sneakernet.mounts import read_mountinfo
@@ -254,7 +254,7 @@ class LoopKit:
             run("losetup", "--detach", loop.devnode, check=False)
         for loop in self.loops:
             try:
-                wait_for(lambda: not loop.attached(), 10, f"{loop.devnode} to detach")
+                wait_for(lambda loop=loop: not loop.attached(), 10, f"{loop.devnode} to detach")
             except AssertionError as e:
                 problems.append(str(e))
         for where in self.mountpoints:
