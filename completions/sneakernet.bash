@@ -12,7 +12,7 @@ _sneakernet_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'sneakernet')
-            subs='format index ls'
+            subs='format index ls install-udev attach detach watch'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -28,6 +28,24 @@ _sneakernet_spec() {
             ;;
         'sneakernet ls')
             opts='--json --help'
+            ;;
+        'sneakernet install-udev')
+            opts='--prefix --uninstall --help'
+            vopts='--prefix'
+            ;;
+        'sneakernet attach')
+            opts='--media-dir --any --json --help'
+            vopts='--media-dir'
+            args=1
+            ;;
+        'sneakernet detach')
+            opts='--media-dir --json --help'
+            vopts='--media-dir'
+            args=1
+            ;;
+        'sneakernet watch')
+            opts='--media-dir --any --only --json --help'
+            vopts='--media-dir --only'
             ;;
     esac
 }

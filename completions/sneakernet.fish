@@ -7,7 +7,7 @@
 function __fish_sneakernet_subcommands --description 'Subcommands of a command path of sneakernet'
     switch $argv[1]
         case 'sneakernet'
-            printf '%s\n' 'format' 'index' 'ls'
+            printf '%s\n' 'format' 'index' 'ls' 'install-udev' 'attach' 'detach' 'watch'
     end
 end
 
@@ -19,6 +19,14 @@ function __fish_sneakernet_value_options --description 'Options taking a value, 
             printf '%s\n' '-l' '--label'
         case 'sneakernet index'
             printf '%s\n' '--index-dir'
+        case 'sneakernet install-udev'
+            printf '%s\n' '--prefix'
+        case 'sneakernet attach'
+            printf '%s\n' '--media-dir'
+        case 'sneakernet detach'
+            printf '%s\n' '--media-dir'
+        case 'sneakernet watch'
+            printf '%s\n' '--media-dir' '--only'
     end
 end
 
@@ -54,6 +62,10 @@ complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'format' -d 'Prepare a medium: create .isrsync/ with a new medium id and an empty index'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'index' -d 'Index a medium or any tree: every pack entry and one-chunk file whose bytes match its tag'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'ls' -d 'List the media this site has seen: ids, sizes, the parcels they can help, when last seen'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'install-udev' -d 'Install the udev rule and systemd unit that attach a medium when it is plugged in'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'attach' -d 'Mount the filesystem on DEVNODE read-only (or find its mount) and offer the medium on it'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'detach' -d 'Withdraw the medium attached from DEVNODE and unmount it if sneakernet mounted it'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'watch' -d 'Attach media as they appear and detach them as they go, until interrupted (no udev rule needed)'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'debug' -d 'Show tracebacks on errors'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'cache-dir' -r -F -d 'Site cache directory'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -l 'version' -d 'Print the version and exit'
@@ -75,3 +87,30 @@ complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'help' 
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -f
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet install-udev
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet install-udev\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet install-udev\'' -l 'prefix' -r -F -d 'Install under this root instead of / (packaging, tests); reloads nothing'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet install-udev\'' -l 'uninstall' -d 'Remove the rule and the unit'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet install-udev\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet attach
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet attach\'' -F
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet attach\'' -l 'media-dir' -r -F -d 'Where to mount media [default: media/ in the site\'s runtime directory]'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet attach\'' -l 'any' -d 'Attach any filesystem, not only media with .isrsync/'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet attach\'' -l 'json' -d 'Print JSON instead of a line of text'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet attach\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet detach
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet detach\'' -F
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet detach\'' -l 'media-dir' -r -F -d 'Where to mount media [default: media/ in the site\'s runtime directory]'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet detach\'' -l 'json' -d 'Print JSON instead of a line of text'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet detach\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet watch
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -l 'media-dir' -r -F -d 'Where to mount media [default: media/ in the site\'s runtime directory]'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -l 'any' -d 'Offer any filesystem, not only media with .isrsync/'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -l 'only' -r -F -d 'Watch only device nodes matching this shell pattern (repeatable)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -l 'json' -d 'Print JSON instead of a line of text'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet watch\'' -l 'help' -d 'Show this message and exit'

@@ -321,5 +321,108 @@ def _run(args: list[str], *, debug: bool) -> int:
         return 70
 
 
+# ----------------------------------------------------------------------------
+# Media as they are plugged in: install-udev, attach, detach, watch.
+# The logic lives in sneakernet.udev, sneakernet.attach and sneakernet.watch;
+# they are imported inside each command so `sneakernet --version` stays quick
+# and does not need libudev.
+# ----------------------------------------------------------------------------
+
+# This block keeps its imports to itself, so it merges cleanly with the rest.
+import json
+from pathlib import Path
+from typing import Any
+
+_MediaDir = Annotated[
+    Path | None,
+    typer.Option("--media-dir", help="Where to mount media [default: media/ in the site's runtime directory]."),
+]
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a line of text.")]
+
+
+def _media_dir(given: Path | None) -> Path:
+    from .mounts import default_media_dir
+
+    return given if given is not None else default_media_dir()
+
+
+def _report(event: str, device: Any, devnode: str, as_json: bool) -> None:
+    from .attach import describe
+
+    if as_json:
+        print(json.dumps({"event": event, "devnode": devnode,
+                          "medium": device.to_json() if device is not None else None}), flush=True)
+    elif device is not None:
+        print(describe(event, device), flush=True)
+    else:
+        print(f"{event}: nothing to do for {devnode}", flush=True)
+
+
+@app.command("install-udev")
+def install_udev(
+    prefix: Annotated[
+        Path | None, typer.Option("--prefix", help="Install under this root instead of / (packaging, tests); reloads nothing.")
+    ] = None,
+    uninstall: Annotated[bool, typer.Option("--uninstall", help="Remove the rule and the unit.")] = False,
+) -> None:
+    """Install the udev rule and systemd unit that attach a medium when it is plugged in."""
+    from .udev import install
+
+    report = install(prefix, uninstall=uninstall)
+    for path in report.written:
+        print(f"wrote {path}")
+    for path in report.removed:
+        print(f"removed {path}")
+    for command in report.reloaded:
+        print(f"ran {command}")
+
+
+@app.command("attach")
+def attach_cmd(
+    devnode: Annotated[str, typer.Argument(help="The block device, e.g. /dev/sdb1.")],
+    media_dir: _MediaDir = None,
+    offer_any: Annotated[bool, typer.Option("--any", help="Attach any filesystem, not only media with .isrsync/.")] = False,
+    as_json: _Json = False,
+) -> None:
+    """Mount the filesystem on DEVNODE read-only (or find its mount) and offer the medium on it."""
+    from .attach import attach
+
+    _report("attached", attach(devnode, _media_dir(media_dir), offer_any=offer_any), devnode, as_json)
+
+
+@app.command("detach")
+def detach_cmd(
+    devnode: Annotated[str, typer.Argument(help="The block device given to attach.")],
+    media_dir: _MediaDir = None,
+    as_json: _Json = False,
+) -> None:
+    """Withdraw the medium attached from DEVNODE and unmount it if sneakernet mounted it."""
+    from .attach import detach
+
+    _report("detached", detach(devnode, _media_dir(media_dir)), devnode, as_json)
+
+
+@app.command("watch")
+def watch_cmd(
+    media_dir: _MediaDir = None,
+    offer_any: Annotated[bool, typer.Option("--any", help="Offer any filesystem, not only media with .isrsync/.")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", metavar="PATTERN", help="Watch only device nodes matching this shell pattern (repeatable).")
+    ] = None,
+    as_json: _Json = False,
+) -> None:
+    """Attach media as they appear and detach them as they go, until interrupted (no udev rule needed)."""
+    import asyncio
+
+    from .attach import HOOKS
+    from .watch import devnode_filter, serve
+
+    def emit(event: str, device: Any) -> None:
+        _report(event, device, device.devnode, as_json)
+
+    accept = devnode_filter(only or [])
+    asyncio.run(serve(_media_dir(media_dir), emit, hooks=HOOKS, offer_any=offer_any, accept=accept))
+
+
 if __name__ == "__main__":
     run()
