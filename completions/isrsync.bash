@@ -38,12 +38,13 @@ _isrsync_spec() {
             args=1
             ;;
         'isrsync resume')
-            opts='--policy --version --display --serial --memory --lookaside --json --help'
+            opts='--policy --version --display --serial --memory --lookaside --watch-media --no-watch-media --json --help'
             vopts='--policy --version --display --serial --memory --lookaside'
             args=1
             ;;
         'isrsync suspend')
-            opts='--keep-lock --json --help'
+            opts='--keep-lock --to-usb --full --json --help'
+            vopts='--to-usb'
             args=1
             ;;
         'isrsync sync')

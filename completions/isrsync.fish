@@ -33,6 +33,8 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
             printf '%s\n' '--image' '--memory' '--cpus' '--machine' '--kernel' '--initrd' '--append'
         case 'isrsync resume'
             printf '%s\n' '--policy' '--version' '--display' '--serial' '--memory' '--lookaside'
+        case 'isrsync suspend'
+            printf '%s\n' '--to-usb'
         case 'isrsync hoard'
             printf '%s\n' '--interval' '--lookaside'
         case 'isrsync server add-user'
@@ -153,13 +155,16 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'version' -x -d
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -x -a 'none gtk sdl vnc' -d 'Show the guest\'s screen this way'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'serial' -r -F -d 'Expose the guest\'s serial console on this unix socket'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'memory' -x -a 'lazy eager' -d 'Restore guest RAM lazily (the guest runs at once, RAM follows as it is touched) or eagerly (all of it first)'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'lookaside' -r -F -d 'Another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'lookaside' -r -F -d 'A medium (USB key, any tree with .isrsync/) or another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'watch-media' -l 'no-watch-media' -d 'Offer media plugged in while the guest runs as lookaside sources (udev)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync suspend
 complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'keep-lock' -d 'Commit but keep this site\'s ownership'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'to-usb' -r -F -d 'Also copy the memory image, the changed chunks and the new version\'s manifests to this medium (`auto`: the one mounted medium), while the upload runs'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'full' -d 'With --to-usb: the whole parcel, so a site with no network and an empty cache can resume from the medium'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync suspend\'' -l 'help' -d 'Show this message and exit'
 
@@ -172,7 +177,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync sync\'' -l 'help' -d 'Show t
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'follow' -d 'Keep hoarding new versions as they are committed'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'interval' -x -d 'Seconds between checks with --follow'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'lookaside' -r -F -d 'Another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'lookaside' -r -F -d 'A medium (USB key, any tree with .isrsync/) or another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync hoard\'' -l 'help' -d 'Show this message and exit'
 
@@ -256,7 +261,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'help' -d
 # isrsync sources
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'list' -d 'List the sources of a running parcel: hits, bytes, bad answers, errors and latency'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'add' -d 'Offer another site\'s cache directory to a running parcel as a lookaside source'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'add' -d 'Offer a medium or another site\'s cache directory to a running parcel as a lookaside source'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f -a 'withdraw' -d 'Withdraw a lookaside source from a running parcel (the cache and the server stay)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -s 'p' -l 'parcel' -r -F -d 'Parcel name or id (default: the one running here)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -l 'json' -d 'Print machine-readable JSON'

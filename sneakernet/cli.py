@@ -328,11 +328,6 @@ def _run(args: list[str], *, debug: bool) -> int:
 # and does not need libudev.
 # ----------------------------------------------------------------------------
 
-# This block keeps its imports to itself, so it merges cleanly with the rest.
-import json
-from pathlib import Path
-from typing import Any
-
 _MediaDir = Annotated[
     Path | None,
     typer.Option("--media-dir", help="Where to mount media [default: media/ in the site's runtime directory]."),

@@ -8,7 +8,8 @@ local imports included, nothing is imported) and these must hold:
 * no module imports a private (underscore-prefixed) name from another module;
 * sneakernet reaches isrsync only through the error tree, the formats and the
   Source protocol (isrsync.errors, isrsync.{chunk,pack,manifest,keys},
-  isrsync.site.sources); isrsync never imports sneakernet;
+  isrsync.site.sources, and the media plugin protocol isrsync.site.media);
+  isrsync never imports sneakernet (it loads it through an entry point);
 * isrsync/store (the Store protocol and its clients) imports nothing of
   server/, site/, cli/, swarm/ or demo/;
 * the formats import only each other and isrsync.errors;
@@ -34,7 +35,8 @@ PACKAGES = ("isrsync", "sneakernet")
 FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.vmspec", "isrsync.keys"}
 ERRORS = "isrsync.errors"
 SOURCE_PROTOCOL = "isrsync.site.sources"
-SNEAKERNET_MAY_USE = FORMATS | {ERRORS, SOURCE_PROTOCOL}
+MEDIA_PROTOCOL = "isrsync.site.media"  # what a media plugin implements (entry point isrsync.media)
+SNEAKERNET_MAY_USE = FORMATS | {ERRORS, SOURCE_PROTOCOL, MEDIA_PROTOCOL}
 
 # Known violations, as (importing module, what it imports). Each is in a file
 # the layering change could not touch; fix the import, then delete the entry.
@@ -126,7 +128,7 @@ def _violations(imp: Imp) -> list[str]:
 
     if _within(me, "sneakernet") and _within(target, "isrsync") and not _within(mod, *SNEAKERNET_MAY_USE):
         out.append(f"sneakernet -> isrsync: imports {target}; sneakernet may use only {ERRORS}, "
-                   f"the formats and {SOURCE_PROTOCOL}")
+                   f"the formats, {SOURCE_PROTOCOL} and {MEDIA_PROTOCOL}")
     if _within(me, "isrsync") and _within(target, "sneakernet"):
         out.append(f"isrsync -> sneakernet: imports {target}; isrsync reaches sneakernet only through "
                    f"the Source protocol")

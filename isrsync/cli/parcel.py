@@ -19,13 +19,14 @@ from ..errors import NotFound, Unreachable, UsageError
 from ..site import account
 from ..site.cache import open_cache
 from ..site.cache import CacheStats
-from ..site.cachedir import CacheDirSource
+from ..site.media import open_lookaside, pick_medium
 from ..site.control import ask_status, ask_suspend, ask_sync, running
 from ..site.parcel import DiscardResult, Site, discard, hoard, init_parcel, open_site, rollback
 from ..site.policy import Display, MemoryMode, Policy
 from ..site.results import RunStatus, SuspendResult, SyncResult
 from ..site.run import run_parcel
 from ..site.session import commit_offline_suspend
+from ..site.sources import Source
 from ..site.state import ParcelState
 from .render import emit_json, err, human_bytes, out, resume_rows, sources_table
 from .state import JsonOpt, state
@@ -108,13 +109,15 @@ def init(
 
 LookasideOpt = Annotated[
     Optional[list[Path]],
-    typer.Option("--lookaside", metavar="DIR", help="Another site's cache directory to read chunks from before the "
-                 "server (read-only, every chunk verified); repeatable. Used by the lookaside and auto policies."),
+    typer.Option("--lookaside", metavar="DIR", help="A medium (USB key, any tree with .isrsync/) or another "
+                 "site's cache directory to read chunks from before the server (read-only, every chunk verified); "
+                 "repeatable. Used by the lookaside and auto policies."),
 ]
 
 
-def _lookaside(dirs: list[Path] | None) -> list[CacheDirSource]:
-    return [CacheDirSource(d) for d in dirs or []]
+async def _lookaside(dirs: list[Path] | None, site: Site) -> list[Source]:
+    # Opening a medium may index it (reads the whole key once): off the loop.
+    return [await asyncio.to_thread(open_lookaside, d, site.cache.path) for d in dirs or []]
 
 
 def resume(
@@ -126,13 +129,14 @@ def resume(
     memory: Annotated[MemoryMode, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
                                                "follows as it is touched) or eagerly (all of it first).")] = MemoryMode.LAZY,
     lookaside: LookasideOpt = None,
+    watch_media: Annotated[bool, typer.Option("--watch-media/--no-watch-media", help="Offer media plugged in "
+                                              "while the guest runs as lookaside sources (udev).")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)."""
     if lookaside and not policy.uses_lookaside:
         raise UsageError(f"the {policy.value} policy asks no lookaside source",
                          hint="drop --lookaside, or use --policy lookaside or auto")
-    sources = _lookaside(lookaside)
 
     def events(kind: str, data: dict[str, Any]) -> None:
         if json_out:
@@ -145,12 +149,14 @@ def resume(
     async def go() -> dict[str, Any]:
         async with _site() as site:
             pid = await _resolve(site, parcel)
+            sources = await _lookaside(lookaside, site)
             if not _is_uuid(parcel):
                 st = site.state(pid)
                 st.set_name(parcel)
                 st.close()
             return await run_parcel(site, pid, policy=policy, version=version, display=display,
-                                    serial=serial, events=events, memory=memory, lookaside=sources)
+                                    serial=serial, events=events, memory=memory, lookaside=sources,
+                                    watch_media=watch_media)
 
     res = asyncio.run(go())
     if json_out:
@@ -204,24 +210,50 @@ async def _control(site: Site, ref: str | None) -> Path:
 def suspend(
     parcel: OptParcel = None,
     keep_lock: Annotated[bool, typer.Option("--keep-lock", help="Commit but keep this site's ownership.")] = False,
+    to_usb: Annotated[Optional[str], typer.Option(
+        "--to-usb", metavar="PATH|auto", help="Also copy the memory image, the changed chunks and the new version's "
+        "manifests to this medium (`auto`: the one mounted medium), while the upload runs.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="With --to-usb: the whole parcel, so a site with no "
+                                       "network and an empty cache can resume from the medium.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Suspend a running parcel: save memory and disk, commit, release the lock."""
+    if full and to_usb is None:
+        raise UsageError("--full needs --to-usb", hint="add --to-usb PATH (or auto)")
+    medium = str(pick_medium(to_usb)) if to_usb is not None else ""
 
     async def go() -> SuspendResult:
         async with _site() as site:
-            return await ask_suspend(await _control(site, parcel), keep_lock)
+            sock = await _control(site, parcel)
+            with _progress(json_out) as prog:
+                names = {"upload": "uploading", "medium": "to the medium"}
+                tasks: dict[str, Any] = {}
+
+                def step(stream: str, done: int, total: int | None) -> None:
+                    if stream not in tasks:
+                        tasks[stream] = prog.add_task(names.get(stream, stream), total=total)
+                    prog.update(tasks[stream], completed=done, total=total)
+
+                return await ask_suspend(sock, keep_lock, to_medium=medium, full=full, on_progress=step)
 
     res = asyncio.run(go())
     if json_out:
         emit_json(res)
-    elif res.committed:
+        return
+    if res.committed:
         out.print(f"suspended: version {res.version} committed ({human_bytes(res.memory_bytes)} of memory,"
                   f" {res.memory_new_chunks} RAM chunks new, {res.memory_kept_chunks} unchanged;"
                   f" {res.dirty_chunks} dirty disk chunks) in {res.seconds or 0:.2f} s")
     else:
         out.print(f"suspended locally ({res.reason}); the lock is still yours: "
                   "run `isrsync sync` when the server is reachable")
+    m = res.medium
+    if m is not None and m.published:
+        out.print(f"copied to {m.medium}: {m.chunks} chunks, {human_bytes(m.bytes)} in {m.seconds:.2f} s; "
+                  "the medium is safe to unplug")
+    elif m is not None:
+        err.print(f"the copy to {m.medium} was dropped ({m.problem}); the medium holds what it held before "
+                  "and is safe to unplug")
 
 
 def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
@@ -264,7 +296,7 @@ def hoard_cmd(
                         task = prog.add_task(f"hoarding version {info.version}", total=None)
                         fetched, total = await hoard(site, pid, info.version,
                                                      lambda d, t: prog.update(task, completed=d, total=t),
-                                                     lookaside=_lookaside(lookaside))
+                                                     lookaside=await _lookaside(lookaside, site))
                     if json_out:
                         print(json.dumps({"version": info.version, "fetched": fetched, "chunks": total}), flush=True)
                     else:

@@ -58,11 +58,12 @@ def list_cmd(
 
 @app.command("add")
 def add(
-    directory: Annotated[Path, typer.Argument(help="Another site's cache directory (read-only; every chunk is verified).")],
+    directory: Annotated[Path, typer.Argument(help="A medium (a tree with .isrsync/) or another site's cache "
+                                              "directory (read-only; every chunk is verified).")],
     parcel: ParcelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Offer another site's cache directory to a running parcel as a lookaside source."""
+    """Offer a medium or another site's cache directory to a running parcel as a lookaside source."""
 
     async def go() -> SourceInfo:
         sock, _ = await find_run(_site_id(), parcel)

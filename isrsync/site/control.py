@@ -2,8 +2,10 @@
 reach the `isrsync resume` process that serves the guest's disk and runs its QEMU.
 
 Requests are typed values (:data:`Request`); on the wire, one JSON object per
-line each way: a request ``{"cmd": ..., <fields>}``, then one reply ``{"ok":
-true, "result": ...}`` or ``{"ok": false, "error": ..., "kind": ...,
+line each way: a request ``{"cmd": ..., <fields>}``, then any number of
+progress lines ``{"progress": {"stream": ..., "done": ..., "total": ...}}``
+(a long suspend reports its upload and its copy to a medium), then one reply
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ..., "kind": ...,
 "exit_code": ...}``. A request is decoded and checked before it reaches the
 handler, so the handler never sees a malformed one. The socket lives in the
 user's runtime directory (mode 0700) next to the run's NBD and QMP sockets.
@@ -42,6 +44,8 @@ class SyncRequest:
 class SuspendRequest:
     cmd = "suspend"
     keep_lock: bool = False
+    to_medium: str = ""  # the mount point of a medium to copy the suspend to (`--to-usb`)
+    full: bool = False  # the whole parcel to the medium, not only what changed
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class ListSources:
 
 @dataclass(frozen=True)
 class AddSource:
-    """Offer a lookaside source to the running parcel (today: a cache directory)."""
+    """Offer a lookaside source to the running parcel: a medium or another site's cache directory."""
 
     cmd = "add-source"
     path: str
@@ -69,7 +73,9 @@ _REQUESTS: dict[str, type] = {c.cmd: c for c in (StatusRequest, SyncRequest, Sus
 # Requests that only read: answered at once, even while a suspend or sync runs.
 READ_ONLY = (StatusRequest, ListSources)
 
-Handler = Callable[[Request], Awaitable[Any]]
+# (stream, bytes done, bytes in all or None): a step of a long request, sent to the asker.
+Progress = Callable[[str, int, "int | None"], None]
+Handler = Callable[[Request, Progress], Awaitable[Any]]
 
 
 def encode_request(req: Request) -> bytes:
@@ -140,8 +146,15 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
+
+            def progress(stream: str, done: int, total: int | None) -> None:
+                # Buffered, never awaited: a slow or gone asker must not slow the suspend.
+                if not writer.is_closing():
+                    writer.write(json.dumps({"progress": {"stream": stream, "done": done, "total": total}})
+                                 .encode() + b"\n")
+
             try:
-                result = await self.handler(decode_request(line))
+                result = await self.handler(decode_request(line), progress)
                 reply: dict[str, Any] = {"ok": True, "result": _plain(result)}
             except IsrError as e:
                 reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code}
@@ -161,9 +174,11 @@ def _plain(result: Any) -> Any:
     return result
 
 
-async def call(path: Path, req: Request, timeout: float = 3600.0) -> Any:
+async def call(path: Path, req: Request, timeout: float = 3600.0, on_progress: Progress | None = None) -> Any:
     """Send one request to a running parcel and return its result as JSON values
-    (or raise its error); :mod:`isrsync.site.session` turns it into a typed value."""
+    (or raise its error); the ``ask_*`` functions turn it into a typed value.
+    ``timeout`` bounds the wait for each line, so a long suspend that reports
+    progress is not cut off while it moves."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
@@ -171,15 +186,24 @@ async def call(path: Path, req: Request, timeout: float = 3600.0) -> Any:
     try:
         writer.write(encode_request(req))
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise errors.QemuError("the running parcel hung up without answering")
+            try:
+                reply = json.loads(line)
+                step = reply.get("progress") if isinstance(reply, dict) else None
+                if step is None:
+                    break
+                if on_progress is not None:
+                    on_progress(str(step["stream"]), int(step["done"]),
+                                None if step["total"] is None else int(step["total"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise errors.QemuError("the running parcel sent a malformed reply") from None
     finally:
         writer.close()
-    if not line:
-        raise errors.QemuError("the running parcel hung up without answering")
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        raise errors.QemuError("the running parcel sent a malformed reply") from None
+    if not isinstance(reply, dict):
+        raise errors.QemuError("the running parcel sent a malformed reply")
     if reply.get("ok"):
         return reply.get("result")
     cls = getattr(errors, str(reply.get("kind")), None)
@@ -196,8 +220,10 @@ async def ask_status(path: Path) -> RunStatus:
     return RunStatus.from_json(await call(path, StatusRequest(), timeout=30))
 
 
-async def ask_suspend(path: Path, keep_lock: bool = False) -> SuspendResult:
-    return SuspendResult.from_json(await call(path, SuspendRequest(keep_lock)))
+async def ask_suspend(path: Path, keep_lock: bool = False, *, to_medium: str = "", full: bool = False,
+                      on_progress: Progress | None = None) -> SuspendResult:
+    req = SuspendRequest(keep_lock, to_medium, full)
+    return SuspendResult.from_json(await call(path, req, timeout=600, on_progress=on_progress))
 
 
 async def ask_sync(path: Path) -> SyncResult:

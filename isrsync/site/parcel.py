@@ -336,6 +336,7 @@ async def commit_version(
     release: bool,
     staged: Iterable[bytes] = (),
     staged_tags: Iterable[bytes] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> VersionInfo:
     """Upload what the server lacks and commit ``parent.version + 1``."""
     assert parent.keyring is not None
@@ -354,7 +355,7 @@ async def commit_version(
     ask = sorted(needed - known)
     located = await site.store.locate(parcel, ask) if ask else {}
     missing = [t for t in ask if t not in located]
-    uploaded = await upload_cached(site, parcel, missing, strict=True)
+    uploaded = await upload_cached(site, parcel, missing, strict=True, progress=progress)
     # Encrypting a big disk's keyring takes a while; a sync does it while the
     # guest runs and keeps extending its trace, hence the copy.
     raw = await asyncio.to_thread(
@@ -370,11 +371,13 @@ async def commit_version(
     ))
 
 
-async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *, strict: bool) -> list[PackInfo]:
+async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *, strict: bool,
+                        progress: Callable[[int, int], None] | None = None) -> list[PackInfo]:
     """Pack cached chunks into new packs and upload them (staged on the server).
 
     ``strict``: a chunk missing from the cache is an error (a commit needs it);
     otherwise it is skipped (the trickle will catch it at suspend).
+    ``progress(bytes sent, bytes in all)`` follows the upload.
     """
     # The trickle runs on the loop that serves the guest's disk, and packing
     # reads, hashes, writes and fsyncs: all of it on worker threads.
@@ -382,7 +385,15 @@ async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *,
     staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".upload-", dir=packs_dir))
     try:
         done = await asyncio.to_thread(pack_cached, site.cache, staging, list(tags), strict=strict)
-        await upload_packs(site.store, parcel, done)
+        total, sent = sum(info.size for info, _ in done), 0
+
+        def up(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(sent, total)
+
+        await upload_packs(site.store, parcel, done, progress=up)
         return [info for info, _ in done]
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)

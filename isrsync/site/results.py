@@ -52,6 +52,20 @@ class ResumeReport(_Json):
 
 
 @dataclass(frozen=True)
+class MediumCopyResult(_Json):
+    """What `suspend --to-usb` put on the medium."""
+
+    medium: str
+    published: bool  # False: the copy was dropped; the medium holds what it held before
+    chunks: int
+    bytes: int
+    seconds: float
+    missing: int = 0  # chunks the cache no longer had (the server has them)
+    problem: str | None = None  # why the copy was dropped
+    carries_lock: bool = False
+
+
+@dataclass(frozen=True)
 class SuspendResult(_Json):
     committed: bool
     memory_bytes: int
@@ -63,6 +77,13 @@ class SuspendResult(_Json):
     seconds: float | None = None
     kept_lock: bool = False
     reason: str | None = None  # why not committed (the server was unreachable)
+    medium: MediumCopyResult | None = None  # with --to-usb
+
+    @classmethod
+    def from_json(cls, d: Any) -> "SuspendResult":
+        res = _build(cls, d)
+        m = d.get("medium")
+        return dataclasses.replace(res, medium=MediumCopyResult.from_json(m) if m is not None else None)
 
 
 @dataclass(frozen=True)

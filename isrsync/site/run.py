@@ -14,14 +14,16 @@ import contextlib
 import signal
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
-from ..errors import UsageError
+from ..errors import IsrError, UsageError
+from . import media
 from .control import (
     READ_ONLY,
     AddSource,
     ControlServer,
     ListSources,
+    Progress,
     Request,
     StatusRequest,
     SuspendRequest,
@@ -47,6 +49,7 @@ async def run_parcel(
     events: Events | None = None,
     lookaside: Sequence[Source] = (),
     memory: MemoryMode = MemoryMode.LAZY,
+    watch_media: bool = True,
 ) -> dict[str, Any]:
     """Resume a parcel and serve it until it is suspended or the guest powers off.
 
@@ -60,7 +63,7 @@ async def run_parcel(
     ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     busy = asyncio.Lock()  # one control operation at a time
 
-    async def handle(req: Request) -> Any:
+    async def handle(req: Request, progress: Progress) -> Any:
         if isinstance(req, StatusRequest):
             return rt.status()
         if isinstance(req, ListSources):
@@ -82,8 +85,10 @@ async def run_parcel(
             if isinstance(req, SyncRequest):
                 return await rt.sync()
             if isinstance(req, SuspendRequest):
+                sink = await asyncio.to_thread(media.plugin().open_sink, Path(req.to_medium)) \
+                    if req.to_medium else None
                 try:
-                    res = await rt.suspend(req.keep_lock)
+                    res = await rt.suspend(req.keep_lock, medium=sink, full=req.full, progress=progress)
                 except BaseException as e:
                     if rt.qemu is None or not rt.qemu.alive:
                         # The guest is saved locally but the commit was refused
@@ -96,12 +101,15 @@ async def run_parcel(
         raise UsageError(f"unknown control request {type(req).__name__}")
 
     ctl = ControlServer(rundir / "control.sock", handle)
+    feeders = contextlib.AsyncExitStack()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
         report = await rt.resume(version)
         await ctl.start()
         say("resumed", report.to_json())
+        if watch_media and rt.policy.uses_lookaside and media.available():
+            await feeders.enter_async_context(_media_feeder(rt, say))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         stopper = asyncio.create_task(stop.wait())
@@ -137,6 +145,46 @@ async def run_parcel(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        await feeders.aclose()
         await ctl.close()
         await rt.close()
 
+
+
+@contextlib.asynccontextmanager
+async def _media_feeder(rt: Runtime, say: Events) -> AsyncIterator[None]:
+    """Media plugged in while the guest runs become lookaside sources; pulled, they are withdrawn.
+
+    The feeder only adds and withdraws; every chunk a medium answers is still
+    checked by the registry. A site where udev cannot be watched runs on
+    without it, saying so once.
+    """
+    added: dict[Path, str] = {}
+
+    async def appeared(path: Path) -> None:
+        try:
+            info = await rt.add_source(str(path))
+        except IsrError as e:
+            say("warning", {"message": f"the medium at {path} cannot help: {e}"})
+            return
+        added[path] = info.name
+        say("source", {"message": f"medium {info.name} plugged in: a lookaside source now", "name": info.name})
+
+    async def gone(path: Path) -> None:
+        name = added.pop(path, None)
+        if name is not None:
+            with contextlib.suppress(IsrError):
+                await rt.withdraw_source(name)
+            say("source", {"message": f"medium {name} went away: withdrawn", "name": name})
+
+    try:
+        watching = media.plugin().watch(appeared, gone)
+        await watching.__aenter__()
+    except (IsrError, OSError, ImportError) as e:
+        say("warning", {"message": f"plugged-in media are not noticed here: {e}"})
+        yield
+        return
+    try:
+        yield
+    finally:
+        await watching.__aexit__(None, None, None)

@@ -32,15 +32,16 @@ from ..vm.postcopy import PostcopySource
 from ..vm.qemu import Qemu, accelerator
 from ..vmspec import Accel
 from .background import Events, Tasks, background_for
-from .cachedir import CacheDirSource
 from .disk import ParcelDisk
 from .machine import Machine
+from .media import MediumSink, open_lookaside
 from .parcel import Site, boot_tags, fetch_missing, hardware_problems, load_version
 from .policy import Display, MemoryMode, Policy
-from .results import PowerOffResult, ResumeReport, RunStatus, SuspendResult, SyncResult
+from .results import MediumCopyResult, PowerOffResult, ResumeReport, RunStatus, SuspendResult, SyncResult
 from .session import ParcelSession
 from .sources import Source, SourceInfo, SourceRegistry
 from .state import LocalStatus, ParcelState
+from .tomedium import MediumCopy, StreamProgress
 
 log = logging.getLogger("isrsync.runtime")
 
@@ -259,9 +260,9 @@ class Runtime:
         return self.chain.infos()
 
     async def add_source(self, path: str) -> SourceInfo:
-        """Offer another site's cache directory to the running parcel (read-only lookaside)."""
+        """Offer a medium or another site's cache directory to the running parcel (read-only lookaside)."""
         assert self.chain is not None
-        src = await asyncio.to_thread(CacheDirSource, path)
+        src = await asyncio.to_thread(open_lookaside, path, self.site.cache.path)
         if not self.policy.uses_lookaside:
             await src.close()
             raise UsageError(f"the {self.policy.value} policy asks no lookaside source",
@@ -277,10 +278,17 @@ class Runtime:
 
     # -- suspend and sync ------------------------------------------------------------------
 
-    async def suspend(self, keep_lock: bool = False) -> SuspendResult:
-        """Save memory and disk, commit, release the lock (unless ``keep_lock``)."""
+    async def suspend(self, keep_lock: bool = False, *, medium: MediumSink | None = None, full: bool = False,
+                      progress: StreamProgress | None = None) -> SuspendResult:
+        """Save memory and disk, commit, release the lock (unless ``keep_lock``).
+
+        With ``medium`` (`--to-usb`), the memory image and the written chunks
+        (``full``: the whole parcel) go to it while the upload runs, then the
+        new version's manifests; the suspend never waits on a failing medium.
+        """
         machine, disk, session = self.machine, self.disk, self.session
         assert machine is not None and machine.qemu is not None and disk is not None and session is not None
+        say = progress or (lambda stream, done, total: None)
         t0 = time.perf_counter()
         saved = await machine.save()
         t_mem = time.perf_counter() - t0
@@ -291,14 +299,57 @@ class Runtime:
         await session.save_locally(disk, saved.image)
         done = dict(memory_bytes=saved.bytes, memory_seconds=round(t_mem, 3), memory_new_chunks=saved.new_chunks,
                     memory_kept_chunks=saved.kept_chunks, dirty_chunks=len(disk.dirty))
+        copy = MediumCopy(medium, self.site.cache, say) if medium is not None else None
+        copying = asyncio.create_task(self._to_medium(copy, saved.image, full)) if copy is not None else None
         try:
             v = await session.commit(disk.current_keyring(), list(disk.dirty), saved.image, disk.stats.first_access,
-                                     release=not keep_lock)
+                                     release=not keep_lock, progress=lambda n, total: say("upload", n, total))
         except Unreachable as e:
             self.events("offline", {"message": "suspended locally; the server could not be reached"})
-            return SuspendResult(committed=False, reason=e.message, **done)
+            copied = await self._finish_medium(copy, copying, None)
+            return SuspendResult(committed=False, reason=e.message, medium=copied, **done)
+        except BaseException:
+            if copying is not None:
+                copying.cancel()
+                assert copy is not None
+                await copy.drop("the suspend failed")
+            raise
+        copied = await self._finish_medium(copy, copying, v.version)
         return SuspendResult(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
-                             kept_lock=keep_lock, **done)
+                             kept_lock=keep_lock, medium=copied, **done)
+
+    async def _to_medium(self, copy: MediumCopy, memory: MemoryImage, full: bool) -> None:
+        disk, session = self.disk, self.session
+        assert disk is not None and session is not None and self.chain is not None
+        tags = [*memory.tags(), *(r.tag for r in disk.dirty.values() if not r.is_zero)]
+        if full:
+            ring = disk.current_keyring()
+            base_tags = [t for t in ring.tags() if t not in set(tags)] + sorted(boot_tags(session.base.vm))
+            # Everything the parcel is, so a site with no link can run it: fetch what is not cached yet.
+            await fetch_missing(self.site.cache, self.chain, set(base_tags))
+            tags += base_tags
+        await copy.chunks(tags)
+
+    async def _finish_medium(self, copy: MediumCopy | None, copying: asyncio.Task | None,
+                             version: int | None) -> MediumCopyResult | None:
+        if copy is None or copying is None:
+            return None
+        try:
+            await copying
+        except IsrError as e:  # a chunk the full copy could not fetch
+            copy.problem = copy.problem or str(e)
+        manifests: list[bytes] = []
+        bundle = None
+        if version is not None and copy.problem is None:
+            try:
+                manifests = await self.session.chain(version) if self.session is not None else []
+                bundle = await self.site.store.get_key_bundle()
+            except IsrError as e:
+                log.info("the medium gets no manifests: %s", e)
+        result = await copy.finish(manifests, bundle)
+        if result.problem is not None:
+            self.events("warning", {"message": f"the copy to {result.medium} was dropped: {result.problem}"})
+        return result
 
     async def sync(self) -> SyncResult:
         """Commit now and keep running: a brief pause while the memory image is saved."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import Conflict, UsageError
-from ..manifest import Keyring, Manifest, MemoryImage, dirty_since
+from ..manifest import Keyring, Manifest, MemoryImage, dirty_since, parse_header
 from ..store.base import VersionInfo
 from .disk import ParcelDisk
 from .parcel import Site, commit_version, load_version, upload_cached
@@ -41,8 +42,10 @@ class ParcelSession:
         return self.head, dirty_since(self.head.keyring, ring)
 
     async def commit(self, ring: Keyring, dirty: list[int], memory: MemoryImage | None, trace: list[int], *,
-                     release: bool, running: bool = False, done: list[int] | None = None) -> VersionInfo:
-        """Commit ``ring`` as the next version; ``done``: the dirty rows it covers (all if None)."""
+                     release: bool, running: bool = False, done: list[int] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> VersionInfo:
+        """Commit ``ring`` as the next version; ``done``: the dirty rows it covers (all if None);
+        ``progress(bytes sent, bytes in all)`` follows the upload."""
         if self.state.status is LocalStatus.FENCED:
             await asyncio.to_thread(self.state.start_running, 0, 0, "")  # raises the fenced line
         parent, changed = self._parent(ring, dirty)
@@ -50,6 +53,7 @@ class ParcelSession:
             v = await commit_version(
                 self.site, self.parcel, epoch=self.epoch, parent=parent, keyring=ring, dirty=changed,
                 memory=memory, trace=trace, release=release, staged=self.staged, staged_tags=self.staged_tags,
+                progress=progress,
             )
         except Conflict:
             # The lock was broken or taken elsewhere: keep everything here, refuse to run it.
@@ -59,6 +63,12 @@ class ParcelSession:
         self.head = None
         self.staged, self.staged_tags = [], set()
         return v
+
+    async def chain(self, version: int) -> list[bytes]:
+        """The encrypted manifests a reader needs to open ``version``: from its keyring base up."""
+        (raw,) = await self.site.store.get_manifests(self.parcel, version, version)
+        first = parse_header(raw).keyring_base
+        return await self.site.store.get_manifests(self.parcel, first, version) if first < version else [raw]
 
     async def rebase(self, version: int) -> Manifest:
         """After a sync: the committed version is the base the guest runs on now."""

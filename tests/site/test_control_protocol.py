@@ -46,7 +46,7 @@ def test_malformed_requests_are_usage_errors(line: bytes, why: str) -> None:
 async def test_a_server_answers_typed_requests_and_maps_errors(tmp_path: Path) -> None:
     seen = []
 
-    async def handler(req):
+    async def handler(req, progress):
         seen.append(req)
         if isinstance(req, WithdrawSource):
             raise NotFound(f"no source named {req.name!r}")
@@ -68,5 +68,25 @@ async def test_a_server_answers_typed_requests_and_maps_errors(tmp_path: Path) -
         w.close()
         assert reply["ok"] is False and reply["exit_code"] == 2 and "must be a str" in reply["error"]
         assert seen == [StatusRequest(), WithdrawSource("x")]
+    finally:
+        await srv.close()
+
+
+async def test_progress_lines_reach_the_asker_before_the_reply(tmp_path: Path) -> None:
+    async def handler(req, progress):
+        for done in (0, 5, 10):
+            progress("upload", done, 10)
+        progress("medium", 3, None)
+        return {"done": True}
+
+    srv = ControlServer(tmp_path / "c.sock", handler)
+    await srv.start()
+    try:
+        steps = []
+        req = SuspendRequest(keep_lock=False, to_medium="/media/key", full=True)
+        assert decode_request(encode_request(req)) == req
+        result = await call(srv.path, req, on_progress=lambda *a: steps.append(a))
+        assert result == {"done": True}
+        assert steps == [("upload", 0, 10), ("upload", 5, 10), ("upload", 10, 10), ("medium", 3, None)]
     finally:
         await srv.close()

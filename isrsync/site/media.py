@@ -1,0 +1,127 @@
+"""Removable media (USB keys, SD cards, any directory carrying ``.isrsync/``) as the site sees them.
+
+isrsync never imports the package that implements media (``sneakernet``): it
+finds it through the ``isrsync.media`` entry point group, and talks to it only
+through the protocols below (DESIGN.md, "Layout": isrsync reaches sneakernet
+only through the Source protocol). A site without that package still runs;
+the commands that need a medium then say so in one line.
+
+The medium's own methods block (they read and write files on a device that
+may be slow or yanked): callers run them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol
+
+from ..errors import UsageError
+from .cachedir import CacheDirSource, is_cache_dir
+from .sources import Source
+
+GROUP = "isrsync.media"
+
+Progress = Callable[[int], None]  # bytes just written
+
+
+class MediumSink(Protocol):
+    """Writing to one medium; nothing is visible to a reader before :meth:`publish`."""
+
+    name: str
+
+    def add_chunks(self, chunks: Iterable[tuple[bytes, bytes]], progress: Progress | None = None) -> int:
+        """Store encoded chunks (tag, ciphertext) the medium lacks; returns the bytes written.
+
+        A full medium raises :class:`isrsync.errors.StorageFull` and keeps what
+        it published before intact.
+        """
+
+    def add_manifest(self, raw: bytes) -> None: ...
+
+    def set_keybundle(self, sealed: bytes) -> None: ...
+
+    def set_lock_token(self, parcel: uuid.UUID, token: bytes) -> None: ...
+
+    def publish(self) -> None:
+        """Make everything written so far durable and visible at once (the key may be pulled after)."""
+
+    def abort(self) -> None:
+        """Drop what was written and not published."""
+
+
+@dataclass(frozen=True)
+class MediumInfo:
+    root: Path
+    medium_id: uuid.UUID
+    label: str
+
+
+OnMedium = Callable[[Path], Awaitable[None]]
+
+
+class MediaPlugin(Protocol):
+    def is_medium(self, path: Path) -> bool: ...
+
+    def info(self, path: Path) -> MediumInfo: ...
+
+    def open_source(self, path: Path, cache_dir: Path) -> Source:
+        """The medium as a lookaside source, indexed first where its index is stale
+        (on the medium, or beside it under ``cache_dir`` when it is read-only)."""
+
+    def open_sink(self, path: Path) -> MediumSink: ...
+
+    def find_media(self) -> list[Path]:
+        """Mounted media carrying ``.isrsync/`` (for ``--to-usb auto``)."""
+
+    def read_manifests(self, path: Path, parcel: uuid.UUID) -> dict[int, bytes]: ...
+
+    def read_keybundle(self, path: Path) -> bytes | None: ...
+
+    def read_lock_token(self, path: Path, parcel: uuid.UUID) -> bytes | None: ...
+
+    def watch(self, on_medium: OnMedium, on_gone: OnMedium) -> AsyncContextManager[object]:
+        """Notice media plugged in and pulled out while a parcel runs (udev)."""
+
+
+def plugin() -> MediaPlugin:
+    """The installed media implementation, or one clear line saying there is none."""
+    found = metadata.entry_points(group=GROUP)
+    for ep in found:
+        return ep.load()()  # type: ignore[no-any-return]
+    raise UsageError("no USB media support is installed here (the sneakernet package)",
+                     hint="install isrsync with its sneakernet package (scripts/setup does)")
+
+
+def available() -> bool:
+    return bool(metadata.entry_points(group=GROUP))
+
+
+def pick_medium(path: str) -> Path:
+    """``--to-usb PATH|auto``: ``auto`` is the one mounted medium; several or none is a usage error."""
+    media = plugin()
+    if path != "auto":
+        p = Path(path).expanduser().resolve()
+        if not media.is_medium(p):
+            raise UsageError(f"{p} carries no .isrsync/ medium", hint=f"prepare it with `sneakernet format {p}`")
+        return p
+    found = media.find_media()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError("no mounted medium carries .isrsync/",
+                         hint="plug in a key and mount it, or prepare one with `sneakernet format PATH`")
+    raise UsageError("several media are mounted: " + ", ".join(map(str, found)), hint="name one: --to-usb PATH")
+
+
+def open_lookaside(path: str | Path, cache_dir: Path) -> Source:
+    """The lookaside source at ``path``: a medium (indexed first if stale), else another
+    site's cache directory. Blocks (indexing reads the medium): call it from a thread."""
+    p = Path(path).expanduser().resolve()
+    if not is_cache_dir(p) and available():
+        media = plugin()
+        if media.is_medium(p):
+            return media.open_source(p, cache_dir)
+    return CacheDirSource(p)
