@@ -105,11 +105,12 @@ async def run_parcel(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
+        if watch_media and rt.policy.uses_lookaside and media.available():
+            # Before the resume: a key already plugged in helps restore memory.
+            await feeders.enter_async_context(_media_feeder(rt, site, say))
         report = await rt.resume(version)
         await ctl.start()
         say("resumed", report.to_json())
-        if watch_media and rt.policy.uses_lookaside and media.available():
-            await feeders.enter_async_context(_media_feeder(rt, say))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         stopper = asyncio.create_task(stop.wait())
@@ -152,7 +153,7 @@ async def run_parcel(
 
 
 @contextlib.asynccontextmanager
-async def _media_feeder(rt: Runtime, say: Events) -> AsyncIterator[None]:
+async def _media_feeder(rt: Runtime, site: Site, say: Events) -> AsyncIterator[None]:
     """Media plugged in while the guest runs become lookaside sources; pulled, they are withdrawn.
 
     The feeder only adds and withdraws; every chunk a medium answers is still
@@ -163,18 +164,25 @@ async def _media_feeder(rt: Runtime, say: Events) -> AsyncIterator[None]:
 
     async def appeared(path: Path) -> None:
         try:
-            info = await rt.add_source(str(path))
-        except IsrError as e:
+            # Indexing a stale medium reads it: off the loop that serves the guest.
+            src = await asyncio.to_thread(media.open_lookaside, path, site.cache.path)
+        except (IsrError, OSError) as e:
             say("warning", {"message": f"the medium at {path} cannot help: {e}"})
             return
-        added[path] = info.name
-        say("source", {"message": f"medium {info.name} plugged in: a lookaside source now", "name": info.name})
+        rt.offer(src)
+        added[path] = src.name
+        say("source", {"message": f"medium {src.name} plugged in: a lookaside source now", "name": src.name})
 
     async def gone(path: Path) -> None:
         name = added.pop(path, None)
         if name is not None:
-            with contextlib.suppress(IsrError):
-                await rt.withdraw_source(name)
+            if rt.chain is None:
+                for src in [s for s in rt.lookaside if s.name == name]:
+                    rt.lookaside.remove(src)
+                    await src.close()
+            else:
+                with contextlib.suppress(IsrError):
+                    await rt.withdraw_source(name)
             say("source", {"message": f"medium {name} went away: withdrawn", "name": name})
 
     try:

@@ -259,6 +259,14 @@ class Runtime:
         assert self.chain is not None
         return self.chain.infos()
 
+    def offer(self, src: Source) -> None:
+        """A feeder's source (a medium plugged in): into the registry, or, before the resume
+        has built it, among the lookaside sources it will start with."""
+        if self.chain is None:
+            self.lookaside = [s for s in self.lookaside if s.name != src.name] + [src]
+        else:
+            self.chain.add(src)
+
     async def add_source(self, path: str) -> SourceInfo:
         """Offer a medium or another site's cache directory to the running parcel (read-only lookaside)."""
         assert self.chain is not None
