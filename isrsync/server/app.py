@@ -358,6 +358,14 @@ async def break_lock(request: web.Request) -> web.Response:
     return _json(wire.lock_json(s))
 
 
+async def hand_over(request: web.Request) -> web.Response:
+    body = await _body_json(request)
+    epoch = _field(body, "epoch", int)
+    holder = Holder(_field(body, "site", str)[:200], _field(body, "host", str)[:200], request[USER])
+    s = await _db(request, request.app[REPO].hand_over, request[USER], _parcel(request), epoch, holder)
+    return _json(wire.lock_json(s))
+
+
 async def commit(request: web.Request) -> web.Response:
     req = wire.decode_commit(await _read_limited(request, wire.MAX_COMMIT))
     request.app[INFLIGHT].add(asyncio.current_task())
@@ -394,6 +402,7 @@ def make_app(repo: Repository) -> web.Application:
         web.post(f"{p}/lock", acquire),
         web.post(f"{p}/lock/release", release),
         web.post(f"{p}/lock/break", break_lock),
+        web.post(f"{p}/lock/hand-over", hand_over),
         web.post(f"{p}/commit", commit),
     ])
     app.on_shutdown.append(_finish_inflight)

@@ -102,6 +102,9 @@ class LocalStore:
     async def break_lock(self, parcel: uuid.UUID, reason: str = "") -> LockState:
         return await self._run(self.repo.break_lock, self.user, parcel, reason)
 
+    async def hand_over(self, parcel: uuid.UUID, epoch: int, holder: Holder) -> LockState:
+        return await self._run(self.repo.hand_over, self.user, parcel, epoch, holder)
+
     async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         return await self._run(self.repo.commit, self.user, parcel, req)
 

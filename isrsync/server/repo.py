@@ -454,6 +454,20 @@ class Repository:
             self._audit(db, user, parcel, "break", f"epoch {new.epoch}; held by {was}; {reason[:500]}")
         return self.lock_status(user, parcel)
 
+    def hand_over(self, user: str, parcel: uuid.UUID, epoch: int, holder: Holder) -> LockState:
+        with self._tx() as db:
+            info = self._info(self._owned(db, user, parcel))
+            old = info.lock.holder
+            new = lockrules.hand_over(info.lock, info.name, epoch, Holder(holder.site, holder.host, user, time.time()))
+            if new == info.lock:
+                return new  # a retry of a hand-over that landed
+            self._set_lock(db, parcel, new)
+            was = f"site {old.site} host {old.host}" if old else "nobody"
+            self._audit(db, user, parcel, "hand-over",
+                        f"epoch {new.epoch}; from {was} to site {holder.site} host {holder.host}")
+        # What this call decided, not a re-read: another hand-over may follow at once.
+        return new
+
     def commit(self, user: str, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         header = parse_header(req.manifest)
         now = time.time()

@@ -25,7 +25,17 @@ Contract
   successful acquire from a free lock increments the epoch. It raises
   ``LockHeld`` naming the holder otherwise. ``break_lock`` increments the epoch
   and frees the lock. There is no lease timeout.
-* ``commit`` atomically checks that the lock is held with ``epoch`` and that the
+* ``hand_over`` is a compare-and-set too: it succeeds only when the lock is held
+  at exactly ``epoch``, and gives it to ``holder`` under ``epoch + 1``, so the
+  previous holder is fenced off as by a break. A suspend with ``--carry-lock``
+  hands the lock to a medium (a :meth:`Holder.for_medium`); a site that resumes
+  from that medium takes it back the same way, presenting the carried epoch. A
+  stale epoch or a free lock raises ``Conflict`` and changes nothing; a retry of
+  a hand-over that landed (the lock at ``epoch + 1`` with ``holder``'s site)
+  returns the current state, so the call is safe to repeat.
+* ``commit`` atomically checks that the lock is held with ``epoch`` (whoever
+  holds it: a site that resumed from a medium commits under the carried epoch
+  while the medium is the holder) and that the
   current version is ``parent``; checks the manifest header (parcel, version
   ``parent + 1``, parent hash); checks every tag the new version adds exists in
   the parcel's packs (including the ones this commit names); then stores the
@@ -43,14 +53,35 @@ from typing import Iterable, Protocol, runtime_checkable
 from ..pack import PackEntry
 
 
+# A lock handed to a medium (``--carry-lock``) names it as the holder's site.
+MEDIUM_SITE_PREFIX = "medium:"
+
+
 @dataclass(frozen=True)
 class Holder:
-    """Who holds (or asks for) a lock."""
+    """Who holds (or asks for) a lock: a site, or a medium that carries the lock."""
 
     site: str
     host: str
     user: str = ""
     since: float = 0.0
+
+    @classmethod
+    def for_medium(cls, medium_id: str, label: str) -> Holder:
+        """The holder a ``--carry-lock`` suspend hands the lock to (``label`` shows as its host)."""
+        return cls(MEDIUM_SITE_PREFIX + medium_id, label)
+
+    @property
+    def medium(self) -> str | None:
+        """The medium's id when a medium carries the lock, else None."""
+        return self.site[len(MEDIUM_SITE_PREFIX):] if self.site.startswith(MEDIUM_SITE_PREFIX) else None
+
+    def describe(self) -> str:
+        """Who this is, for one-line messages: a site by host and id, a medium by label and id."""
+        medium = self.medium
+        if medium is not None:
+            return f"medium {self.host or '(no label)'} (medium id {medium})"
+        return f"{self.host} (site {self.site})"
 
 
 @dataclass(frozen=True)
@@ -161,6 +192,10 @@ class Store(Protocol):
 
     async def break_lock(self, parcel: uuid.UUID, reason: str = "") -> LockState:
         """Free the lock and bump the epoch, fencing off the old holder."""
+
+    async def hand_over(self, parcel: uuid.UUID, epoch: int, holder: Holder) -> LockState:
+        """Give the lock held at ``epoch`` to ``holder`` under ``epoch + 1`` (compare-and-set);
+        returns the new state. ``Conflict`` if the lock is free or not at ``epoch``."""
 
     async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         """Atomically add version ``req.parent + 1`` (see the module contract)."""

@@ -3,9 +3,9 @@
 One pooled session per store (connections are reused); transient failures
 (connection errors, timeouts, 502/503/504) are retried with exponential backoff
 and jitter, and every request is safe to retry because the server makes its
-mutations idempotent (a replayed commit, create, release or bundle put returns
-what the first one did). Anything else maps back to the error class the server
-raised. Uploads resume from the server's offset after a cut.
+mutations idempotent (a replayed commit, create, release, hand-over or bundle
+put returns what the first one did). Anything else maps back to the error class
+the server raised. Uploads resume from the server's offset after a cut.
 """
 
 from __future__ import annotations
@@ -273,6 +273,10 @@ class HttpStore:
 
     async def break_lock(self, parcel: uuid.UUID, reason: str = "") -> LockState:
         return wire.lock_from(await self._json("POST", f"{self._p(parcel)}/lock/break", {"reason": reason}))
+
+    async def hand_over(self, parcel: uuid.UUID, epoch: int, holder: Holder) -> LockState:
+        return wire.lock_from(await self._json(
+            "POST", f"{self._p(parcel)}/lock/hand-over", wire.hand_over_json(epoch, holder)))
 
     async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         _, raw, _ = await self._call(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ..errors import Conflict, LockHeld
+from ..errors import Conflict, LockHeld, UsageError
 from .base import Holder, LockState
 
 
@@ -45,6 +45,40 @@ def break_lock(lock: LockState) -> LockState:
     return replace(lock, epoch=lock.epoch + 1, holder=None)
 
 
+def hand_over(lock: LockState, parcel_name: str, epoch: int, holder: Holder) -> LockState:
+    """Compare-and-set: the lock held at ``epoch`` goes to ``holder`` under ``epoch + 1``.
+
+    The bump fences off the holder of ``epoch`` exactly as a break would, so a
+    site that carried the lock away on a medium, or a second copy of that
+    medium, can no longer commit or release. A retry of a hand-over that landed
+    (the lock at ``epoch + 1`` with ``holder``'s site) gets ``lock`` back
+    unchanged, like a retried acquire: the HTTP client repeats a request whose
+    answer was lost, and that must not read as losing the race.
+    """
+    if not holder.site or holder.medium == "":
+        raise UsageError("a lock can only be handed over to a named site or medium",
+                         hint="this is a bug in the caller; nothing was changed")
+    h = lock.holder
+    if h is not None and h.site == holder.site and lock.epoch == epoch + 1:
+        return lock
+    if h is None:
+        raise Conflict(
+            f"cannot hand over the lock of parcel {parcel_name}: nobody holds it, it was released "
+            f"or broken (the server's epoch {lock.epoch}, this site's {epoch})",
+            hint="your local changes are kept at this site; nothing on the server was changed",
+            details={"epoch": lock.epoch},
+        )
+    if lock.epoch != epoch:
+        raise Conflict(
+            f"cannot hand over the lock of parcel {parcel_name}: it is no longer at epoch {epoch} "
+            f"but at {lock.epoch}, held by {h.describe()}",
+            hint=("it was taken first (by another site or another copy of a medium); "
+                  "your local changes are kept at this site, nothing on the server was changed"),
+            details={"epoch": lock.epoch, "site": h.site, "host": h.host},
+        )
+    return replace(lock, epoch=epoch + 1, holder=holder)
+
+
 def check_commit(lock: LockState, parcel_name: str, epoch: int, parent: int) -> None:
     """Refuse, with :class:`Conflict`, a commit from a stale epoch or onto a stale parent."""
     check_epoch(lock, epoch)
@@ -62,7 +96,7 @@ def check_epoch(lock: LockState, epoch: int) -> None:
     if lock.holder is None:
         why = "the lock is free (it was released or broken)"
     else:
-        why = f"the lock is held by site {lock.holder.site} on {lock.holder.host}"
+        why = f"the lock is held by {lock.holder.describe()}"
     raise Conflict(
         f"this site no longer holds the lock (its epoch {epoch}, the server's {lock.epoch}): {why}",
         hint="your local changes are kept at this site; nothing on the server was changed",
@@ -72,7 +106,14 @@ def check_epoch(lock: LockState, epoch: int) -> None:
 
 def lock_held(parcel_name: str, holder: Holder) -> LockHeld:
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(holder.since))
-    return LockHeld(
-        f"parcel {parcel_name} is in use on {holder.host} (site {holder.site}) since {since}",
-        details={"site": holder.site, "host": holder.host, "user": holder.user, "since": holder.since},
-    )
+    details = {"site": holder.site, "host": holder.host, "user": holder.user, "since": holder.since}
+    if holder.medium is not None:
+        # A carried lock is not "in use" anywhere the user can suspend it: the
+        # way back is through the medium.
+        return LockHeld(
+            f"parcel {parcel_name} was carried away on {holder.describe()} since {since}",
+            hint=("resume from that medium (`isrsync resume --from-usb`), or break the lock with "
+                  "`isrsync lock break` if the medium is lost"),
+            details=details,
+        )
+    return LockHeld(f"parcel {parcel_name} is in use on {holder.describe()} since {since}", details=details)

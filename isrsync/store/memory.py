@@ -238,6 +238,12 @@ class MemoryStore:
             p = self._owned(parcel)
             return p.set_lock(lockrules.break_lock(p.lock()))
 
+    async def hand_over(self, parcel: uuid.UUID, epoch: int, holder: Holder) -> LockState:
+        with self.home.lock:
+            p = self._owned(parcel)
+            return p.set_lock(lockrules.hand_over(
+                p.lock(), p.name, epoch, Holder(holder.site, holder.host, self.user, time.time())))
+
     async def commit(self, parcel: uuid.UUID, req: CommitRequest) -> VersionInfo:
         header = parse_header(req.manifest)
         mhash = manifest_hash(req.manifest)

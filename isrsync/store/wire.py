@@ -108,6 +108,12 @@ def holder_from(d: Any) -> Holder | None:
     return Holder(str(d["site"]), str(d["host"]), str(d.get("user", "")), float(d.get("since", 0.0)))
 
 
+def hand_over_json(epoch: int, holder: Holder) -> dict[str, Any]:
+    """The body of ``POST .../lock/hand-over``: the epoch presented and the new holder
+    (the server stamps the user and the time, as for an acquire)."""
+    return {"epoch": epoch, "site": holder.site, "host": holder.host}
+
+
 def lock_json(s: LockState) -> dict[str, Any]:
     return {
         "parcel": str(s.parcel), "epoch": s.epoch, "version": s.version,

@@ -212,7 +212,8 @@ def test_post_to_health_is_405_json(env: Env) -> None:
 # -- JSON bodies ---------------------------------------------------------------------------
 
 
-JSON_ROUTES = ["/v1/parcels", "{p}/lock", "{p}/lock/release", "{p}/lock/break", "{p}/have-packs", "{p}/locate"]
+JSON_ROUTES = ["/v1/parcels", "{p}/lock", "{p}/lock/release", "{p}/lock/break", "{p}/lock/hand-over",
+               "{p}/have-packs", "{p}/locate"]
 MALFORMED = {
     "empty": b"",
     "open-brace": b"{",
@@ -257,6 +258,17 @@ WRONG_TYPES = [
     ("{p}/lock/release", {}, "epoch"),
     ("{p}/lock/break", {"reason": 5}, "reason"),
     ("{p}/lock/break", {"reason": {"why": "x"}}, "reason"),
+    ("{p}/lock/hand-over", {"site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": "1", "site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": True, "site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": 1.0, "site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": -1, "site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": 10**30, "site": "medium:x", "host": "KEY"}, "epoch"),
+    ("{p}/lock/hand-over", {"epoch": 1, "host": "KEY"}, "site"),
+    ("{p}/lock/hand-over", {"epoch": 1, "site": None, "host": "KEY"}, "site"),
+    ("{p}/lock/hand-over", {"epoch": 1, "site": ["medium:x"], "host": "KEY"}, "site"),
+    ("{p}/lock/hand-over", {"epoch": 1, "site": "medium:x"}, "host"),
+    ("{p}/lock/hand-over", {"epoch": 1, "site": "medium:x", "host": 7}, "host"),
     ("{p}/have-packs", {"packs": "abc"}, "packs"),
     ("{p}/have-packs", {"packs": [1, 2]}, "pack id"),
     ("{p}/have-packs", {"packs": ["zz" * 32]}, "pack id"),
@@ -299,6 +311,8 @@ def test_deeply_nested_commit_meta_is_400(env: Env) -> None:
     ("{q}/lock", {"site": "\ud800", "host": "h"}),
     ("{q}/lock", {"site": "s", "host": "\udfff\ud800"}),
     ("{q}/lock/break", {"reason": "lost \udc80"}),
+    ("{q}/lock/hand-over", {"epoch": 0, "site": "medium:\ud800", "host": "KEY"}),
+    ("{q}/lock/hand-over", {"epoch": 0, "site": "medium:x", "host": "KEY\udfff"}),
     ("/v1/parcels", {"parcel": "{new}", "name": "surrogate", "hardware": "\ud83d"}),
 ])
 def test_lone_surrogates_in_json_strings_are_not_500(env: Env, route: str, body: dict) -> None:
@@ -349,6 +363,7 @@ def _declared(env: Env, method: str, path: str, length: int, extra: str = "") ->
     ("POST", "/v1/parcels", wire.MAX_JSON),
     ("POST", "{p}/lock", wire.MAX_JSON),
     ("POST", "{p}/lock/break", wire.MAX_JSON),
+    ("POST", "{p}/lock/hand-over", wire.MAX_JSON),
     ("POST", "{p}/have-packs", wire.MAX_JSON),
     ("POST", "{p}/locate", 64 << 20),
     ("PUT", "/v1/keybundle", wire.MAX_BUNDLE),
@@ -794,6 +809,83 @@ def test_huge_numbers_are_4xx(env: Env, case: str) -> None:
     assert db_snapshot(env.data) == before
 
 
+# -- lock hand-over ---------------------------------------------------------------------------
+
+
+def _hand_over(env: Env, pid: uuid.UUID | str, body: dict, token: str | None = None) -> Answer:
+    return call(env.port, "POST", f"{API}/parcels/{pid}/lock/hand-over", json.dumps(body).encode(),
+                bearer(token or env.alice))
+
+
+MEDIUM_BODY = {"site": "medium:3f0c9a7e", "host": "KINGSTON-16G"}
+
+
+@pytest.mark.parametrize("case", ["free-at-its-epoch", "free-stale-epoch", "free-future-epoch", "never-locked"])
+def test_hand_over_of_a_free_lock_is_409(env: Env, case: str) -> None:
+    """p1's lock is free at epoch 1 (released by its commit)."""
+    before = db_snapshot(env.data)
+    if case == "never-locked":
+        q = uuid.uuid4()
+        assert call(env.port, "POST", "/v1/parcels", json.dumps({"parcel": str(q), "name": f"ho-{q.hex[:8]}"}).encode(),
+                    bearer(env.alice)).status == 201
+        before = db_snapshot(env.data)
+        a, server_epoch = _hand_over(env, q, {"epoch": 0, **MEDIUM_BODY}), 0
+    else:
+        epoch = {"free-at-its-epoch": 1, "free-stale-epoch": 0, "free-future-epoch": 2}[case]
+        a, server_epoch = _hand_over(env, env.pid, {"epoch": epoch, **MEDIUM_BODY}), 1
+    err = assert_json_error(a, 409)
+    assert err["kind"] == "Conflict" and "nobody holds it" in err["error"], err
+    assert err["details"] == {"epoch": server_epoch}, err
+    assert db_snapshot(env.data) == before
+
+
+@pytest.mark.parametrize("who,pid", [("bob", "alices"), ("alice", "ghost"), ("alice", "name")])
+def test_hand_over_of_a_parcel_not_yours_is_404_or_400(env: Env, who: str, pid: str) -> None:
+    before = db_snapshot(env.data)
+    ref = {"alices": env.pid, "ghost": uuid.uuid4(), "name": "p1"}[pid]
+    a = _hand_over(env, ref, {"epoch": 1, **MEDIUM_BODY}, env.bob if who == "bob" else env.alice)
+    err = assert_json_error(a, 404 if pid != "name" else 400)
+    assert "alice" not in err["error"] and "site-a" not in err["error"], err
+    assert db_snapshot(env.data) == before
+
+
+@pytest.mark.parametrize("site", ["", "medium:"])
+def test_hand_over_to_no_one_is_400(env: Env, site: str) -> None:
+    before = db_snapshot(env.data)
+    err = assert_json_error(_hand_over(env, env.pid, {"epoch": 1, "site": site, "host": "KEY"}), 400)
+    assert err["kind"] == "UsageError", err
+    assert db_snapshot(env.data) == before
+
+
+def test_hand_over_answers_and_fences_over_http(env: Env) -> None:
+    """On a parcel of its own: the answer is a lock object; a stale epoch is 409 with
+    the server's epoch and holder; the retried request answers alike."""
+    q = uuid.uuid4()
+    assert call(env.port, "POST", "/v1/parcels", json.dumps({"parcel": str(q), "name": f"ho-{q.hex[:8]}"}).encode(),
+                bearer(env.alice)).status == 201
+    p = f"{API}/parcels/{q}"
+    got = call(env.port, "POST", f"{p}/lock", json.dumps({"site": "site-a", "host": "host-a"}).encode(), bearer(env.alice))
+    assert got.status == 200 and got.json()["epoch"] == 1
+    body = {"epoch": 1, "site": "medium:3f0c9a7e" + "x" * 300, "host": "KINGSTON-16G"}
+    a = _hand_over(env, q, body)
+    assert a.status == 200, a
+    lock = a.json()
+    assert set(lock) == {"parcel", "epoch", "version", "holder", "hardware"}
+    assert (lock["parcel"], lock["epoch"], lock["version"]) == (str(q), 2, 0)
+    assert lock["holder"]["site"] == ("medium:3f0c9a7e" + "x" * 300)[:200]  # cut like an acquire's
+    assert (lock["holder"]["host"], lock["holder"]["user"]) == ("KINGSTON-16G", "alice")
+    assert _hand_over(env, q, body).json() == lock  # a retry whose answer was lost
+    assert call(env.port, "GET", f"{p}/lock", headers=bearer(env.alice)).json() == lock
+    stale = assert_json_error(_hand_over(env, q, {"epoch": 1, "site": "site-b", "host": "host-b"}), 409)
+    assert stale["kind"] == "Conflict"
+    assert stale["details"] == {"epoch": 2, "site": lock["holder"]["site"], "host": "KINGSTON-16G"}, stale
+    held = assert_json_error(call(env.port, "POST", f"{p}/lock", json.dumps({"site": "site-b", "host": "h"}).encode(),
+                                  bearer(env.alice)), 423)
+    assert "carried away on medium KINGSTON-16G" in held["error"] and "--from-usb" in held["hint"], held
+    assert call(env.port, "POST", f"{p}/lock/release", json.dumps({"epoch": 1}).encode(),
+                bearer(env.alice)).status == 409
+
+
 # -- fuzz ---------------------------------------------------------------------------------------------
 
 
@@ -806,7 +898,7 @@ TEMPLATES = [
     ("POST", "/v1/parcels/{parcel}/have-packs"), ("POST", "/v1/parcels/{parcel}/locate"),
     ("GET", "/v1/parcels/{parcel}/lock"), ("POST", "/v1/parcels/{parcel}/lock"),
     ("POST", "/v1/parcels/{parcel}/lock/release"), ("POST", "/v1/parcels/{parcel}/lock/break"),
-    ("POST", "/v1/parcels/{parcel}/commit"),
+    ("POST", "/v1/parcels/{parcel}/lock/hand-over"), ("POST", "/v1/parcels/{parcel}/commit"),
 ]
 # Uploads and commits are where the work (and the risk) is: ask them more often.
 WEIGHTS = [2 if "/packs/" in t and m != "GET" else 2 if t.endswith("/commit") else 1 for m, t in TEMPLATES]
@@ -1191,6 +1283,9 @@ def could_change_state(q: FuzzRequest) -> bool:
             "reason" not in obj or isinstance(obj["reason"], str))
     if q.method == "POST" and path.endswith("/lock") and obj is not None:
         return isinstance(obj.get("site"), str) and isinstance(obj.get("host"), str)
+    if q.method == "POST" and path.endswith("/lock/hand-over") and obj is not None:
+        return (isinstance(obj.get("epoch"), int) and not isinstance(obj.get("epoch"), bool)
+                and isinstance(obj.get("site"), str) and isinstance(obj.get("host"), str))
     if q.method == "POST" and path.rstrip("/").endswith("/v1/parcels") and obj is not None:
         return isinstance(obj.get("parcel"), str) and isinstance(obj.get("name"), str)
     if "/packs/" in path and not q.chunked:

@@ -103,6 +103,50 @@ async def test_acquire_race_after_break(live_server, stores) -> None:
     assert (await clients[0].lock_status(pid)).holder.site == f"site-{w2:02d}"
 
 
+async def test_twenty_sites_take_one_carried_lock(live_server, stores) -> None:
+    """Twenty copies of one medium, each resumed at its own site, all take the carried
+    lock back at once (`--carry-lock`): one wins with carried epoch + 1, the others get
+    Conflict naming the winner; the winner carries it away again for the next round."""
+    token = live_server.add_user("alice")
+    clients = [stores(live_server.url, token) for _ in range(N)]
+    pid = uuid.uuid4()
+    await clients[0].create_parcel(pid, "race-carried")
+    medium = Holder.for_medium("0d15ea5e", "USB-KEY")
+    lock = await clients[0].acquire(pid, Holder("suspender", "suspender-host"))
+    carry = await clients[0].hand_over(pid, lock.epoch, medium)
+    seen_winners = []
+    for rnd in range(ROUNDS):
+        await asyncio.gather(*(c.lock_status(pid) for c in clients))
+        results = await asyncio.gather(
+            *(c.hand_over(pid, carry.epoch, Holder(f"site-{i:02d}", f"host-{i:02d}.example"))
+              for i, c in enumerate(clients)),
+            return_exceptions=True,
+        )
+        winners = [i for i, r in enumerate(results) if isinstance(r, LockState)]
+        assert len(winners) == 1, f"round {rnd}: {len(winners)} winners: {results}"
+        w = winners[0]
+        seen_winners.append(w)
+        won = results[w]
+        assert won.epoch == carry.epoch + 1 and won.holder.site == f"site-{w:02d}"
+        for i, r in enumerate(results):
+            if i != w:
+                assert isinstance(r, Conflict), f"client {i}: {r!r}"
+                assert r.details == {"epoch": won.epoch, "site": f"site-{w:02d}", "host": f"host-{w:02d}.example"}
+                assert f"site-{w:02d}" in r.message and "local changes are kept" in str(r)
+        states = await asyncio.gather(*(c.lock_status(pid) for c in clients))
+        assert set(states) == {won}
+        carry = await clients[w].hand_over(pid, won.epoch, medium)
+    assert carry.epoch == lock.epoch + 1 + 2 * ROUNDS
+    repo = Repository(live_server.data)
+    try:
+        events = [r[4] for r in repo.audit_log(pid) if r[3] == "hand-over"]
+    finally:
+        repo.close()
+    assert len(events) == 1 + 2 * ROUNDS, events
+    for rnd, w in enumerate(seen_winners):
+        assert f"from site medium:0d15ea5e host USB-KEY to site site-{w:02d} " in events[1 + 2 * rnd], events
+
+
 async def test_twenty_commits_of_the_same_next_version(live_server, stores, tmp_path: Path) -> None:
     """From the holder's epoch, 20 commits of version N+1 at once: one lands.
 

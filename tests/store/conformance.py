@@ -47,6 +47,7 @@ from isrsync.vmspec import VmSpec
 MiB = 1 << 20
 SITE_A = Holder("site-a", "host-a.example")
 SITE_B = Holder("site-b", "host-b.example")
+MEDIUM = Holder.for_medium("3f0c9a7e", "KINGSTON-16G")
 INVALID_NAMES = ["../x", "", "a/b", "x" * 200, ".hidden", "-opt", "a b", "é", "..", "."]
 VM = VmSpec(machine="q35", memory_mib=512, cpus=1)
 
@@ -333,6 +334,7 @@ def parcel_ops(s: Store, pid: uuid.UUID, img: Image, m: bytes) -> dict[str, Call
         "acquire": lambda: s.acquire(pid, SITE_B),
         "release": lambda: s.release(pid, 1),
         "break_lock": lambda: s.break_lock(pid, "stolen laptop"),
+        "hand_over": lambda: s.hand_over(pid, 1, MEDIUM),
         "commit": lambda: s.commit(pid, CommitRequest(epoch=1, parent=1, manifest=m, packs=[pack])),
     }
 
@@ -884,3 +886,233 @@ class TestFencing:
         assert await site_a.get_manifests(scn.parcel, 1, 1) == [b_m]
         s = await site_a.lock_status(scn.parcel)
         assert s.holder is not None and s.holder.site == "site-b" and s.epoch == b.epoch
+
+
+# -- the carried lock (DESIGN.md, "Lock record": `suspend --to-usb --carry-lock`) ----------------
+
+
+async def carried(scn: Scenario) -> tuple[Image, bytes, LockState]:
+    """Version 1 committed by SITE_A, which then hands the lock to MEDIUM; the carried lock."""
+    img, m1, _, lock = await scn.commit_v1(release=False)
+    return img, m1, await scn.store.hand_over(scn.parcel, lock.epoch, MEDIUM)
+
+
+def next_version(scn: Scenario, img: Image, prev: bytes, site: str) -> bytes:
+    """A version after ``prev`` (same disk), as the site named ``site`` would seal it."""
+    parent = manifest.decode(prev, scn.key, scn.parcel)
+    return manifest.encode(parcel=scn.parcel, version=parent.version + 1, master_key=scn.key, vm=VM,
+                           keyring=img.keyring, parent=parent, dirty=[], site=site, time=time.time())
+
+
+class TestHandOver:
+    async def test_hand_over_bumps_the_epoch_and_records_the_medium(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        a = await store.acquire(scn.parcel, SITE_A)
+        before = time.time()
+        m = await store.hand_over(scn.parcel, a.epoch, MEDIUM)
+        assert (m.parcel, m.epoch, m.version) == (scn.parcel, a.epoch + 1, 0)
+        assert m.holder is not None
+        assert (m.holder.site, m.holder.host, m.holder.user) == ("medium:3f0c9a7e", "KINGSTON-16G", "alice")
+        assert m.holder.medium == "3f0c9a7e"
+        assert before - 5 <= m.holder.since <= time.time() + 5
+        assert await store.lock_status(scn.parcel) == m
+        assert (await store.parcel(scn.parcel)).lock == m
+
+    async def test_previous_holder_is_fenced_off(self, store: Store, second_site_store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        img = scn.image(MiB)
+        await scn.upload(img)
+        a = await store.acquire(scn.parcel, SITE_A)
+        m = await store.hand_over(scn.parcel, a.epoch, MEDIUM)
+        before = await state(store, scn.parcel)
+        with pytest.raises(Conflict) as e:
+            await store.commit(scn.parcel, scn.req(scn.v1(img), a.epoch, img))
+        assert e.value.details.get("epoch") == m.epoch
+        assert "KINGSTON-16G" in str(e.value) and "3f0c9a7e" in str(e.value)
+        with pytest.raises(Conflict):
+            await store.release(scn.parcel, a.epoch)
+        # Another site is told where the lock went, and how to get it back.
+        with pytest.raises(LockHeld) as held:
+            await second_site_store.acquire(scn.parcel, SITE_B)
+        assert "medium KINGSTON-16G" in str(held.value) and "3f0c9a7e" in str(held.value)
+        assert "--from-usb" in held.value.hint
+        assert held.value.details.get("site") == "medium:3f0c9a7e"
+        # Nor does the old holder get it back by acquiring: the medium is not its site.
+        with pytest.raises(LockHeld):
+            await store.acquire(scn.parcel, SITE_A)
+        assert await state(store, scn.parcel) == before
+        assert await store.locate(scn.parcel, img.tags) == {}
+
+    async def test_retried_hand_over_is_idempotent(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        a = await store.acquire(scn.parcel, SITE_A)
+        m = await store.hand_over(scn.parcel, a.epoch, MEDIUM)
+        assert await store.hand_over(scn.parcel, a.epoch, MEDIUM) == m
+        # ... but only for the holder it went to.
+        with pytest.raises(Conflict):
+            await store.hand_over(scn.parcel, a.epoch, SITE_B)
+        assert await store.lock_status(scn.parcel) == m
+
+    async def test_wrong_epoch_is_refused_and_changes_nothing(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        await store.acquire(scn.parcel, SITE_B)
+        await store.break_lock(scn.parcel)
+        a = await store.acquire(scn.parcel, SITE_A)
+        assert a.epoch == 3
+        for wrong in (a.epoch - 1, a.epoch + 1, 0, a.epoch + 100):
+            with pytest.raises(Conflict) as e:
+                await store.hand_over(scn.parcel, wrong, MEDIUM)
+            assert e.value.details.get("epoch") == a.epoch, wrong
+            assert e.value.details.get("site") == "site-a", wrong
+            assert "host-a.example" in str(e.value) and "site-a" in str(e.value)
+            assert "\n" not in str(e.value)
+        assert await store.lock_status(scn.parcel) == a
+
+    async def test_hand_over_of_a_free_lock_is_refused(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        with pytest.raises(Conflict) as e:
+            await store.hand_over(scn.parcel, 0, MEDIUM)  # never locked
+        assert "nobody holds it" in str(e.value) and e.value.details.get("epoch") == 0
+        a = await store.acquire(scn.parcel, SITE_A)
+        released = await store.release(scn.parcel, a.epoch)
+        with pytest.raises(Conflict):
+            await store.hand_over(scn.parcel, a.epoch, MEDIUM)  # released
+        assert await store.lock_status(scn.parcel) == released
+        b = await store.acquire(scn.parcel, SITE_A)
+        broken = await store.break_lock(scn.parcel)
+        for epoch in (b.epoch, broken.epoch):
+            with pytest.raises(Conflict) as e:
+                await store.hand_over(scn.parcel, epoch, MEDIUM)  # broken
+            assert "nobody holds it" in str(e.value)
+        assert await store.lock_status(scn.parcel) == broken
+
+    async def test_hand_over_to_no_one_is_a_usage_error(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        a = await store.acquire(scn.parcel, SITE_A)
+        for nobody in (Holder("", "h"), Holder.for_medium("", "label")):
+            with pytest.raises(UsageError):
+                await store.hand_over(scn.parcel, a.epoch, nobody)
+        assert await store.lock_status(scn.parcel) == a
+
+    @pytest.mark.parametrize("release", [False, True], ids=["sync", "suspend"])
+    async def test_commit_under_the_carried_epoch(self, store: Store, second_site_store: Store,
+                                                   tmp_path: Path, release: bool) -> None:
+        # A site that resumed from the medium with no network commits later under the carried epoch.
+        scn = await Scenario.create(store, tmp_path)
+        img, m1, carry = await carried(scn)
+        site_b = second_site_store
+        m2 = next_version(scn, img, m1, "site-b")
+        with pytest.raises(Conflict):  # the right epoch, a stale parent
+            await site_b.commit(scn.parcel, scn.req(m2, carry.epoch, parent=0, site="site-b"))
+        req = scn.req(m2, carry.epoch, parent=1, release=release, site="site-b")
+        v2 = await site_b.commit(scn.parcel, req)
+        assert (v2.version, v2.site) == (2, "site-b")
+        assert await site_b.commit(scn.parcel, req) == v2  # replayed
+        after = await site_b.lock_status(scn.parcel)
+        assert (after.epoch, after.version) == (carry.epoch, 2)
+        assert after.holder == (None if release else carry.holder)
+        assert await store.get_manifests(scn.parcel, 1, 2) == [m1, m2]
+        if release:
+            return
+        # Kept: the same site goes on committing, then takes the lock back from the medium.
+        m3 = next_version(scn, img, m2, "site-b")
+        assert (await site_b.commit(scn.parcel, scn.req(m3, carry.epoch, parent=2, release=False,
+                                                        site="site-b"))).version == 3
+        mine = await site_b.hand_over(scn.parcel, carry.epoch, SITE_B)
+        assert mine.epoch == carry.epoch + 1 and mine.version == 3
+        assert mine.holder is not None and mine.holder.site == "site-b" and mine.holder.medium is None
+        m4 = next_version(scn, img, m3, "site-b")
+        with pytest.raises(Conflict):  # the medium's epoch is fenced off now
+            await site_b.commit(scn.parcel, scn.req(m4, carry.epoch, parent=3, site="site-b"))
+        v4 = await site_b.commit(scn.parcel, scn.req(m4, mine.epoch, parent=3, site="site-b"))
+        assert v4.version == 4
+        final = await store.lock_status(scn.parcel)
+        assert (final.holder, final.epoch, final.version) == (None, mine.epoch, 4)
+        assert [v.version for v in await store.list_versions(scn.parcel)] == [1, 2, 3, 4]
+
+    async def test_carry_again_after_taking_back(self, store: Store, second_site_store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        _, _, carry = await carried(scn)
+        b = await second_site_store.hand_over(scn.parcel, carry.epoch, SITE_B)
+        again = await second_site_store.hand_over(scn.parcel, b.epoch, MEDIUM)  # the same medium, re-used
+        assert again.epoch == carry.epoch + 2 and again.holder is not None and again.holder.medium == "3f0c9a7e"
+        # The first carry's epoch is two steps behind: neither it nor B's may act.
+        for stale in (carry.epoch, b.epoch):
+            with pytest.raises(Conflict):
+                await store.hand_over(scn.parcel, stale, SITE_A)
+            with pytest.raises(Conflict):
+                await store.release(scn.parcel, stale)
+        assert await store.lock_status(scn.parcel) == again
+        broken = await store.break_lock(scn.parcel, "the medium was lost")
+        assert broken.holder is None and broken.epoch == again.epoch + 1
+
+    async def test_racing_hand_overs_of_one_carried_epoch_have_one_winner(
+        self, home: Any, store: Store, tmp_path: Path
+    ) -> None:
+        # Sites resuming from copies of one medium each present the carried epoch.
+        scn = await Scenario.create(store, tmp_path)
+        _, _, carry = await carried(scn)
+        clients = [store, *(home.store("alice") for _ in range(3))]
+        sites = [Holder(f"site-{i}", f"host-{i}.example") for i in range(len(clients))]
+        winners = []
+        for rnd in range(4):
+            await asyncio.gather(*(c.lock_status(scn.parcel) for c in clients))  # warm the pools
+            got = await asyncio.gather(*(c.hand_over(scn.parcel, carry.epoch, h) for c, h in zip(clients, sites)),
+                                       return_exceptions=True)
+            wins = [i for i, g in enumerate(got) if isinstance(g, LockState)]
+            assert len(wins) == 1, f"round {rnd}: {got}"
+            w = wins[0]
+            winners.append(w)
+            won = got[w]
+            assert won.epoch == carry.epoch + 1 and won.holder is not None and won.holder.site == f"site-{w}"
+            for i, g in enumerate(got):
+                if i != w:
+                    assert isinstance(g, Conflict), f"round {rnd}, client {i}: {g!r}"
+                    assert g.details.get("epoch") == won.epoch and g.details.get("site") == f"site-{w}"
+            assert {await c.lock_status(scn.parcel) for c in clients} == {won}
+            # The winner carries it away again for the next round.
+            carry = await clients[w].hand_over(scn.parcel, won.epoch, MEDIUM)
+        assert carry.epoch == 1 + 1 + 2 * 4 and carry.version == 1
+
+    async def test_racing_commits_under_one_carried_epoch_lose_no_version(
+        self, home: Any, store: Store, tmp_path: Path
+    ) -> None:
+        # Two (or more) copies of one medium resumed with no network, then synced at once:
+        # the first commit wins, the others are fenced, and nothing that landed is lost.
+        scn = await Scenario.create(store, tmp_path)
+        img, m1, carry = await carried(scn)
+        clients = [store, *(home.store("alice") for _ in range(3))]
+        landed = [m1]
+        for rnd in range(4):
+            await asyncio.gather(*(c.lock_status(scn.parcel) for c in clients))
+            mans = [next_version(scn, img, landed[-1], f"site-{i}") for i in range(len(clients))]
+            reqs = [scn.req(m, carry.epoch, parent=len(landed), release=False, site=f"site-{i}")
+                    for i, m in enumerate(mans)]
+            got = await asyncio.gather(*(c.commit(scn.parcel, r) for c, r in zip(clients, reqs)),
+                                       return_exceptions=True)
+            wins = [i for i, g in enumerate(got) if isinstance(g, VersionInfo)]
+            assert len(wins) == 1, f"round {rnd}: {got}"
+            w = wins[0]
+            assert got[w].version == len(landed) + 1 and got[w].site == f"site-{w}"
+            assert all(isinstance(g, Conflict) for i, g in enumerate(got) if i != w), got
+            landed.append(mans[w])
+            assert await store.get_manifests(scn.parcel, 1, len(landed)) == landed
+        # The carried lock is still the medium's; a hand-over and a commit race on it. A
+        # hand-over that lands first fences the commit; one that lands second still takes
+        # the lock, and the version in its answer tells that site its own state is stale.
+        m_next = next_version(scn, img, landed[-1], "site-0")
+        got = await asyncio.gather(
+            clients[1].hand_over(scn.parcel, carry.epoch, SITE_B),
+            clients[0].commit(scn.parcel, scn.req(m_next, carry.epoch, parent=len(landed), release=False)),
+            return_exceptions=True,
+        )
+        assert not any(isinstance(g, Exception) and not isinstance(g, Conflict) for g in got), got
+        if isinstance(got[1], VersionInfo):
+            landed.append(m_next)
+        if isinstance(got[0], LockState):
+            assert got[0].version == len(landed)
+        assert await store.get_manifests(scn.parcel, 1, len(landed)) == landed
+        assert [v.version for v in await store.list_versions(scn.parcel)] == list(range(1, len(landed) + 1))
+        final = await store.lock_status(scn.parcel)
+        assert final.version == len(landed)
+        assert final.epoch == (carry.epoch + 1 if isinstance(got[0], LockState) else carry.epoch)
