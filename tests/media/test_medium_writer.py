@@ -162,7 +162,7 @@ def test_manifests_key_bundle_and_lock_tokens(tmp_path: Path) -> None:
     assert m.keybundle() == b"sealed bundle" and m.lock_token(p1) == b"sealed token" and m.lock_token(p2) is None
 
     # A manifest filed under another name, or damaged, is left out of the listing.
-    os.replace(tmp_path / fmt.manifest_path(p2, 1), tmp_path / fmt.manifest_path(p2, 1).replace("/1", "/3"))
+    os.replace(tmp_path / fmt.manifest_path(p2, 1), tmp_path / fmt.manifest_path(p2, 3))
     flip(tmp_path / fmt.manifest_path(p1, 2), 3)
     assert [(pv.parcel, pv.versions) for pv in list_parcels(tmp_path)] == [(p1, (1,))]
     with pytest.raises(FormatError):
