@@ -38,12 +38,12 @@ _isrsync_spec() {
             args=1
             ;;
         'isrsync resume')
-            opts='--policy --version --display --serial --memory --lookaside --watch-media --no-watch-media --json --help'
-            vopts='--policy --version --display --serial --memory --lookaside'
+            opts='--policy --version --display --serial --memory --lookaside --from-usb --watch-media --no-watch-media --json --help'
+            vopts='--policy --version --display --serial --memory --lookaside --from-usb'
             args=1
             ;;
         'isrsync suspend')
-            opts='--keep-lock --to-usb --full --json --help'
+            opts='--keep-lock --to-usb --full --carry-lock --json --help'
             vopts='--to-usb'
             args=1
             ;;

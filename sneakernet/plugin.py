@@ -29,6 +29,7 @@ class Sink:
 
     def __init__(self, root: Path) -> None:
         self.medium = md.open_medium(root)
+        self.medium_id, self.label = self.medium.medium_id, self.medium.label
         self.name = f"{self.medium.label or 'medium'} ({self.medium.medium_id.hex[:8]})"
         self._w = self.medium.writer()
 

@@ -32,7 +32,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("isrsync", "sneakernet")
 
-FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.vmspec", "isrsync.keys"}
+FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.vmspec", "isrsync.keys",
+           "isrsync.locktoken"}
 ERRORS = "isrsync.errors"
 SOURCE_PROTOCOL = "isrsync.site.sources"
 MEDIA_PROTOCOL = "isrsync.site.media"  # what a media plugin implements (entry point isrsync.media)

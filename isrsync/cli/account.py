@@ -55,7 +55,7 @@ def _require_credentials(needs_token: bool) -> None:
                          hint=", and ".join(how))
 
 
-def _passphrase(confirm: bool = False) -> str:
+def ask_passphrase(confirm: bool = False) -> str:
     env = os.environ.get("ISRSYNC_PASSPHRASE")
     if env is not None:
         return env
@@ -82,7 +82,7 @@ def login(
     if needs_token:
         token = typer.prompt("token", hide_input=True, err=True)
     acct = account.Account(server.rstrip("/"), user, token or "", str(cacert) if cacert else None)
-    bundle, created = asyncio.run(account.login(acct, _passphrase(), limits=KdfLimits.MIN if kdf_min else None))
+    bundle, created = asyncio.run(account.login(acct, ask_passphrase(), limits=KdfLimits.MIN if kdf_min else None))
     if json_out:
         emit_json({"server": acct.server, "user": user, "created_keys": created, "parcels": len(bundle.parcels)})
     else:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from ..errors import NotFound, Unreachable, UsageError
-from ..site import account
+from ..site import account, carry
 from ..site.cache import open_cache
 from ..site.cache import CacheStats
 from ..site.media import open_lookaside, pick_medium
@@ -28,6 +28,7 @@ from ..site.run import run_parcel
 from ..site.session import commit_offline_suspend
 from ..site.sources import Source
 from ..site.state import ParcelState
+from .account import ask_passphrase
 from .render import emit_json, err, human_bytes, out, resume_rows, sources_table
 from .state import JsonOpt, state
 
@@ -129,6 +130,9 @@ def resume(
     memory: Annotated[MemoryMode, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
                                                "follows as it is touched) or eagerly (all of it first).")] = MemoryMode.LAZY,
     lookaside: LookasideOpt = None,
+    from_usb: Annotated[Optional[str], typer.Option(
+        "--from-usb", metavar="PATH|auto", help="Take the parcel off a medium that carries its lock (`suspend "
+        "--to-usb --carry-lock`): works with no network; the next `sync` commits.")] = None,
     watch_media: Annotated[bool, typer.Option("--watch-media/--no-watch-media", help="Offer media plugged in "
                                               "while the guest runs as lookaside sources (udev).")] = True,
     json_out: JsonOpt = False,
@@ -146,10 +150,24 @@ def resume(
         else:
             err.print(f"{kind}: {data.get('message', data)}")
 
+    if from_usb is not None and not policy.uses_lookaside:
+        raise UsageError(f"the {policy.value} policy reads no medium", hint="use --policy lookaside or auto")
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[tuple[Site, uuid.UUID, list[Source]]]:
+        if from_usb is None:
+            async with _site() as site:
+                yield site, await _resolve(site, parcel), []
+            return
+        carried = await carry.take(from_usb, parcel, open_cache(state.cache_dir), ask_passphrase)
+        try:
+            yield carried.site, carried.parcel, [carried.source]
+        finally:
+            await carried.site.close()
+
     async def go() -> dict[str, Any]:
-        async with _site() as site:
-            pid = await _resolve(site, parcel)
-            sources = await _lookaside(lookaside, site)
+        async with opened() as (site, pid, carried):
+            sources = carried + await _lookaside(lookaside, site)
             if not _is_uuid(parcel):
                 st = site.state(pid)
                 st.set_name(parcel)
@@ -215,11 +233,16 @@ def suspend(
         "manifests to this medium (`auto`: the one mounted medium), while the upload runs.")] = None,
     full: Annotated[bool, typer.Option("--full", help="With --to-usb: the whole parcel, so a site with no "
                                        "network and an empty cache can resume from the medium.")] = False,
+    carry_lock: Annotated[bool, typer.Option("--carry-lock", help="With --to-usb: hand the lock to the medium "
+                                             "instead of releasing it; `isrsync resume --from-usb` takes it, "
+                                             "even with no network.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Suspend a running parcel: save memory and disk, commit, release the lock."""
-    if full and to_usb is None:
-        raise UsageError("--full needs --to-usb", hint="add --to-usb PATH (or auto)")
+    if (full or carry_lock) and to_usb is None:
+        raise UsageError(f"{'--full' if full else '--carry-lock'} needs --to-usb", hint="add --to-usb PATH (or auto)")
+    if carry_lock and keep_lock:
+        raise UsageError("--carry-lock and --keep-lock contradict each other", hint="choose where the lock goes")
     medium = str(pick_medium(to_usb)) if to_usb is not None else ""
 
     async def go() -> SuspendResult:
@@ -234,7 +257,8 @@ def suspend(
                         tasks[stream] = prog.add_task(names.get(stream, stream), total=total)
                     prog.update(tasks[stream], completed=done, total=total)
 
-                return await ask_suspend(sock, keep_lock, to_medium=medium, full=full, on_progress=step)
+                return await ask_suspend(sock, keep_lock, to_medium=medium, full=full, carry_lock=carry_lock,
+                                         on_progress=step)
 
     res = asyncio.run(go())
     if json_out:
@@ -251,6 +275,8 @@ def suspend(
     if m is not None and m.published:
         out.print(f"copied to {m.medium}: {m.chunks} chunks, {human_bytes(m.bytes)} in {m.seconds:.2f} s; "
                   "the medium is safe to unplug")
+        if m.carries_lock:
+            out.print("the medium carries the lock: resume from it with `isrsync resume --from-usb`")
     elif m is not None:
         err.print(f"the copy to {m.medium} was dropped ({m.problem}); the medium holds what it held before "
                   "and is safe to unplug")
@@ -359,7 +385,8 @@ def ls(json_out: JsonOpt = False) -> None:
     t = Table("name", "version", "held by", "since", "id")
     for p in parcels:
         h = p.lock.holder
-        t.add_row(p.name, str(p.version), f"{h.host} ({h.site[:8]})" if h else "-",
+        held = "-" if h is None else f"medium {h.host} (carried)" if h.medium else f"{h.host} ({h.site[:8]})"
+        t.add_row(p.name, str(p.version), held,
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(h.since)) if h else "-", str(p.parcel))
     out.print(t)
 
@@ -420,9 +447,10 @@ def lock_break(
             if lock.holder is None:
                 raise UsageError(f"parcel {parcel} is not locked")
             if not yes:
-                err.print(f"parcel {parcel} is held by {lock.holder.host} (site {lock.holder.site}) since "
+                who = "that medium's copies" if lock.holder.medium else "that site"
+                err.print(f"parcel {parcel} is held by {lock.holder.describe()} since "
                           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}. Breaking the lock "
-                          "fences that site off: anything it has not committed stays there and is never merged.")
+                          f"fences {who} off: anything not committed stays there and is never merged.")
                 if not typer.confirm("break the lock?", err=True):
                     raise typer.Abort()
             return await site.store.break_lock(pid, reason or f"broken from {site.host}")
@@ -449,8 +477,9 @@ def lock_status(parcel: ParcelArg, json_out: JsonOpt = False) -> None:
     elif lock.holder is None:
         out.print(f"free (epoch {lock.epoch}, version {lock.version})")
     else:
-        out.print(f"held by {lock.holder.host} (site {lock.holder.site}) since "
-                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}; epoch {lock.epoch}")
+        out.print(f"held by {lock.holder.describe()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}; epoch {lock.epoch}"
+                  + ("; take it with `isrsync resume --from-usb`" if lock.holder.medium else ""))
 
 
 def register(app: typer.Typer) -> None:

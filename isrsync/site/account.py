@@ -83,8 +83,9 @@ def open_store(acct: Account) -> Store:
         # a mistyped path is refused, never made into a new, empty home.
         return LocalStore.open(Path(parts.path), acct.user, create=False, create_user=True)
     if parts.scheme in ("http", "https"):
-        if not acct.token:
-            raise AuthError(f"no token for {acct.server}", hint="log in with `isrsync login --token`")
+        # Without a token (a site that took a parcel off a medium and never logged
+        # in) the store still opens: offline, every call is Unreachable as it should
+        # be; online, the server refuses it with a line that says to log in.
         return HttpStore(acct.server, acct.token, cafile=acct.cacert)
     raise UsageError(f"{acct.server!r} is not an http://, https:// or file:// home")
 

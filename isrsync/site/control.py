@@ -46,6 +46,7 @@ class SuspendRequest:
     keep_lock: bool = False
     to_medium: str = ""  # the mount point of a medium to copy the suspend to (`--to-usb`)
     full: bool = False  # the whole parcel to the medium, not only what changed
+    carry_lock: bool = False  # hand the lock to the medium instead of releasing it
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,8 @@ async def ask_status(path: Path) -> RunStatus:
 
 
 async def ask_suspend(path: Path, keep_lock: bool = False, *, to_medium: str = "", full: bool = False,
-                      on_progress: Progress | None = None) -> SuspendResult:
-    req = SuspendRequest(keep_lock, to_medium, full)
+                      carry_lock: bool = False, on_progress: Progress | None = None) -> SuspendResult:
+    req = SuspendRequest(keep_lock, to_medium, full, carry_lock)
     return SuspendResult.from_json(await call(path, req, timeout=600, on_progress=on_progress))
 
 

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol
+from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol, Sequence
 
 from ..errors import UsageError
 from .cachedir import CacheDirSource, is_cache_dir
@@ -31,6 +31,8 @@ class MediumSink(Protocol):
     """Writing to one medium; nothing is visible to a reader before :meth:`publish`."""
 
     name: str
+    medium_id: uuid.UUID
+    label: str
 
     def add_chunks(self, chunks: Iterable[tuple[bytes, bytes]], progress: Progress | None = None) -> int:
         """Store encoded chunks (tag, ciphertext) the medium lacks; returns the bytes written.
@@ -52,6 +54,13 @@ class MediumSink(Protocol):
         """Drop what was written and not published."""
 
 
+class MediumReader(Source, Protocol):
+    """A medium as a source, which can also say what it holds without reading it."""
+
+    async def holds(self, tags: Sequence[bytes]) -> set[bytes]:
+        """The tags of ``tags`` the medium's index lists (a hint: reads still verify)."""
+
+
 @dataclass(frozen=True)
 class MediumInfo:
     root: Path
@@ -67,7 +76,7 @@ class MediaPlugin(Protocol):
 
     def info(self, path: Path) -> MediumInfo: ...
 
-    def open_source(self, path: Path, cache_dir: Path) -> Source:
+    def open_source(self, path: Path, cache_dir: Path) -> MediumReader:
         """The medium as a lookaside source, indexed first where its index is stale
         (on the medium, or beside it under ``cache_dir`` when it is read-only)."""
 

@@ -88,7 +88,8 @@ async def run_parcel(
                 sink = await asyncio.to_thread(media.plugin().open_sink, Path(req.to_medium)) \
                     if req.to_medium else None
                 try:
-                    res = await rt.suspend(req.keep_lock, medium=sink, full=req.full, progress=progress)
+                    res = await rt.suspend(req.keep_lock, medium=sink, full=req.full, carry_lock=req.carry_lock,
+                                           progress=progress)
                 except BaseException as e:
                     if rt.qemu is None or not rt.qemu.alive:
                         # The guest is saved locally but the commit was refused

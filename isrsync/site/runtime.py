@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
+from ..locktoken import CarriedKeys, LockToken
 from ..manifest import Manifest, MemoryImage
+from ..store.base import Holder
 from ..vm.nbd import NbdServer
 from ..vm.postcopy import PostcopySource
 from ..vm.qemu import Qemu, accelerator
@@ -287,7 +290,7 @@ class Runtime:
     # -- suspend and sync ------------------------------------------------------------------
 
     async def suspend(self, keep_lock: bool = False, *, medium: MediumSink | None = None, full: bool = False,
-                      progress: StreamProgress | None = None) -> SuspendResult:
+                      carry_lock: bool = False, progress: StreamProgress | None = None) -> SuspendResult:
         """Save memory and disk, commit, release the lock (unless ``keep_lock``).
 
         With ``medium`` (`--to-usb`), the memory image and the written chunks
@@ -307,11 +310,14 @@ class Runtime:
         await session.save_locally(disk, saved.image)
         done = dict(memory_bytes=saved.bytes, memory_seconds=round(t_mem, 3), memory_new_chunks=saved.new_chunks,
                     memory_kept_chunks=saved.kept_chunks, dirty_chunks=len(disk.dirty))
+        if carry_lock and (medium is None or keep_lock):
+            raise UsageError("--carry-lock hands the lock to a medium", hint="use it with --to-usb, without --keep-lock")
         copy = MediumCopy(medium, self.site.cache, say) if medium is not None else None
         copying = asyncio.create_task(self._to_medium(copy, saved.image, full)) if copy is not None else None
         try:
             v = await session.commit(disk.current_keyring(), list(disk.dirty), saved.image, disk.stats.first_access,
-                                     release=not keep_lock, progress=lambda n, total: say("upload", n, total))
+                                     release=not (keep_lock or carry_lock),
+                                     progress=lambda n, total: say("upload", n, total))
         except Unreachable as e:
             self.events("offline", {"message": "suspended locally; the server could not be reached"})
             copied = await self._finish_medium(copy, copying, None)
@@ -322,7 +328,7 @@ class Runtime:
                 assert copy is not None
                 await copy.drop("the suspend failed")
             raise
-        copied = await self._finish_medium(copy, copying, v.version)
+        copied = await self._finish_medium(copy, copying, v.version, carry=carry_lock)
         return SuspendResult(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
                              kept_lock=keep_lock, medium=copied, **done)
 
@@ -339,7 +345,7 @@ class Runtime:
         await copy.chunks(tags)
 
     async def _finish_medium(self, copy: MediumCopy | None, copying: asyncio.Task | None,
-                             version: int | None) -> MediumCopyResult | None:
+                             version: int | None, carry: bool = False) -> MediumCopyResult | None:
         if copy is None or copying is None:
             return None
         try:
@@ -351,13 +357,40 @@ class Runtime:
         if version is not None and copy.problem is None:
             try:
                 manifests = await self.session.chain(version) if self.session is not None else []
-                bundle = await self.site.store.get_key_bundle()
+                sealed = await self.site.store.get_key_bundle()
+                if sealed is not None:
+                    bundle = CarriedKeys(self.site.acct.server, self.site.acct.user, sealed).encode()
             except IsrError as e:
                 log.info("the medium gets no manifests: %s", e)
-        result = await copy.finish(manifests, bundle)
+        token = None
+        if carry and version is not None:
+            # The token names the epoch the hand-over will give the medium (one
+            # past ours): it is on the medium, durable, before the server moves the lock.
+            tok = LockToken(self.parcel, version, self.epoch + 1, str(copy.sink.medium_id))
+            token = (self.parcel, tok.seal(self.site.master_key(self.parcel)))
+        result = await copy.finish(manifests, bundle, token)
         if result.problem is not None:
             self.events("warning", {"message": f"the copy to {result.medium} was dropped: {result.problem}"})
+        if carry and version is not None:
+            result = await self._hand_over(copy, result)
         return result
+
+    async def _hand_over(self, copy: MediumCopy, result: MediumCopyResult) -> MediumCopyResult:
+        """After a committed `--carry-lock` suspend: the lock to the medium, or released if it cannot be."""
+        assert self.state is not None
+        carried = False
+        if result.published:
+            try:
+                await self.site.store.hand_over(self.parcel, self.epoch,
+                                                Holder.for_medium(str(copy.sink.medium_id), copy.sink.label))
+                carried = True
+            except IsrError as e:
+                self.events("warning", {"message": f"the lock could not go to the medium ({e}); it is released"})
+        if not carried:
+            with contextlib.suppress(IsrError):
+                await self.site.store.release(self.parcel, self.epoch)
+        await asyncio.to_thread(self.state.handed_over)
+        return dataclasses.replace(result, carries_lock=carried)
 
     async def sync(self) -> SyncResult:
         """Commit now and keep running: a brief pause while the memory image is saved."""

@@ -82,7 +82,8 @@ class LocalStatus(str, enum.Enum):
 _S = LocalStatus
 # from -> the statuses it may move to (discarded() may leave any status, for IDLE)
 _MOVES: dict[LocalStatus, frozenset[LocalStatus]] = {
-    _S.IDLE: frozenset({_S.RUNNING}),
+    # IDLE -> HELD: a lock carried in on a medium (carried_in).
+    _S.IDLE: frozenset({_S.RUNNING, _S.HELD}),
     # RUNNING -> RUNNING: a sync committed, or a resume after a crash.
     _S.RUNNING: frozenset({_S.RUNNING, _S.SUSPENDED_LOCAL, _S.HELD, _S.IDLE, _S.FENCED}),
     _S.SUSPENDED_LOCAL: frozenset({_S.RUNNING, _S.IDLE, _S.HELD, _S.FENCED, _S.SUSPENDED_LOCAL}),
@@ -230,6 +231,26 @@ class ParcelState:
             db.execute("DELETE FROM blobs WHERE name IN ('memory', 'memory_hot')")
             db.execute("DELETE FROM staged_packs")
             db.execute("DELETE FROM staged_tags")
+
+    def handed_over(self) -> None:
+        """The lock went to a medium (`--carry-lock`): this site holds nothing of the parcel now."""
+        with self._tx(True) as db:
+            self._move(LocalStatus.IDLE, db)
+
+    def carried_in(self, base: int, epoch: int, host: str, manifests: dict[int, bytes]) -> None:
+        """A medium's lock (version ``base``, ``epoch``) is this site's now, with the manifests it carried."""
+        self.put_manifests(manifests)
+        with self._tx(True) as db:
+            self._move(LocalStatus.HELD, db, base=base, epoch=epoch, host=host)
+
+    def took_lock(self, epoch: int) -> None:
+        """The lock this state was made under moved here under ``epoch`` (from a medium); the state
+        and its changes stay as they are."""
+        with self._tx(True) as db:
+            now = self._now(db)
+            if not now.has_lock:
+                raise StateError(f"parcel {self.parcel} is {now.value} at this site; it holds no lock to move")
+            self._put_meta(db, epoch=epoch)
 
     def fenced(self) -> None:
         """The server refused this site's epoch: keep everything, refuse to run it."""

@@ -40,12 +40,13 @@ from sneakernet import format as medium
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 DOC_FILES = ["README.md", "chunk.md", "pack.md", "manifest.md", "keys.md", "medium.md", "cache.md", "http.md",
-             "control.md"]
+             "control.md", "locktoken.md"]
 FORMAT_MODULES = [
     "isrsync.chunk",
     "isrsync.pack",
     "isrsync.manifest",
     "isrsync.keys",
+    "isrsync.locktoken",
     "isrsync.site.cache",
     "isrsync.site.state",
     "isrsync.store.wire",
