@@ -13,21 +13,18 @@ serves a guest's disk, nor the shared pool other sources use.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from isrsync.chunk import TAG_SIZE
 from isrsync.errors import UsageError
-from isrsync.site.sources import SourceKind
+from isrsync.site.sources import SourceKind, WorkerSource
 
 from . import format as fmt
 from . import medium as md
@@ -46,7 +43,7 @@ def source_name(root: Path, header: fmt.MediumHeader | None) -> str:
     return f"medium:{label}:{header.short_id}" if label else f"medium:{header.short_id}"
 
 
-class MediumSource:
+class MediumSource(WorkerSource):
     """Chunks by tag from a medium (or any indexed tree), read-only.
 
     ``index_dir`` names where the index is kept for a read-only or unformatted
@@ -86,45 +83,21 @@ class MediumSource:
         self.index_problem: str | None = None
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
-        self._per_chunk = 0.001  # learned from answers; a local disk or key is far below the server
-        self._closed = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sneakernet-medium")
+        # Learned from answers; a local disk or key is far below the server.
+        WorkerSource.__init__(self, per_chunk=0.001, thread_name="sneakernet-medium")
 
-    def cost(self) -> float:
-        return self._per_chunk
-
-    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
-        if self._closed:
-            raise OSError(f"the medium source {self.name} is closed")
-        if not tags:
-            return {}
-        t0 = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self._pool, self._read, list(tags))
-        if out:
-            self._per_chunk = 0.8 * self._per_chunk + 0.2 * (time.perf_counter() - t0) / len(out)
-        return out
+    def _closed_error(self) -> OSError:
+        return OSError(f"the medium source {self.name} is closed")
 
     async def holds(self, tags: Sequence[bytes]) -> set[bytes]:
         """The tags the index lists (a hint: what a read would try, not what it would get)."""
-        if self._closed:
-            raise OSError(f"the medium source {self.name} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._holds, list(tags))
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True  # before the worker gets there: queued reads then fail, not reopen files
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._close_files)
-        with contextlib.suppress(asyncio.TimeoutError):
-            # A dying medium may hold the worker: give it a moment, never wait forever.
-            await asyncio.wait_for(asyncio.shield(fut), 2.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        return await self._on_worker(self._holds, list(tags))
 
     # -- worker thread -------------------------------------------------------------------
 
     def _check(self) -> None:
         if self._closed:
-            raise OSError(f"the medium source {self.name} is closed")
+            raise self._closed_error()
         try:
             st = os.stat(self.root)
         except OSError as e:
@@ -208,6 +181,6 @@ class MediumSource:
                 os.close(fd)
         self._fds.clear()
 
-    def _close_files(self) -> None:
+    def _release(self) -> None:
         with self._lock:
             self._close_fds()

@@ -14,21 +14,17 @@ guest's disk nor the shared thread pool may wait on it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import sqlite3
 import threading
-import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from ..chunk import CHUNK_SIZE, TAG_SIZE
 from ..errors import UsageError
-from .sources import SourceKind
+from .sources import SourceKind, WorkerSource
 
 # An encoded chunk is at most the plaintext plus the AEAD tag (compression is
 # kept only when it saves): anything the index claims beyond this is damage.
@@ -40,7 +36,7 @@ def is_cache_dir(path: Path) -> bool:
     return (path / "index.db").is_file() and (path / "site.json").is_file()
 
 
-class CacheDirSource:
+class CacheDirSource(WorkerSource):
     """Chunks by tag from another site cache directory, read-only."""
 
     kind = SourceKind.CACHE_DIR
@@ -62,45 +58,18 @@ class CacheDirSource:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._fds: dict[tuple[str, str], int] = {}
-        # Seconds per chunk, learned from answers: a local disk is near zero,
-        # NFS over a slow link is not, and the server's estimate is beside it.
-        self._per_chunk = 0.002
-        self._closed = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="isrsync-cachedir")
+        # A local disk is near zero seconds a chunk, NFS over a slow link is not,
+        # and the server's estimate is beside it: learned from answers.
+        WorkerSource.__init__(self, per_chunk=0.002, thread_name="isrsync-cachedir")
 
-    def cost(self) -> float:
-        return self._per_chunk
-
-    async def get_many(self, tags: Sequence[bytes]) -> dict[bytes, bytes]:
-        if self._closed:
-            # Checked here, not only on the worker: the pool is shut down by now,
-            # and submitting to it would fail with a RuntimeError, not as a source.
-            raise OSError(f"the cache directory source {self.path} is closed")
-        if not tags:
-            return {}
-        t0 = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self._pool, self._read, list(tags))
-        if out:
-            self._per_chunk = 0.8 * self._per_chunk + 0.2 * (time.perf_counter() - t0) / len(out)
-        return out
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        # Set on the loop, before the worker gets to _close: reads already queued
-        # behind a hung one then fail in _connect instead of reopening the index.
-        self._closed = True
-        # A hung filesystem may hold the worker: give it a moment, never wait forever.
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._close)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), 2.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _closed_error(self) -> OSError:
+        return OSError(f"the cache directory source {self.path} is closed")
 
     # -- worker thread -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._closed:
-            raise OSError(f"the cache directory source {self.path} is closed")
+            raise self._closed_error()
         if self._db is None:
             uri = "file:" + urllib.parse.quote(str(self.path / "index.db"))
             try:
@@ -162,7 +131,7 @@ class CacheDirSource:
                 self._db.close()
             self._db = None
 
-    def _close(self) -> None:
+    def _release(self) -> None:
         with self._lock:
             self._drop_db()
             for fd in self._fds.values():
