@@ -12,6 +12,7 @@ may be slow or yanked): callers run them on a worker thread.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -95,17 +96,23 @@ class MediaPlugin(Protocol):
         """Notice media plugged in and pulled out while a parcel runs (udev)."""
 
 
+@functools.cache
+def _installed() -> tuple[metadata.EntryPoint, ...]:
+    # Scanning the installed distributions reads many files: once per process,
+    # not at every medium plugged in or every lookaside path opened.
+    return tuple(metadata.entry_points(group=GROUP))
+
+
 def plugin() -> MediaPlugin:
     """The installed media implementation, or one clear line saying there is none."""
-    found = metadata.entry_points(group=GROUP)
-    for ep in found:
+    for ep in _installed():
         return ep.load()()  # type: ignore[no-any-return]
     raise UsageError("no USB media support is installed here (the sneakernet package)",
                      hint="install isrsync with its sneakernet package (scripts/setup does)")
 
 
 def available() -> bool:
-    return bool(metadata.entry_points(group=GROUP))
+    return bool(_installed())
 
 
 def pick_medium(path: str) -> Path:

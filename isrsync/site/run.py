@@ -177,13 +177,8 @@ async def _media_feeder(rt: Runtime, site: Site, say: Events) -> AsyncIterator[N
     async def gone(path: Path) -> None:
         name = added.pop(path, None)
         if name is not None:
-            if rt.chain is None:
-                for src in [s for s in rt.lookaside if s.name == name]:
-                    rt.lookaside.remove(src)
-                    await src.close()
-            else:
-                with contextlib.suppress(IsrError):
-                    await rt.withdraw_source(name)
+            with contextlib.suppress(IsrError):
+                await rt.withdraw_source(name)
             say("source", {"message": f"medium {name} went away: withdrawn", "name": name})
 
     try:

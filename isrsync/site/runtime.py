@@ -282,10 +282,15 @@ class Runtime:
         return next(i for i in self.chain.infos() if i.name == src.name)
 
     async def withdraw_source(self, name: str) -> None:
-        assert self.chain is not None
         if name in ("server", "cache"):
             raise UsageError(f"the {name} source cannot be withdrawn")
-        await self.chain.withdraw(name)
+        if self.chain is not None:
+            await self.chain.withdraw(name)
+            return
+        # Offered before the resume built its registry (see offer): not asked yet, only closed.
+        for src in [s for s in self.lookaside if s.name == name]:
+            self.lookaside.remove(src)
+            await src.close()
 
     # -- suspend and sync ------------------------------------------------------------------
 

@@ -68,7 +68,8 @@ class ParcelSession:
         """The encrypted manifests a reader needs to open ``version``: from its keyring base up."""
         (raw,) = await self.site.store.get_manifests(self.parcel, version, version)
         first = parse_header(raw).keyring_base
-        return await self.site.store.get_manifests(self.parcel, first, version) if first < version else [raw]
+        older = await self.site.store.get_manifests(self.parcel, first, version - 1) if first < version else []
+        return [*older, raw]
 
     async def rebase(self, version: int) -> Manifest:
         """After a sync: the committed version is the base the guest runs on now."""
