@@ -455,7 +455,8 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
         site = await open_site(SiteCache(work / f"B{i}"), acct)
         try:
             t0 = time.perf_counter()
-            fetched, total = await hoard(site, pid)
+            h = await hoard(site, pid)
+            fetched, total = h.fetched, h.chunks
             hoarded.append(fetched)
             say(f"repeat {i + 1}/{repeat}: hoarded {fetched}/{total} chunks at site B{i} "
                 f"in {time.perf_counter() - t0:.1f}s")
@@ -632,7 +633,8 @@ async def bench_nbd(work: Path, repeat: int, fio_seconds: float, say: Say) -> di
     servers: dict[str, NbdServer] = {}
     state = None
     try:
-        fetched, total = await hoard(site, pid)
+        h = await hoard(site, pid)
+        fetched, total = h.fetched, h.chunks
         say(f"nbd: hoarded {fetched}/{total} chunks at site D")
         state = site.state(pid)
         m = await load_version(site, pid, 1, state)

@@ -12,7 +12,7 @@ _sneakernet_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'sneakernet')
-            subs='format index ls install-udev attach detach watch'
+            subs='format index seed seeds ls install-udev attach detach watch'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -25,6 +25,13 @@ _sneakernet_spec() {
             opts='--index-dir --json --help'
             vopts='--index-dir'
             args=1
+            ;;
+        'sneakernet seed')
+            opts='--force --forget --json --help'
+            args=1
+            ;;
+        'sneakernet seeds')
+            opts='--json --help'
             ;;
         'sneakernet ls')
             opts='--json --help'

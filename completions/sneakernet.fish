@@ -7,7 +7,7 @@
 function __fish_sneakernet_subcommands --description 'Subcommands of a command path of sneakernet'
     switch $argv[1]
         case 'sneakernet'
-            printf '%s\n' 'format' 'index' 'ls' 'install-udev' 'attach' 'detach' 'watch'
+            printf '%s\n' 'format' 'index' 'seed' 'seeds' 'ls' 'install-udev' 'attach' 'detach' 'watch'
     end
 end
 
@@ -61,6 +61,8 @@ end
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'format' -d 'Prepare a medium: create .isrsync/ with a new medium id and an empty index'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'index' -d 'Index a medium or any tree: every pack entry and one-chunk file whose bytes match its tag'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'seed' -d 'Make an image file you have in the clear a lookaside source for your parcels'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'seeds' -d 'List the plaintext seeds of this site and whether each can serve now'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'ls' -d 'List the media this site has seen: ids, sizes, the parcels they can help, when last seen'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'install-udev' -d 'Install the udev rule and systemd unit that attach a medium when it is plugged in'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet\'' -f -a 'attach' -d 'Mount the filesystem on DEVNODE read-only (or find its mount) and offer the medium on it'
@@ -82,6 +84,18 @@ complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -F
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'index-dir' -r -F -d 'Keep the index here instead of on the medium (default: on a writable medium; else in the site cache\'s media/ directory)'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet index\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet seed
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seed\'' -F
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seed\'' -l 'force' -d 'Read the image again even if it looks unchanged'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seed\'' -l 'forget' -d 'Stop using the image as a seed (drops its index)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seed\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seed\'' -l 'help' -d 'Show this message and exit'
+
+# sneakernet seeds
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seeds\'' -f
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seeds\'' -l 'json' -d 'Print machine-readable JSON (errors too)'
+complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet seeds\'' -l 'help' -d 'Show this message and exit'
 
 # sneakernet ls
 complete -c sneakernet -n '__fish_sneakernet_is \'sneakernet ls\'' -f

@@ -155,7 +155,8 @@ def _warn_unrecorded(why: str) -> None:
 class _IndexProgress:
     """Bytes, rate and time left on stderr, shown only once an index has run a second."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, label: str = "indexing") -> None:
+        self.label = label
         self.enabled = enabled and _err.is_terminal
         self.t0 = time.monotonic()
         self.bar: Progress | None = None
@@ -165,7 +166,7 @@ class _IndexProgress:
         if self.bar is None:
             if not self.enabled or time.monotonic() - self.t0 < 1.0:
                 return
-            self.bar = Progress(TextColumn("indexing"), BarColumn(), DownloadColumn(binary_units=True),
+            self.bar = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(binary_units=True),
                                 TransferSpeedColumn(), TimeRemainingColumn(), console=_err, transient=True)
             self.bar.start()
             self.task = self.bar.add_task("index", total=total)
@@ -247,6 +248,85 @@ def _show_index(r: IndexReport, rec: known.KnownMedium) -> None:
         lines.append(f"carries parcel {p.parcel} version {_versions(p.versions)}")
     for line in lines:
         _out.print(line, markup=False, soft_wrap=True)
+
+
+@app.command("seed")
+def seed_cmd(
+    image: Annotated[Path, typer.Argument(help="A raw, ISO or qcow2 image file: a base image, a DVD's image.")],
+    force: Annotated[bool, typer.Option("--force", help="Read the image again even if it looks unchanged.")] = False,
+    forget: Annotated[bool, typer.Option("--forget", help="Stop using the image as a seed (drops its index).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make an image file you have in the clear a lookaside source for your parcels.
+
+    Its 128 KiB chunks are encoded with your convergence secret (log in first
+    with `isrsync login`), so wherever a parcel's disk still equals the image a
+    resume reads the chunk here instead of over the network. The index goes in
+    the site cache; the image is only read.
+    """
+    from .seed import forget_seed, seed_image
+
+    if forget:
+        gone = forget_seed(_cache(), image)
+        if json_out:
+            _emit_json({"forgotten": gone, "path": str(image)})
+        else:
+            _out.print(f"{image} is no longer a seed" if gone else f"{image} was not a seed here",
+                       markup=False, soft_wrap=True)
+        return
+    from isrsync.site.media import session_secret
+
+    secret = session_secret()
+    progress = _IndexProgress(not json_out, "seeding")
+    try:
+        rep = seed_image(image, _cache(), secret, progress, force=force)
+    finally:
+        progress.close()
+    if json_out:
+        _emit_json({"seed": rep.to_json()})
+        return
+    share = rep.chunk_bytes / rep.virtual_size if rep.virtual_size else 0.0
+    lines = [f"{rep.path} ({rep.kind.label}, {_bytes(rep.virtual_size)}): serves {rep.chunks} chunks, "
+             f"{_bytes(rep.chunk_bytes)} ({share:.0%} of the image)"]
+    if rep.up_to_date:
+        lines.append("unchanged since it was seeded: nothing read (--force reads it again)")
+    else:
+        lines.append(f"read {_bytes(rep.read_bytes)} in {rep.seconds:.1f} s; {rep.zero_chunks} all-zero chunks "
+                     "need no seed")
+    if rep.absent_chunks:
+        lines.append(f"{rep.absent_chunks} chunks are compressed or in a backing file and are not served")
+    lines.append(f"index: {rep.index_file}; resumes and hoards at this site now look here first")
+    for line in lines:
+        _out.print(line, markup=False, soft_wrap=True)
+
+
+@app.command("seeds")
+def seeds_cmd(json_out: JsonOpt = False) -> None:
+    """List the plaintext seeds of this site and whether each can serve now."""
+    from .seed import known_seeds
+
+    seeds = known_seeds(_cache(), _secret_or_none())
+    if json_out:
+        _emit_json([s.to_json() for s in seeds])
+        return
+    if not seeds:
+        _out.print("no seeds at this site; `sneakernet seed IMAGE` makes one", markup=False, soft_wrap=True)
+        return
+    t = Table(Column("image", overflow="fold", ratio=1), "kind", "size", "serves", "seeded", "status")
+    for s in seeds:
+        t.add_row(s.path, s.kind, _bytes(s.virtual_size), f"{s.chunks} ({_bytes(s.chunk_bytes)})",
+                  _ago(s.seeded) if s.seeded else "-", s.status)
+    _out.print(t)
+
+
+def _secret_or_none() -> bytes | None:
+    # Listing works logged out; only the "other user" status needs the secret.
+    from isrsync.site.media import session_secret
+
+    try:
+        return session_secret()
+    except IsrError:
+        return None
 
 
 @app.command("ls")

@@ -20,6 +20,7 @@ from . import medium as md
 from .attach import MediumDevice
 from .known import index_and_remember
 from .mounts import default_media_dir, read_mountinfo
+from .seed import SeedSource, open_seeds
 from .source import MediumSource
 from .watch import Watcher
 
@@ -116,6 +117,10 @@ class Media:
         # the mounts come and go.
         async with Watcher(default_media_dir(), appeared, went, mount=False) as w:
             yield w
+
+
+    def open_seeds(self, cache_dir: Path, secret: bytes) -> list[SeedSource]:
+        return open_seeds(cache_dir, secret)
 
 
 def plugin() -> Media:

@@ -19,7 +19,7 @@ from ..errors import NotFound, Unreachable, UsageError
 from ..site import account, carry
 from ..site.cache import open_cache
 from ..site.cache import CacheStats
-from ..site.media import open_lookaside, pick_medium
+from ..site.media import open_lookaside, open_seeds, pick_medium
 from ..site.control import ask_status, ask_suspend, ask_sync, running
 from ..site.parcel import DiscardResult, Site, discard, hoard, init_parcel, open_site, rollback
 from ..site.policy import Display, MemoryMode, Policy
@@ -118,7 +118,8 @@ LookasideOpt = Annotated[
 
 async def _lookaside(dirs: list[Path] | None, site: Site) -> list[Source]:
     # Opening a medium may index it (reads the whole key once): off the loop.
-    return [await asyncio.to_thread(open_lookaside, d, site.cache.path) for d in dirs or []]
+    named = [await asyncio.to_thread(open_lookaside, d, site.cache.path) for d in dirs or []]
+    return named + await asyncio.to_thread(open_seeds, site.cache.path, site.secret())
 
 
 def resume(
@@ -320,13 +321,15 @@ def hoard_cmd(
                 if info.version != last:
                     with _progress(json_out) as prog:
                         task = prog.add_task(f"hoarding version {info.version}", total=None)
-                        fetched, total = await hoard(site, pid, info.version,
-                                                     lambda d, t: prog.update(task, completed=d, total=t),
-                                                     lookaside=await _lookaside(lookaside, site))
+                        res = await hoard(site, pid, info.version,
+                                          lambda d, t: prog.update(task, completed=d, total=t),
+                                          lookaside=await _lookaside(lookaside, site))
                     if json_out:
-                        print(json.dumps({"version": info.version, "fetched": fetched, "chunks": total}), flush=True)
+                        print(json.dumps(res.to_json()), flush=True)
                     else:
-                        out.print(f"version {info.version}: fetched {fetched} of {total} chunks; all cached")
+                        out.print(f"version {res.version}: fetched {res.fetched} of {res.chunks} chunks; all cached")
+                        if res.sources:
+                            out.print(sources_table(res.sources))
                     last = info.version
                 if not follow:
                     return

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol, Sequence
 
 from ..errors import UsageError
+from .account import load_account, session_keys
 from .cachedir import CacheDirSource, is_cache_dir
 from .sources import Source
 
@@ -95,6 +96,10 @@ class MediaPlugin(Protocol):
     def watch(self, on_medium: OnMedium, on_gone: OnMedium) -> AsyncContextManager[object]:
         """Notice media plugged in and pulled out while a parcel runs (udev)."""
 
+    def open_seeds(self, cache_dir: Path, secret: bytes) -> Sequence[MediumReader]:
+        """The plaintext seeds (``sneakernet seed``) indexed at this site under ``secret`` that can
+        serve now; one that cannot (its image gone or changed) is left out, never an error."""
+
 
 @functools.cache
 def _installed() -> tuple[metadata.EntryPoint, ...]:
@@ -130,6 +135,17 @@ def pick_medium(path: str) -> Path:
         raise UsageError("no mounted medium carries .isrsync/",
                          hint="plug in a key and mount it, or prepare one with `sneakernet format PATH`")
     raise UsageError("several media are mounted: " + ", ".join(map(str, found)), hint="name one: --to-usb PATH")
+
+
+def session_secret() -> bytes:
+    """The logged-in user's convergence secret, for a media plugin that encodes chunks
+    itself (plaintext seeds). One line if nobody is logged in here."""
+    return session_keys(load_account())[0].convergence_secret
+
+
+def open_seeds(cache_dir: Path, secret: bytes) -> list[Source]:
+    """This site's plaintext seeds as lookaside sources (none without the media package). Blocks."""
+    return list(plugin().open_seeds(cache_dir, secret)) if available() else []
 
 
 def open_lookaside(path: str | Path, cache_dir: Path) -> Source:

@@ -37,6 +37,7 @@ from .account import Account, add_parcel_key, host_name, open_store, session_key
 from .cache import SiteCache
 from .disk import decode_cached
 from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
+from .results import HoardResult
 from .sources import ServerSource, Source, SourceRegistry
 from .state import ParcelState
 
@@ -404,11 +405,11 @@ async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *,
 
 async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                lookaside: Iterable[Source] = ()) -> tuple[int, int]:
+                lookaside: Iterable[Source] = ()) -> HoardResult:
     """Fetch every chunk of a version into the cache (fully proactive policy).
 
     Lookaside sources are asked before the server. Restartable: what is
-    already cached is skipped. Returns (fetched, total).
+    already cached is skipped.
     """
     info = await site.store.parcel(parcel)
     v = version or info.version
@@ -426,9 +427,10 @@ async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
     reg = site.registry(parcel, lookaside)
     try:
         fetched = await fetch_missing(site.cache, reg, tags, progress)
+        served = [s for s in reg.infos() if s.hits or s.bad or s.errors]
     finally:
         await reg.close()
-    return fetched, len(tags)
+    return HoardResult(v, fetched, len(tags), served)
 
 
 async def fetch_missing(cache: SiteCache, reg: SourceRegistry, tags: Iterable[bytes],

@@ -52,6 +52,25 @@ class ResumeReport(_Json):
 
 
 @dataclass(frozen=True)
+class HoardResult(_Json):
+    """What one hoard of a version did, and which source served what."""
+
+    version: int
+    fetched: int  # chunks brought into the cache now
+    chunks: int  # chunks the version names (all cached afterwards)
+    sources: list[SourceInfo] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "fetched": self.fetched, "chunks": self.chunks,
+                "sources": [dataclasses.asdict(s) for s in self.sources]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "HoardResult":
+        res = _build(cls, d)
+        return dataclasses.replace(res, sources=[SourceInfo.from_json(s) for s in res.sources])
+
+
+@dataclass(frozen=True)
 class MediumCopyResult(_Json):
     """What `suspend --to-usb` put on the medium."""
 

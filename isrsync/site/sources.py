@@ -41,6 +41,7 @@ class SourceKind(str, enum.Enum):
     SERVER = "server"
     CACHE_DIR = "cache-dir"
     MEDIUM = "medium"
+    SEED = "seed"  # a plaintext image the user has, encoded on the fly (sneakernet seed)
     PEER = "peer"
     OTHER = "other"
 

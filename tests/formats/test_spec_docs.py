@@ -37,10 +37,11 @@ import pytest
 from isrsync import chunk, pack
 from isrsync.store import wire
 from sneakernet import format as medium
+from sneakernet import seedfmt
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 DOC_FILES = ["README.md", "chunk.md", "pack.md", "manifest.md", "keys.md", "medium.md", "cache.md", "http.md",
-             "control.md", "locktoken.md"]
+             "control.md", "locktoken.md", "seed.md"]
 FORMAT_MODULES = [
     "isrsync.chunk",
     "isrsync.pack",
@@ -51,6 +52,7 @@ FORMAT_MODULES = [
     "isrsync.site.state",
     "isrsync.store.wire",
     "sneakernet.format",
+    "sneakernet.seedfmt",
 ]
 # Module-level constants a reader of the formats needs: they must be in a constants table.
 REQUIRED = re.compile(r"MAGIC|(^|_)(VERSION|FORMAT)$|^_?(FLAG|S)_[A-Z0-9_]+$|_SIZE$|^_?(MAX|MIN|DEFAULT)_|LEVEL$|^API$")
@@ -476,3 +478,16 @@ def test_medium_index_example() -> None:
     assert f"({len(raw)} bytes.)" in _text("medium.md")
     back = medium.decode_index(raw)
     assert back.find(enc.tag) == medium.IndexEntry(enc.tag, 0, 52, len(enc.data))
+
+
+def test_seed_index_example() -> None:
+    plain, enc = _chunk_example()
+    secret = bytes.fromhex(dict(line.split(None, 1) for line in _example("chunk.md", "chunk"))["secret"])
+    index = seedfmt.build(seedfmt.ImageKind.RAW, file_size=len(plain), mtime_ns=CREATED, virtual_size=len(plain),
+                          secret_fingerprint=seedfmt.fingerprint(secret), path="/img/base.raw",
+                          extents=[seedfmt.Extent(0, len(plain), 0)], rows=[(enc.tag, 0)],
+                          created_ns=CREATED + 5_000_000_000)
+    raw = _dump("seed.md", "seed-index")
+    assert raw == seedfmt.encode(index)
+    assert seedfmt.decode(raw) == index
+    assert f"({len(raw)} bytes.)" in _text("seed.md")

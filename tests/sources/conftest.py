@@ -28,6 +28,14 @@ Backends (``BACKENDS``):
   bind mount, as a DVD or a write-protected key), its chunks half in packs and
   half in loose one-chunk files, indexed by :func:`index_tree` into a
   directory beside it (a site cache's ``media/<id>/``).
+* ``seed``: :class:`sneakernet.seed.SeedSource` over a raw image file in the
+  clear whose 128 KiB chunks are the chunks' plaintexts, seeded by
+  :func:`seed_image` into a site cache; the source encodes each chunk as it
+  reads it. An image holds full chunks only (but for its last), so this
+  backend is given full-size chunks (``full_chunks``). Its hooks: ``damage``
+  flips a byte and keeps the file's mtime (bit rot on a DVD); ``truncate``
+  rewrites the index to say half the chunk is not in the file; ``vanish``
+  removes the image; ``hang`` puts a FIFO in its place.
 
 Hooks (call them before the source's first read unless noted; each changes the
 backing store, never the Source object):
@@ -97,6 +105,7 @@ from sourcekit import (
     MediumBesideHeld,
     MediumHeld,
     MemoryServerHeld,
+    SeedHeld,
     commit_chunks,
     make_chunks,
     write_cache_dir,
@@ -104,6 +113,7 @@ from sourcekit import (
     write_readonly_medium,
 )
 
+from isrsync.chunk import CHUNK_SIZE
 from isrsync.site.cache import SiteCache
 from isrsync.site.sources import SourceRegistry
 from isrsync.store.memory import MemoryStore
@@ -124,6 +134,8 @@ class BackendSpec:
     name: str
     caps: frozenset[Caps]
     lacks: dict[Caps, str] = field(default_factory=dict)  # capability -> why not
+    # A plaintext seed is an image: its chunks are 128 KiB but for the last one.
+    full_chunks: bool = False
 
     def __post_init__(self) -> None:
         assert set(self.caps) | set(self.lacks) == set(Caps), f"{self.name}: say why each flag is missing"
@@ -144,6 +156,7 @@ BACKENDS = [
     }) for name in ("cache-dir", "cache-dir-pack")),
     BackendSpec("medium", _ALL),
     BackendSpec("medium-beside", _ALL),
+    BackendSpec("seed", _ALL, full_chunks=True),
 ]
 BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -222,6 +235,8 @@ async def make_source(backend: BackendSpec, request: pytest.FixtureRequest, tmp_
             path = tmp_path / f"medium-{n}"
             await asyncio.to_thread(write_medium, path, chunks)
             held = MediumHeld(path, chunks)
+        elif backend.name == "seed":
+            held = await asyncio.to_thread(SeedHeld, tmp_path / f"image-{n}.raw", tmp_path / f"site-{n}", chunks)
         elif backend.name == "medium-beside":
             data, mount, beside = tmp_path / f"dvd-{n}", tmp_path / f"mnt-{n}", tmp_path / f"site-{n}" / "media" / "dvd"
             await asyncio.to_thread(write_readonly_medium, data, mount, beside, chunks)
@@ -241,9 +256,10 @@ async def make_source(backend: BackendSpec, request: pytest.FixtureRequest, tmp_
 
 
 @pytest.fixture
-def chunks() -> dict[bytes, bytes]:
-    """24 encoded chunks of random plaintext (lengths from 1 byte to a full chunk)."""
-    return make_chunks(24)
+def chunks(backend: BackendSpec) -> dict[bytes, bytes]:
+    """24 encoded chunks of random plaintext (lengths from 1 byte to a full chunk; all full
+    for a backend that is an image)."""
+    return make_chunks(24, size=CHUNK_SIZE if backend.full_chunks else None)
 
 
 @pytest.fixture

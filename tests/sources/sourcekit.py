@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from isrsync.store.memory import MemoryStore
 from isrsync.vmspec import VmSpec
 from sneakernet import format as medium_format
 from sneakernet.indexer import index_tree
+from sneakernet import seed as seeds
+from sneakernet import seedfmt
 from sneakernet.medium import format_medium, publish_index
 from sneakernet.source import MediumSource
 
@@ -41,6 +44,11 @@ PACK_LIMIT = 1 << 20  # several packs per chunk set: ServerSource groups and mer
 # -- chunks ---------------------------------------------------------------------------------
 
 
+# The plaintext and secret of every chunk made here, by tag: a plaintext seed
+# (an image file in the clear) can only hold chunks whose plaintext it has.
+PLAINTEXTS: dict[bytes, tuple[bytes, bytes]] = {}
+
+
 def make_chunks(n: int, *, size: int | None = None, secret: bytes | None = None) -> dict[bytes, bytes]:
     """``n`` encoded chunks of random plaintext (tag -> ciphertext), under a random
     convergence secret; random lengths from 1 byte to a full chunk unless ``size``."""
@@ -48,9 +56,11 @@ def make_chunks(n: int, *, size: int | None = None, secret: bytes | None = None)
     out: dict[bytes, bytes] = {}
     lengths = [CHUNK_SIZE, 1, *(int.from_bytes(os.urandom(3)) % CHUNK_SIZE + 1 for _ in range(n))]
     while len(out) < n:
-        e = encode(os.urandom(size or lengths[len(out)]), secret)
+        plain = os.urandom(size or lengths[len(out)])
+        e = encode(plain, secret)
         if e.data:  # an all-zero plaintext (a 1-byte one may be) is never stored: draw again
             out[e.tag] = e.data
+            PLAINTEXTS[e.tag] = (plain, secret)
     return out
 
 
@@ -492,3 +502,78 @@ def write_readonly_medium(data: Path, mount: Path, index_dir: Path, chunks: dict
     except BaseException:
         _unmount(mount)
         raise
+
+
+# -- seed: SeedSource over a raw image file in the clear --------------------------------------
+
+
+def write_seed(image: Path, cache_dir: Path, chunks: dict[bytes, bytes]) -> seeds.SeedSource:
+    """A raw image whose 128 KiB chunks are the plaintexts of ``chunks`` (full ones first,
+    one short one last at most, as in any image), seeded into ``cache_dir``."""
+    plains = [PLAINTEXTS[t] for t in chunks]
+    (secret,) = {s for _, s in plains}
+    full = [p for p, _ in plains if len(p) == CHUNK_SIZE]
+    short = [p for p, _ in plains if len(p) != CHUNK_SIZE]
+    assert len(short) <= 1, "an image has one short chunk at most: make full chunks for a seed"
+    image.write_bytes(b"".join(full + short))
+    # An mtime well before the seed: the index is not "racy" and is kept as made.
+    old = time.time_ns() - 60_000_000_000
+    os.utime(image, ns=(old, old))
+    rep = seeds.seed_image(image, cache_dir, secret)
+    assert rep.chunks == len(chunks), rep
+    (src,) = seeds.open_seeds(cache_dir, secret)
+    return src
+
+
+class SeedHeld(Held):
+    """A plaintext image file seeded into a site cache; the source encodes chunks as it reads them."""
+
+    def __init__(self, image: Path, cache_dir: Path, chunks: dict[bytes, bytes]) -> None:
+        self.image, self.cache_dir, self.chunks = image, cache_dir, chunks
+        self.source = write_seed(image, cache_dir, chunks)
+        self._fifo = False
+
+    def _chunk_no(self, tag: bytes) -> int:
+        no = self.source.index.chunk_of(tag)
+        assert no is not None
+        return no
+
+    async def damage(self, tag: bytes) -> None:
+        # Bit rot on a DVD: a byte changes, the file's size and mtime do not.
+        st = os.stat(self.image)
+        flip(self.image, self._chunk_no(tag) * CHUNK_SIZE + CHUNK_SIZE // 3)
+        os.utime(self.image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    async def truncate(self, tag: bytes) -> None:
+        # The index (a hint) claims the second half of the chunk is not in the file.
+        f = seeds.index_file(self.cache_dir, self.image.resolve())
+        ix = seedfmt.decode(f.read_bytes())
+        start = self._chunk_no(tag) * CHUNK_SIZE + CHUNK_SIZE // 2
+        end = start + CHUNK_SIZE // 2
+        extents = [seedfmt.Extent(0, start, 0), seedfmt.Extent(start, end - start, seedfmt.ABSENT)]
+        if end < ix.virtual_size:
+            extents.append(seedfmt.Extent(end, ix.virtual_size - end, end))
+        new = seedfmt.SeedIndex(ix.kind, ix.file_size, ix.mtime_ns, ix.virtual_size, ix.secret_fingerprint, ix.path,
+                                tuple(extents), ix.tags, ix.chunk_nos, ix.created_ns)
+        f.write_bytes(seedfmt.encode(new))
+
+    async def vanish(self) -> None:
+        self.image.unlink()
+
+    async def hang(self) -> None:
+        # The image becomes a FIFO with no writer: the worker blocks in open(2),
+        # as it would reading from a hung network mount.
+        self.image.unlink()
+        os.mkfifo(self.image)
+        self._fifo = True
+
+    async def cleanup(self) -> None:
+        if self._fifo:
+            fd = None
+            with contextlib.suppress(OSError):
+                fd = os.open(self.image, os.O_WRONLY | os.O_NONBLOCK)
+            with contextlib.suppress(OSError):
+                self.image.unlink()
+            if fd is not None:
+                os.close(fd)
+        await super().cleanup()
