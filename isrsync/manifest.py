@@ -480,6 +480,33 @@ def _parse_delta(raw: memoryview, disk_size: int) -> dict[int, ChunkRef]:
     return out
 
 
+def chain_ending_at(raws: Mapping[int, bytes], version: int, head_hash: bytes) -> dict[int, bytes] | None:
+    """From manifests of unknown origin (a USB key), the chain a resume of ``version`` needs:
+    the keyring base to ``version``, or None if any of it is missing or not the one named.
+
+    ``head_hash`` is the server's hash of ``version``'s manifest; each earlier one must hash
+    to its successor's parent. So a stale key, a key of another history (a fenced site's
+    uncommitted suspend) or a damaged file is never used: only the bytes the server
+    itself would have sent. No key is needed: headers are plaintext.
+    """
+    raw = raws.get(version)
+    if raw is None or not head_hash or manifest_hash(raw) != head_hash:
+        return None
+    out = {version: raw}
+    try:
+        h = parse_header(raw)
+        base = h.keyring_base
+        for v in range(version - 1, base - 1, -1):
+            prev = raws.get(v)
+            if prev is None or manifest_hash(prev) != h.parent:
+                return None
+            out[v] = prev
+            h = parse_header(prev)
+    except FormatError:
+        return None
+    return out
+
+
 def resolve(chain: Sequence[Manifest]) -> Manifest:
     """Rebuild the full keyring of ``chain[-1]`` from its keyring base onwards.
 

@@ -203,6 +203,30 @@ def list_parcels(root: Path) -> list[ParcelVersions]:
     return [ParcelVersions(p, tuple(sorted(v))) for p, v in sorted(found.items())]
 
 
+def parcel_manifests(root: Path, parcel: uuid.UUID) -> dict[int, bytes]:
+    """The encrypted manifests of ``parcel`` on the medium at ``root``, by version.
+
+    Only files whose header names that parcel and version; a reader still
+    checks them against the server's hash chain before it trusts one.
+    """
+    d = root / fmt.DIR / fmt.MANIFESTS_DIR / str(parcel)
+    try:
+        names = sorted(p.name for p in d.iterdir())
+    except OSError:
+        return {}
+    out: dict[int, bytes] = {}
+    for name in names:
+        try:
+            p, version = fmt.parse_manifest_name(d.name, name)
+            raw = (d / name).read_bytes()
+            h = mf.parse_header(raw)
+        except (FormatError, OSError):
+            continue
+        if (h.parcel, h.version) == (p, version) == (parcel, version):
+            out[version] = raw
+    return out
+
+
 def writable(root: Path) -> bool:
     """Whether the index can go on the medium itself (its .isrsync/ is writable here)."""
     dot = root / fmt.DIR

@@ -87,15 +87,7 @@ class Media:
         return list(seen)
 
     def read_manifests(self, path: Path, parcel: uuid.UUID) -> dict[int, bytes]:
-        m = md.open_medium(path)
-        out: dict[int, bytes] = {}
-        for pv in m.parcels():
-            if pv.parcel == parcel:
-                for v in pv.versions:
-                    raw = m.read_manifest(parcel, v)
-                    if raw is not None:
-                        out[v] = raw
-        return out
+        return md.parcel_manifests(md.open_medium(path).root, parcel)
 
     def read_keybundle(self, path: Path) -> bytes | None:
         return md.open_medium(path).keybundle()

@@ -25,6 +25,7 @@ import stat
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,6 +400,9 @@ class SeedSource(WorkerSource):
 
     async def holds(self, tags: Sequence[bytes]) -> set[bytes]:
         return {t for t in tags if len(t) == TAG_SIZE and t in self._current_index()}
+
+    async def manifests(self, parcel: uuid.UUID) -> dict[int, bytes]:
+        return {}  # an image carries chunks only
 
     def _current_index(self) -> SeedIndex:
         # The index file may be rewritten (seeded again, or edited by a test

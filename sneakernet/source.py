@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,15 @@ class MediumSource(WorkerSource):
     async def holds(self, tags: Sequence[bytes]) -> set[bytes]:
         """The tags the index lists (a hint: what a read would try, not what it would get)."""
         return await self._on_worker(self._holds, list(tags))
+
+    async def manifests(self, parcel: uuid.UUID) -> dict[int, bytes]:
+        """The encrypted manifests of ``parcel`` the medium carries (unverified)."""
+        return await self._on_worker(self._manifests, parcel)
+
+    def _manifests(self, parcel: uuid.UUID) -> dict[int, bytes]:
+        with self._lock:
+            self._check()
+            return md.parcel_manifests(self.root, parcel) if self.header is not None else {}
 
     # -- worker thread -------------------------------------------------------------------
 

@@ -80,6 +80,19 @@ class LiveServer:
                 total += int(rec.get("bytes") or 0)
         return total
 
+    def requests(self, method: str, path_part: str) -> int:
+        """How many requests of ``method`` to a path containing ``path_part`` the access log holds."""
+        n = 0
+        assert self.log is not None
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("method") == method and path_part in str(rec.get("path")):
+                n += 1
+        return n
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None

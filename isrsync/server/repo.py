@@ -251,14 +251,15 @@ class Repository:
         return self.parcel(user, parcel)
 
     _PARCEL_COLS = (
-        "id, name, created, version, epoch, holder_site, holder_host, holder_user, holder_since, hardware"
+        "id, name, created, version, epoch, holder_site, holder_host, holder_user, holder_since, hardware, "
+        "(SELECT hash FROM versions v WHERE v.parcel = parcels.id AND v.version = parcels.version)"
     )
 
     def _info(self, row: tuple) -> ParcelInfo:
-        pid, name, created, version, epoch, site, host, huser, since, hw = row
+        pid, name, created, version, epoch, site, host, huser, since, hw, head = row
         holder = Holder(site, host, huser, since) if site is not None else None
         pu = uuid.UUID(pid)
-        return ParcelInfo(pu, name, created, version, LockState(pu, epoch, version, holder, hw))
+        return ParcelInfo(pu, name, created, version, LockState(pu, epoch, version, holder, hw), bytes(head or b""))
 
     def parcel(self, user: str, ref: uuid.UUID | str) -> ParcelInfo:
         pid = parse_parcel_id(ref)

@@ -13,18 +13,21 @@ may be slow or yanked): callers run them on a worker thread.
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol, Sequence
+from typing import AsyncContextManager, Awaitable, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
-from ..errors import UsageError
+from ..errors import IsrError, UsageError
+from ..manifest import chain_ending_at
 from .account import load_account, session_keys
 from .cachedir import CacheDirSource, is_cache_dir
 from .sources import Source
 
 GROUP = "isrsync.media"
+log = logging.getLogger("isrsync.media")
 
 Progress = Callable[[int], None]  # bytes just written
 
@@ -56,11 +59,16 @@ class MediumSink(Protocol):
         """Drop what was written and not published."""
 
 
+@runtime_checkable
 class MediumReader(Source, Protocol):
     """A medium as a source, which can also say what it holds without reading it."""
 
     async def holds(self, tags: Sequence[bytes]) -> set[bytes]:
         """The tags of ``tags`` the medium's index lists (a hint: reads still verify)."""
+
+    async def manifests(self, parcel: uuid.UUID) -> dict[int, bytes]:
+        """The encrypted manifests of ``parcel`` the medium carries, by version (unverified:
+        :func:`carried_chain` checks them against the server's hash before any is used)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,28 @@ def session_secret() -> bytes:
 def open_seeds(cache_dir: Path, secret: bytes) -> list[Source]:
     """This site's plaintext seeds as lookaside sources (none without the media package). Blocks."""
     return list(plugin().open_seeds(cache_dir, secret)) if available() else []
+
+
+async def manifests_from_media(sources: Iterable[Source], parcel: uuid.UUID, version: int,
+                               head_hash: bytes) -> dict[int, bytes]:
+    """The manifest chain of ``version`` from the first medium among ``sources`` that carries
+    all of it, checked against the server's ``head_hash``; empty if none does.
+
+    On a slow link the keyring of a big disk is most of what a resume waits
+    for before the guest runs; a key that went with the suspend has it.
+    """
+    for src in sources:
+        if not isinstance(src, MediumReader):
+            continue
+        try:
+            raws = await src.manifests(parcel)
+        except (OSError, IsrError) as e:  # a pulled or failing key only fails to help
+            log.info("medium %s: its manifests are not used: %s", src.name, e)
+            continue
+        chain = chain_ending_at(raws, version, head_hash)
+        if chain:
+            return chain
+    return {}
 
 
 def open_lookaside(path: str | Path, cache_dir: Path) -> Source:

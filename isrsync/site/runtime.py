@@ -37,7 +37,7 @@ from ..vmspec import Accel
 from .background import Events, Tasks, background_for
 from .disk import ParcelDisk
 from .machine import Machine
-from .media import MediumSink, open_lookaside
+from .media import MediumSink, manifests_from_media, open_lookaside
 from .parcel import Site, boot_tags, fetch_missing, hardware_problems, load_version
 from .policy import Display, MemoryMode, Policy
 from .results import MediumCopyResult, PowerOffResult, ResumeReport, RunStatus, SuspendResult, SyncResult
@@ -125,6 +125,10 @@ class Runtime:
             base_v = version or info.version
             if base_v < 1:
                 raise UsageError(f"parcel {info.name} has no version yet")
+            if base_v == info.version and self.policy.uses_lookaside:
+                carried = await manifests_from_media(self.lookaside, parcel, base_v, info.head_hash)
+                if carried:
+                    await asyncio.to_thread(state.put_manifests, carried)
         base = await load_version(site, parcel, base_v, state)
         head: Manifest | None = None
         marks["manifest"] = time.perf_counter() - t0

@@ -100,6 +100,10 @@ class ParcelInfo:
     created: float
     version: int
     lock: LockState
+    # The manifest hash of ``version`` (empty before the first): a site that
+    # has the head's manifest from elsewhere (a USB key) checks it against
+    # this instead of downloading it.
+    head_hash: bytes = b""
 
 
 @dataclass(frozen=True)

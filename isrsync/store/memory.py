@@ -73,7 +73,8 @@ class _Parcel:
         return lock
 
     def info(self) -> ParcelInfo:
-        return ParcelInfo(self.id, self.name, self.created, self.version, self.lock())
+        head = self.versions[self.version][0].manifest_hash if self.version in self.versions else b""
+        return ParcelInfo(self.id, self.name, self.created, self.version, self.lock(), head)
 
 
 @dataclass

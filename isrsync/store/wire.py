@@ -131,13 +131,14 @@ def lock_from(d: dict[str, Any]) -> LockState:
 def parcel_json(p: ParcelInfo) -> dict[str, Any]:
     return {
         "parcel": str(p.parcel), "name": p.name, "created": p.created, "version": p.version,
-        "lock": lock_json(p.lock),
+        "lock": lock_json(p.lock), "head_hash": p.head_hash.hex(),
     }
 
 
 def parcel_from(d: dict[str, Any]) -> ParcelInfo:
     return ParcelInfo(
-        uuid.UUID(d["parcel"]), str(d["name"]), float(d["created"]), int(d["version"]), lock_from(d["lock"])
+        uuid.UUID(d["parcel"]), str(d["name"]), float(d["created"]), int(d["version"]), lock_from(d["lock"]),
+        bytes.fromhex(str(d.get("head_hash") or "")),
     )
 
 

@@ -777,3 +777,31 @@ def test_malformed_keyring_entry_is_refused_or_readable(ref: ChunkRef) -> None:
 
     for build in (disk, memory, delta):
         _sealed_or_refused(build)
+
+
+def test_chain_ending_at_takes_only_the_chain_the_server_names() -> None:
+    rng = random.Random(11)
+    w = Writer(40 * CHUNK_SIZE, rng, full_every=4)
+    for _ in range(5):
+        i = rng.randrange(len(w.ring))
+        w.ring[i] = rref(rng)
+        w.commit({i})
+    raws = {v: r for v, r in enumerate(w.raws, start=1)}  # versions 1..6; 5 is a full keyring
+    head = manifest_hash(raws[6])
+    assert mf.chain_ending_at(raws, 6, head) == {5: raws[5], 6: raws[6]}
+    assert mf.chain_ending_at(raws, 4, manifest_hash(raws[4])) == {v: raws[v] for v in (1, 2, 3, 4)}
+    # The server names another head: a stale key, or one of another history.
+    assert mf.chain_ending_at(raws, 6, manifest_hash(raws[5])) is None
+    assert mf.chain_ending_at(raws, 6, b"") is None
+    # A link missing, or swapped for a manifest the head does not name as its parent.
+    assert mf.chain_ending_at({6: raws[6]}, 6, head) is None
+    other = Writer(40 * CHUNK_SIZE, random.Random(12), full_every=4)
+    for _ in range(4):
+        other.commit(set())
+    forged = dict(raws)
+    forged[3] = other.raws[2]
+    assert mf.chain_ending_at(forged, 4, manifest_hash(raws[4])) is None
+    # Damaged bytes.
+    bad = dict(raws)
+    bad[6] = raws[6][:-1] + bytes([raws[6][-1] ^ 1])
+    assert mf.chain_ending_at(bad, 6, head) is None

@@ -35,8 +35,11 @@ def test_suspend_to_usb_then_a_resume_elsewhere_reads_memory_from_the_key(sites,
 
     b = sites("b")
     before = live_server.pack_bytes_sent()
+    manifests = live_server.requests("GET", "/manifests")
     proc, ev, con = b.resume(name, "--policy", "lookaside", "--lookaside", str(key), "--no-watch-media")
     assert ev["cold_boot"] is False, ev
+    # The key carried the manifest chain too: checked against the server's head hash, not fetched.
+    assert live_server.requests("GET", "/manifests") == manifests
     assert con.command("read note") == "GUEST: DATA carried-on-a-key"
     src = _sources(b)
     (medium,) = [s for n, s in src.items() if s["kind"] == "medium"]
@@ -73,3 +76,43 @@ def test_a_medium_that_cannot_take_the_copy_never_stops_the_suspend(sites, parce
     finally:
         subprocess.run(["umount", "-l", str(key)], check=False)
     a.ended(proc)
+
+
+def test_suspend_to_usb_with_no_network_copies_to_the_key_and_uploads_at_the_next_sync(
+    sites, parcel, live_server, server_factory, tmp_path
+) -> None:
+    a, name = parcel
+    key = tmp_path / "key"
+    key.mkdir()
+    _sneakernet("format", str(key), "--label", "offline")
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("write note written-offline") == "GUEST: OK"
+    con.close()
+    port = live_server.port
+    live_server.stop()  # no network from here on
+
+    res = a.json("suspend", name, "--to-usb", str(key))
+    assert res["committed"] is False and res["reason"], res
+    m = res["medium"]
+    assert m["published"] is True and m["problem"] is None and m["chunks"] > 20 and m["bytes"] > 1 << 20, m
+    a.ended(proc)
+
+    # The server is back: the next sync uploads what the suspend could not.
+    srv = server_factory(data=live_server.data, extra=["--listen", f"127.0.0.1:{port}"])
+    assert srv.port == port
+    res = a.json("sync", name)
+    assert res["committed"] is True and res["version"] == 2, res
+
+    # The key helps another site resume that version: its memory image is on it.
+    b = sites("b")
+    before = srv.pack_bytes_sent()
+    proc, ev, con = b.resume(name, "--policy", "lookaside", "--lookaside", str(key), "--no-watch-media")
+    assert ev["version"] == 2 and ev["cold_boot"] is False, ev
+    assert con.command("read note") == "GUEST: DATA written-offline"
+    (medium,) = [s for s in _sources(b).values() if s["kind"] == "medium"]
+    assert medium["bad"] == 0 and medium["hits"] >= m["chunks"] // 2, medium
+    assert medium["bytes"] > srv.pack_bytes_sent() - before
+    con.close()
+    assert b.json("suspend", name)["committed"] is True
+    b.ended(proc)
