@@ -116,3 +116,38 @@ def test_suspend_to_usb_with_no_network_copies_to_the_key_and_uploads_at_the_nex
     con.close()
     assert b.json("suspend", name)["committed"] is True
     b.ended(proc)
+
+
+def test_a_stale_key_never_harms_its_manifests_are_refused_and_its_chunks_still_help(
+    sites, parcel, live_server, tmp_path
+) -> None:
+    a, name = parcel
+    key = tmp_path / "key"
+    key.mkdir()
+    _sneakernet("format", str(key), "--label", "stale")
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("write note on-the-key") == "GUEST: OK"
+    con.close()
+    assert a.json("suspend", name, "--to-usb", str(key))["version"] == 2
+    a.ended(proc)
+    # The parcel moves on without the key: version 3 is on the server only.
+    proc, _, con = a.resume(name)
+    assert con.command("write note after-the-key") == "GUEST: OK"
+    con.close()
+    assert a.json("suspend", name)["version"] == 3
+    a.ended(proc)
+
+    b = sites("b")
+    manifests = live_server.requests("GET", "/manifests")
+    proc, ev, con = b.resume(name, "--policy", "lookaside", "--lookaside", str(key), "--no-watch-media")
+    assert ev["version"] == 3 and ev["cold_boot"] is False, ev
+    # The key's chain ends at version 2, not at the head the server names: fetched instead.
+    assert live_server.requests("GET", "/manifests") > manifests
+    assert con.command("read note") == "GUEST: DATA after-the-key"
+    assert con.command("read hello.txt") == "GUEST: DATA made at init"
+    (medium,) = [s for s in _sources(b).values() if s["kind"] == "medium"]
+    assert medium["bad"] == 0 and medium["errors"] == 0, medium
+    con.close()
+    assert b.json("suspend", name)["committed"] is True
+    b.ended(proc)
