@@ -363,7 +363,7 @@ async def floor_run(make_q, fdir: Path, run_seconds: float) -> tuple[dict[str, f
     try:
         tries.append(await floor_restore(q, fdir / "ser"))
         res = {**min(tries, key=lambda r: r["total"]), "tries": [r["total"] for r in tries],
-               "answer": min(r["answer"] for r in tries), "counter": tries[-1]["counter"]}
+               "answer": min(r["answer"] for r in tries), "answers": [r["answer"] for r in tries], "counter": tries[-1]["counter"]}
         await asyncio.sleep(run_seconds)
         saved = await floor_save(q, fdir / "saved.bin")
         await q.quit()
