@@ -129,7 +129,7 @@ async def bench(work: Path, args: argparse.Namespace, say) -> dict[str, Any]:
         finally:
             state.close()
         assert m.keyring is not None
-        disk_chunks = len(m.keyring.tags())
+        disk_tags = m.keyring.tags()
     finally:
         await site_a.close()
     say(f"parcel version {res.version}: the guest wrote {args.new_mib} MiB and a note since the base")
@@ -143,8 +143,17 @@ async def bench(work: Path, args: argparse.Namespace, say) -> dict[str, Any]:
                 + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(r["bytes"].items()))
                 + (f"; seeding took {r['seed_seconds']:.1f}s" if seeds else ""))
     med = statistics.median
+    from sneakernet.seed import load_index, seed_image
+
+    covered = {}
+    for name, img in (("raw", base), ("qcow2", qcow)):
+        probe = work / f"probe-{name}"
+        rep = await asyncio.to_thread(seed_image, img, probe, await _secret(acct), None)
+        ix = load_index(rep.index_file)
+        covered[name] = sum(1 for t in disk_tags if t in ix)
+        shutil.rmtree(probe, ignore_errors=True)
     out: dict[str, Any] = {"image_mib": args.image_mib, "tree": str(args.tree), "new_mib": args.new_mib,
-                           "disk_chunks": disk_chunks, "repeat": args.repeat, "runs": runs, "summary": {}}
+                           "disk_chunks": len(disk_tags), "disk_chunks_in_seed": covered, "repeat": args.repeat, "runs": runs, "summary": {}}
     total = med([sum(r["bytes"].values()) for r in runs["none"]])
     for name in ("none", "raw", "qcow2"):
         rs = runs[name]
@@ -157,10 +166,19 @@ async def bench(work: Path, args: argparse.Namespace, say) -> dict[str, Any]:
     return out
 
 
+async def _secret(acct) -> bytes:
+    from isrsync.site.account import session_keys
+
+    return session_keys(acct)[0].convergence_secret
+
+
 def render(res: dict[str, Any]) -> str:
     s = res["summary"]
+    n, inseed = res["disk_chunks"], res["disk_chunks_in_seed"]
     lines = [f"seed coverage: base image {res['image_mib']} MiB ext4 of {res['tree']}; the user then wrote "
              f"{res['new_mib']} MiB; medians of {res['repeat']}",
+             f"the version's disk has {n} stored (non-zero) chunks; the seed holds "
+             + ", ".join(f"{v} ({v / n:.0%}) as {k}" for k, v in inseed.items()),
              "seed  | hoard s | from seed MB | from server MB | server / no seed | seed's share | seeding s",
              "------+---------+--------------+----------------+------------------+--------------+----------"]
     for name in ("none", "raw", "qcow2"):
