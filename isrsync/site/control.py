@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Iterator, Union
 
 from .. import errors
 from ..errors import IsrError, NotFound, UsageError
@@ -112,6 +115,63 @@ def run_dir(site_id: str, parcel: uuid.UUID) -> Path:
     d = runtime_dir() / f"run-{site_id[:8]}-{str(parcel)[:8]}"
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     return d
+
+
+RUN_LOCK = ".run.lock"
+# A run directory with no lock file is one being made right now, or one left
+# by an older isrsync: only the latter is old enough to sweep.
+_UNLOCKED_GRACE = 60.0
+
+
+@contextlib.contextmanager
+def claim_run_dir(site_id: str, parcel: uuid.UUID) -> Iterator[Path]:
+    """The run directory of ``parcel``, held for this run and removed when it ends.
+
+    An flock on ``.run.lock`` lasts as long as this process holds it, so a run
+    that was killed leaves a directory anyone can tell is stale; the next run
+    sweeps those. A second run of one parcel at one site is refused here.
+    """
+    sweep_stale_runs()
+    d = run_dir(site_id, parcel)
+    fd = os.open(d / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"parcel {parcel} is already running at this site",
+                             hint="`isrsync status` shows it; `isrsync suspend` ends it") from None
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def sweep_stale_runs() -> int:
+    """Remove run directories (sockets, logs) that no live run holds; returns how many."""
+    gone = 0
+    for d in runtime_dir().glob("run-*"):
+        try:
+            fd = os.open(d / RUN_LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - d.stat().st_mtime > _UNLOCKED_GRACE:
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone += 1
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live run holds it
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            gone += 1
+        finally:
+            os.close(fd)
+    return gone
 
 
 def running(site_id: str) -> list[tuple[str, Path]]:

@@ -29,7 +29,7 @@ from .control import (
     SuspendRequest,
     SyncRequest,
     WithdrawSource,
-    run_dir,
+    claim_run_dir,
 )
 from .parcel import Site
 from .policy import Display, MemoryMode, Policy
@@ -54,10 +54,19 @@ async def run_parcel(
     """Resume a parcel and serve it until it is suspended or the guest powers off.
 
     Control requests (status, sync, suspend) arrive on the run's control
-    socket; SIGINT and SIGTERM suspend too. Returns how the run ended.
+    socket; SIGINT and SIGTERM suspend too. Returns how the run ended. The
+    run's directory (control socket, QEMU's sockets and log) is this run's
+    alone and goes with it; one a killed run left is swept at the next start.
     """
+    with claim_run_dir(site.site_id, parcel) as rundir:
+        return await _serve(site, parcel, rundir, policy=policy, version=version, display=display, serial=serial,
+                            events=events, lookaside=lookaside, memory=memory, watch_media=watch_media)
+
+
+async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy, version: int | None,
+                 display: Display, serial: Path | None, events: Events | None, lookaside: Sequence[Source],
+                 memory: MemoryMode, watch_media: bool) -> dict[str, Any]:
     say = events or (lambda kind, data: None)
-    rundir = run_dir(site.site_id, parcel)
     rt = Runtime(site, parcel, policy=policy, display=display, serial=serial, rundir=rundir, events=say,
                  lookaside=lookaside, memory=memory)
     ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -90,6 +90,26 @@ def qemu_binary() -> str:
     return exe
 
 
+@functools.cache
+def _dies_with_us() -> tuple[str, ...]:
+    """A prefix that makes QEMU die with the process that started it, however that ends.
+
+    A guest whose runner was SIGKILLed must not run on, re-parented to init,
+    holding the disk's NBD socket and the lock's promise: the kernel sends
+    QEMU SIGKILL when its parent goes (PR_SET_PDEATHSIG, kept across exec).
+    setpriv sets it and execs QEMU in the same process, so the pid, the
+    descriptors and the exit status are QEMU's own; preexec_fn could do it
+    too but is unsafe in a process with threads. The signal follows the
+    *thread* that forked: QEMU is started from the event loop's thread,
+    which lives as long as the run.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) is missing: QEMU would outlive a killed isrsync")
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--")
+
+
 @dataclass
 class VmConfig:
     """What QEMU needs to run a parcel's machine (from the manifest's VM spec)."""
@@ -187,7 +207,7 @@ class Qemu:
         err = open(self._stderr, "ab")
         try:
             self.proc = subprocess.Popen(
-                self.args(incoming, qmp_fd=theirs.fileno(), preconfig=machine is not None),
+                [*_dies_with_us(), *self.args(incoming, qmp_fd=theirs.fileno(), preconfig=machine is not None)],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                 pass_fds=(theirs.fileno(), *pass_fds), start_new_session=True,
             )
