@@ -51,7 +51,9 @@ async def _site() -> AsyncIterator[Site]:
 
 async def _resolve(site: Site, ref: str) -> uuid.UUID:
     try:
-        return (await site.store.parcel(ref)).parcel
+        pid = (await site.store.parcel(ref)).parcel
+        await site.ensure_key(pid)
+        return pid
     except Unreachable:
         # Offline: parcels this site has local state for can still be named.
         for d in (site.cache.path / "parcels").glob("*"):

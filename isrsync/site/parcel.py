@@ -27,13 +27,13 @@ from typing import Callable, Iterable
 
 from .. import manifest
 from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
-from ..errors import NotFound, UsageError
-from ..keys import KeyBundle, new_master_key
+from ..errors import AuthError, IntegrityError, NotFound, Unreachable, UsageError, WrongPassphrase
+from ..keys import KeyBundle, SealKey, new_master_key
 from ..manifest import Keyring, Manifest, MemoryImage
 from ..pack import PackInfo
 from ..store.base import CommitRequest, Holder, Store, VersionInfo
 from ..vmspec import Accel, BootBlob, BootSpec, VmSpec
-from .account import Account, add_parcel_key, host_name, open_store, session_keys
+from .account import Account, add_parcel_key, host_name, open_store, remember, session_keys
 from .cache import SiteCache
 from .disk import decode_cached
 from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
@@ -53,10 +53,38 @@ class Site:
     acct: Account
     bundle: KeyBundle
     host: str
+    seal: SealKey | None = None  # the session's derived key: reopens a newer bundle without asking
 
     @property
     def site_id(self) -> str:
         return self.cache.site_id
+
+    async def ensure_key(self, parcel: uuid.UUID) -> None:
+        """Make sure the bundle has ``parcel``'s key, fetching the current one if it is missing.
+
+        A parcel created at another site after this site's login is in the
+        server's bundle, not in the one this session unlocked; it is opened
+        with the session's key, no passphrase asked. Offline, or when the
+        server's bundle lacks it too, the error says which.
+        """
+        if str(parcel) in self.bundle.parcels or self.seal is None:
+            return
+        try:
+            sealed = await self.store.get_key_bundle()
+        except Unreachable:
+            return  # master_key says the bundle has no key; with no server, nothing newer is known
+        if sealed is None:
+            return
+        try:
+            fresh = await asyncio.to_thread(KeyBundle.unseal_with, sealed, self.seal)
+        except WrongPassphrase:
+            raise AuthError("the key bundle was re-sealed under another passphrase since this login",
+                            hint="run `isrsync login` again") from None
+        self.bundle = fresh
+        remember(self.acct, fresh, self.seal)
+        if str(parcel) not in fresh.parcels:
+            raise IntegrityError(f"no key for parcel {parcel} in your key bundle, even as the server has it now",
+                                 hint="the parcel belongs to another user, or was made with keys since lost")
 
     def holder(self) -> Holder:
         return Holder(self.site_id, self.host, self.acct.user)
@@ -84,8 +112,8 @@ class Site:
 
 
 async def open_site(cache: SiteCache, acct: Account) -> Site:
-    bundle, _ = session_keys(acct)
-    return Site(cache, open_store(acct), acct, bundle, host_name())
+    bundle, seal = session_keys(acct)
+    return Site(cache, open_store(acct), acct, bundle, host_name(), seal)
 
 
 # -- versions ------------------------------------------------------------------------
