@@ -25,7 +25,7 @@ _isrsync_spec() {
             vopts='--memory --workdir'
             ;;
         'isrsync login')
-            opts='-u --user --token --cacert --json --help'
+            opts='-u --user --token --cacert --insecure --json --help'
             vopts='-u --user --token --cacert'
             args=1
             ;;

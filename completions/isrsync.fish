@@ -129,6 +129,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -s 'u' -l 'user' -r -F -d 'Your user name on the server'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'token' -r -F -d 'Bearer token from `isrsync server add-user`'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'cacert' -r -F -d 'CA certificate that signs the server\'s TLS certificate'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'insecure' -d 'Allow plain http to a server that is not on this machine: the token and all metadata cross the network unencrypted'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -l 'help' -d 'Show this message and exit'
 

@@ -13,7 +13,7 @@ import typer
 from ..errors import UsageError
 from ..keys import KdfLimits
 from ..site import account
-from .render import emit_json, out
+from .render import emit_json, err, out
 from .state import JsonOpt
 
 
@@ -68,6 +68,8 @@ def login(
     token: Annotated[Optional[str], typer.Option("--token", envvar="ISRSYNC_TOKEN", help="Bearer token from `isrsync server add-user`.", show_envvar=True)] = None,
     cacert: Annotated[Optional[Path], typer.Option("--cacert", help="CA certificate that signs the server's TLS certificate.")] = None,
     kdf_min: Annotated[bool, typer.Option("--kdf-min", hidden=True)] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http to a server that is not on this "
+                                           "machine: the token and all metadata cross the network unencrypted.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Log in to a home server and unlock your keys with your passphrase.
@@ -77,6 +79,11 @@ def login(
     token of an http(s) server likewise from --token or ISRSYNC_TOKEN. Without
     a terminal to ask on, both must be given that way.
     """
+    if account.in_the_clear(server):
+        if not insecure:
+            raise UsageError(f"{server} is plain http: your token would cross the network in the clear",
+                             hint="use https:// (see `isrsync serve --tls-cert`), or pass --insecure to accept that")
+        err.print("isrsync: warning: plain http: your token crosses the network unencrypted", markup=False)
     needs_token = server.startswith(("http://", "https://")) and not token
     _require_credentials(needs_token)
     if needs_token:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import socket
@@ -88,6 +89,21 @@ def open_store(acct: Account) -> Store:
         # be; online, the server refuses it with a line that says to log in.
         return HttpStore(acct.server, acct.token, cafile=acct.cacert)
     raise UsageError(f"{acct.server!r} is not an http://, https:// or file:// home")
+
+
+def in_the_clear(server: str) -> bool:
+    """True when a login to ``server`` would send the token unencrypted past this machine:
+    plain http to anything but a loopback address (a server on this host, or a test's)."""
+    parts = urlsplit(server)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def _session_file(acct: Account) -> Path:

@@ -94,3 +94,23 @@ def test_login_without_a_terminal_says_what_is_missing(
     if "passphrase" not in needs:
         assert "ISRSYNC_PASSPHRASE" not in line, line
     assert "Traceback" not in r.stderr and "aborted" not in r.stderr.lower()
+
+
+# -- plain http -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["http://isrsync.invalid", "http://192.0.2.7:8443", "http://[2001:db8::1]/"])
+def test_login_over_plain_http_to_another_host_is_refused_before_any_connection(tmp_path: Path, server: str) -> None:
+    r = login_without_a_terminal(tmp_path, server, "-u", "alice", "--token", "t", ISRSYNC_PASSPHRASE="pw")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "plain http" in line and "in the clear" in line and "--insecure" in line and "https://" in line, line
+    assert not (tmp_path / ".config").exists()  # nothing recorded
+
+
+@pytest.mark.parametrize("server", ["http://127.0.0.1:1", "http://localhost:1", "http://[::1]:1", "https://isrsync.invalid"])
+def test_loopback_http_and_https_pass_the_check(server: str) -> None:
+    from isrsync.site.account import in_the_clear
+
+    assert in_the_clear(server) is False
