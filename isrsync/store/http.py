@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import ssl
 import uuid
 from pathlib import Path
@@ -319,8 +320,22 @@ def _maybe_json(raw: bytes) -> Any:
 
 
 def _why(e: BaseException | None) -> str:
+    """Why a request got no answer, as a person would say it (not aiohttp's repr of its connector)."""
     if e is None:
         return "no answer"
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        os_err = e.os_error
+        if isinstance(os_err, socket.gaierror):
+            return f"the name {e.host} does not resolve"
+        # asyncio words its own strerror ("Connect call failed ('10.0.0.1', 80)"): say the errno's.
+        reason = os.strerror(os_err.errno) if os_err is not None and os_err.errno else "no connection"
+        return reason[:1].lower() + reason[1:]
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(e, (aiohttp.ClientPayloadError, aiohttp.ClientResponseError)):
+        return "the answer was cut short"
+    if isinstance(e, ConnectionError):
+        return os.strerror(e.errno).lower() if e.errno else type(e).__name__
     return str(e) or type(e).__name__

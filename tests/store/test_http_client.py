@@ -333,6 +333,9 @@ async def test_dead_server_is_unreachable_quickly(open_http) -> None:
         await store.list_parcels()
     assert time.monotonic() - t0 < 3.0
     assert url in str(e.value) and "cannot reach" in str(e.value)
+    # A sentence, not aiohttp's connector internals ("ssl:default", "Connect call failed").
+    assert "(connection refused)" in str(e.value), e.value
+    assert "ssl:" not in str(e.value) and "Connect call" not in str(e.value) and "[" not in str(e.value)
     assert e.value.exit_code == 8 and "network" in e.value.hint
 
 
