@@ -27,7 +27,7 @@ from ..site.results import RunStatus, SuspendResult, SyncResult
 from ..site.run import run_parcel
 from ..site.session import commit_offline_suspend
 from ..site.sources import Source
-from ..site.state import ParcelState
+from ..site.state import LocalStatus, LocalSummary, ParcelState, local_summaries
 from .account import ask_passphrase
 from .render import emit_json, err, human_bytes, out, resume_rows, sources_table
 from .state import JsonOpt, state
@@ -402,24 +402,32 @@ def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
     Needs no login: it reads this site's cache and asks its running parcels.
     """
 
-    async def go() -> tuple[CacheStats, list[RunStatus]]:
+    async def go() -> tuple[CacheStats, list[RunStatus], list[LocalSummary]]:
         with open_cache(state.cache_dir) as cache:
             runs = []
             for _, sock in running(cache.site_id):
                 with contextlib.suppress(NotFound):
                     runs.append(await ask_status(sock))
-            return await asyncio.to_thread(cache.stats), runs
+            local = await asyncio.to_thread(local_summaries, cache.path)
+            return await asyncio.to_thread(cache.stats), runs, local
 
-    cache, runs = asyncio.run(go())
+    cache, runs, local = asyncio.run(go())
+    live = {r.parcel for r in runs}
+    kept = [s for s in local if s.parcel not in live]
     if parcel is not None:
         runs = [r for r in runs if parcel in (r.parcel, r.name)]
+        kept = [s for s in kept if parcel in (s.parcel, s.name)]
     if json_out:
-        emit_json({"cache": dataclasses.asdict(cache), "running": [r.to_json() for r in runs]})
+        emit_json({"cache": dataclasses.asdict(cache), "running": [r.to_json() for r in runs],
+                   "local": [{**s.to_json(), "next": _next_step(s)} for s in kept]})
         return
     out.print(f"cache {cache.path}: {cache.chunks} chunks, {human_bytes(cache.chunk_bytes)}")
+    for s in kept:
+        out.print(f"parcel {s.name or s.parcel}: {_local_line(s)}; next: {_next_step(s)}", markup=False)
     if not runs:
         out.print(f"parcel {parcel} is not running here" if parcel else "no parcel is running here")
-        out.print("`isrsync ls` lists your parcels; `isrsync resume PARCEL` runs one here")
+        if not kept:
+            out.print("`isrsync ls` lists your parcels; `isrsync resume PARCEL` runs one here")
     for r in runs:
         out.print(f"parcel {r.name or r.parcel} (base version {r.base}, policy {r.policy}): {r.dirty_chunks} dirty,"
                   f" {r.trickled_chunks} trickled, residue {r.residue_chunks}")
@@ -430,6 +438,26 @@ def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
                       f"{mem['requests']} page faults served (median {mem['fault_ms_median'] or 0:.2f} ms), "
                       f"{mem['pushed_chunks']} chunks pushed")
         out.print(sources_table(r.sources))
+
+
+def _local_line(s: LocalSummary) -> str:
+    changed = f"{s.dirty_chunks} changed chunk{'s' if s.dirty_chunks != 1 else ''} on top of version {s.base}"
+    if s.status is LocalStatus.RUNNING:
+        return f"its run ended without a suspend (killed or crashed); {changed} kept, its memory is lost"
+    if s.status is LocalStatus.SUSPENDED_LOCAL:
+        return f"suspended here but not committed (the server was unreachable); {changed} and its memory image kept"
+    if s.status is LocalStatus.HELD:
+        return f"committed as version {s.base}, the lock kept at this site"
+    return f"fenced: the lock was broken or taken elsewhere; {changed} kept here, never merged"
+
+
+def _next_step(s: LocalSummary) -> str:
+    name = s.name or s.parcel
+    if s.status in (LocalStatus.RUNNING, LocalStatus.SUSPENDED_LOCAL):
+        return f"`isrsync sync {name}` commits it, or `isrsync resume {name}` goes on with it"
+    if s.status is LocalStatus.HELD:
+        return f"`isrsync resume {name}` goes on here"
+    return f"`isrsync discard {name}` drops the changes"
 
 
 @lock_app.command("break")

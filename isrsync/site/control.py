@@ -110,9 +110,13 @@ def decode_request(line: bytes) -> Request:
     return cls(**kw)
 
 
+def _run_path(site_id: str, parcel: uuid.UUID) -> Path:
+    return runtime_dir() / f"run-{site_id[:8]}-{str(parcel)[:8]}"
+
+
 def run_dir(site_id: str, parcel: uuid.UUID) -> Path:
     # Short: unix socket paths must stay under 108 bytes.
-    d = runtime_dir() / f"run-{site_id[:8]}-{str(parcel)[:8]}"
+    d = _run_path(site_id, parcel)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     return d
 
@@ -132,20 +136,55 @@ def claim_run_dir(site_id: str, parcel: uuid.UUID) -> Iterator[Path]:
     sweeps those. A second run of one parcel at one site is refused here.
     """
     sweep_stale_runs()
-    d = run_dir(site_id, parcel)
-    fd = os.open(d / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    d, fd = _lock_run_dir(site_id, parcel)
     try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        os.close(fd)
+
+
+def _lock_run_dir(site_id: str, parcel: uuid.UUID) -> tuple[Path, int]:
+    for attempt in range(50):
+        d = run_dir(site_id, parcel)
+        fd = os.open(d / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
+            if attempt < 5:  # `status` or a sweep may be probing it for a moment
+                time.sleep(0.02)
+                continue
             raise UsageError(f"parcel {parcel} is already running at this site",
                              hint="`isrsync status` shows it; `isrsync suspend` ends it") from None
         try:
-            yield d
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    finally:
+            # Another start may have swept the directory between our open and our lock.
+            same = os.stat(d / RUN_LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return d, fd
         os.close(fd)
+    raise UsageError(f"cannot claim a run directory for parcel {parcel} in {runtime_dir()}")
+
+
+def run_is_live(site_id: str, parcel: uuid.UUID) -> bool:
+    """Whether a run of ``parcel`` holds its run directory now (starting, running or ending)."""
+    return _held(_run_path(site_id, parcel))
+
+
+def _held(d: Path) -> bool:
+    try:
+        fd = os.open(d / RUN_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock if it got it
+    return False
 
 
 def sweep_stale_runs() -> int:
@@ -179,7 +218,8 @@ def running(site_id: str) -> list[tuple[str, Path]]:
     out = []
     for d in runtime_dir().glob(f"run-{site_id[:8]}-*"):
         sock = d / "control.sock"
-        if sock.exists():
+        # A killed run's socket file stays until the next start sweeps it: only a held run counts.
+        if sock.exists() and _held(d):
             out.append((d.name.rsplit("-", 1)[1], sock))
     return out
 

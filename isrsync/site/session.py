@@ -18,6 +18,7 @@ from typing import Callable
 from ..errors import Conflict, UsageError
 from ..manifest import Keyring, Manifest, MemoryImage, dirty_since, parse_header
 from ..store.base import VersionInfo
+from .control import run_is_live
 from .disk import ParcelDisk
 from .parcel import Site, commit_version, load_version, upload_cached
 from .state import LocalStatus, ParcelState
@@ -97,11 +98,21 @@ class ParcelSession:
 
 
 async def commit_offline_suspend(site: Site, parcel: uuid.UUID) -> int:
-    """Commit a suspend that could not reach the server (no VM running); returns the version."""
+    """Commit what this site kept of a parcel that no run holds; returns the version.
+
+    A local suspend (the server was unreachable) commits with its memory
+    image. A run that crashed, or was killed, commits its disk changes with
+    no memory image: the guest boots on them next time (what it had in RAM
+    is gone with the process). Either way only under the epoch the changes
+    were made under: a broken lock fences them, kept and never merged.
+    """
     state = site.state(parcel)
     try:
         here = state.info()
-        if here.status is not LocalStatus.SUSPENDED_LOCAL:
+        crashed = here.status is LocalStatus.RUNNING
+        if crashed and run_is_live(site.site_id, parcel):
+            raise UsageError(f"parcel {parcel} is running here", hint="`isrsync sync` it once it has started")
+        if here.status not in (LocalStatus.SUSPENDED_LOCAL, LocalStatus.RUNNING):
             if here.status is LocalStatus.FENCED:
                 state.start_running(0, 0, "")  # raises the fenced line
             raise UsageError(f"parcel {parcel} has nothing to sync at this site")
@@ -111,8 +122,9 @@ async def commit_offline_suspend(site: Site, parcel: uuid.UUID) -> int:
         dirty = state.dirty()
         staged, staged_tags = state.staged()
         session = ParcelSession(site, parcel, state, base, here.epoch, staged=staged, staged_tags=staged_tags)
-        v = await session.commit(base.keyring.overlay(dirty), list(dirty), state.load_memory(), state.load_trace(),
-                                 release=True)
+        memory = None if crashed else state.load_memory()
+        v = await session.commit(base.keyring.overlay(dirty), list(dirty), memory,
+                                 [] if crashed else state.load_trace(), release=True)
         return v.version
     finally:
         state.close()

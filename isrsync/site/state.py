@@ -31,6 +31,7 @@ import threading
 import uuid
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import nacl.utils
@@ -396,3 +397,53 @@ class ParcelState:
             p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+
+
+@dataclass(frozen=True)
+class LocalSummary:
+    """What one parcel's local state holds, read without its key (for `isrsync status`)."""
+
+    parcel: str
+    name: str | None
+    status: LocalStatus
+    base: int | None
+    epoch: int | None
+    dirty_chunks: int
+    memory_image: bool  # a saved memory image waits to be committed or resumed
+
+    def to_json(self) -> dict:
+        return {"parcel": self.parcel, "name": self.name, "status": self.status.value, "base": self.base,
+                "epoch": self.epoch, "dirty_chunks": self.dirty_chunks, "memory_image": self.memory_image}
+
+
+def local_summaries(cache_dir: Path) -> list[LocalSummary]:
+    """Every parcel with local state at this site that is not idle.
+
+    The status, base and epoch are plaintext metadata and the counts need no
+    key, so a site that is not logged in still sees what it holds. A state
+    database that cannot be read is left out (its parcel's commands say why).
+    """
+    out = []
+    for d in sorted((cache_dir / "parcels").glob("*")):
+        db_path = d / "state.db"
+        if not db_path.is_file():
+            continue
+        try:
+            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+            try:
+                meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+                dirty = db.execute("SELECT COUNT(*) FROM dirty").fetchone()[0]
+                saved = db.execute("SELECT 1 FROM blobs WHERE name='memory'").fetchone() is not None
+            finally:
+                db.close()
+            status = LocalStatus(meta.get("status", "idle"))
+        except (sqlite3.Error, ValueError):
+            continue
+        if status is LocalStatus.IDLE:
+            continue
+        base, epoch = meta.get("base"), meta.get("epoch")
+        # Only a local suspend's image can be used: after a crash the disk moved on past any older one.
+        memory = saved and status is LocalStatus.SUSPENDED_LOCAL
+        out.append(LocalSummary(d.name, meta.get("name"), status, int(base) if base is not None else None,
+                                int(epoch) if epoch is not None else None, int(dirty), memory))
+    return out

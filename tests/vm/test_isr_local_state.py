@@ -1,0 +1,43 @@
+"""Local state visible and actionable (issue "What the user sees and can recover", part 2):
+after a run is killed, `isrsync status` shows what this site kept and the command that
+moves it forward, and `isrsync sync` commits it without resuming. Fixtures are in
+tests/vm/conftest.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def test_a_killed_run_is_listed_and_sync_commits_it_without_a_resume(sites, parcel) -> None:
+    a, name = parcel
+    pid = a.parcel_id(name)
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("write kept written-before-the-kill") == "GUEST: OK"
+    con.close()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.finish(30)
+
+    st = a.json("status")
+    assert st["running"] == [], st
+    (kept,) = st["local"]
+    assert (kept["parcel"], kept["name"], kept["status"], kept["base"]) == (pid, name, "running", 1), kept
+    assert kept["dirty_chunks"] > 0 and kept["memory_image"] is False, kept
+    assert f"isrsync sync {name}" in kept["next"], kept
+    human = a.run("status").stdout
+    assert "ended without a suspend" in human and f"isrsync sync {name}" in human, human
+
+    res = a.json("sync", name)
+    assert res["version"] == 2, res
+    assert a.json("status")["local"] == []
+    assert a.lock(name)["holder"] is None  # released: another site may take it
+
+    b = sites("b")
+    proc, ev, con = b.resume(name)
+    assert ev["version"] == 2 and ev["cold_boot"] is True, ev
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("read kept") == "GUEST: DATA written-before-the-kill"
+    con.close()
+    assert b.json("suspend", name)["committed"] is True
+    b.ended(proc)
