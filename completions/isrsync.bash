@@ -12,7 +12,7 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo login logout init resume suspend sync hoard discard rollback ls status cache server sources lock'
+            subs='serve demo login logout init resume suspend sync hoard discard fork rollback ls status cache server sources lock'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -58,6 +58,10 @@ _isrsync_spec() {
             ;;
         'isrsync discard')
             opts='-y --yes --json --help'
+            args=1
+            ;;
+        'isrsync fork')
+            opts='--json --help'
             args=1
             ;;
         'isrsync rollback')

@@ -7,7 +7,7 @@
 function __fish_isrsync_subcommands --description 'Subcommands of a command path of isrsync'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'lock'
+            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
@@ -97,6 +97,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'suspend' -d 'Suspe
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sync' -d 'Commit now: a running parcel pauses briefly; a locally suspended one is committed'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'hoard' -d 'Fetch every chunk of the latest version into this site\'s cache (lookaside sources first)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'discard' -d 'Drop this site\'s uncommitted changes to a parcel and release its lock'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'fork' -d 'Make this site\'s uncommitted (for example fenced) changes to a parcel a new parcel of their own'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'rollback' -d 'Commit a new version equal to an older one (history is kept)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'ls' -d 'List your parcels with their versions and lock holders'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'status' -d 'What runs here: dirty and trickled chunks, and which source served what'
@@ -189,6 +190,11 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -s 'y' -l 'yes' -d 'Do not ask for confirmation'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync discard\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync fork
+complete -c isrsync -n '__fish_isrsync_is \'isrsync fork\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync fork\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync fork\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync rollback
 complete -c isrsync -n '__fish_isrsync_is \'isrsync rollback\'' -F

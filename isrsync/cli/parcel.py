@@ -21,6 +21,7 @@ from ..site.cache import open_cache
 from ..site.cache import CacheStats
 from ..site.media import open_lookaside, open_seeds, pick_medium
 from ..site.control import ask_status, ask_suspend, ask_sync, running
+from ..site.fork import ForkResult, fork_parcel
 from ..site.parcel import DiscardResult, Site, discard, hoard, init_parcel, open_site, rollback
 from ..site.policy import Display, MemoryMode, Policy
 from ..site.results import RunStatus, SuspendResult, SyncResult
@@ -356,6 +357,40 @@ def discard_cmd(parcel: ParcelArg, yes: YesOpt = False, json_out: JsonOpt = Fals
         out.print(f"dropped {res.dirty_chunks_dropped} dirty chunk(s)" + ("; lock released" if res.released_lock else ""))
 
 
+def fork_cmd(
+    parcel: ParcelArg,
+    name: Annotated[str, typer.Argument(help="Name of the new parcel.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Make this site's uncommitted (for example fenced) changes to a parcel a new parcel of their own.
+
+    Its version 1 is the disk as this site has it, and the memory image saved
+    with it, if any. The original parcel and this site's local state of it
+    stay as they are (`isrsync discard` drops the latter).
+    """
+
+    async def go() -> ForkResult:
+        async with _site() as site:
+            pid = await _resolve(site, parcel)
+            with _progress(json_out) as prog:
+                fetch = prog.add_task("fetching what this site lacks", total=None)
+                up = prog.add_task("uploading the new parcel", total=None, visible=False)
+                return await fork_parcel(
+                    site, pid, name,
+                    fetch_progress=lambda d, t: prog.update(fetch, completed=d, total=t),
+                    upload_progress=lambda d, t: prog.update(up, completed=d, total=t, visible=True))
+
+    res = asyncio.run(go())
+    if json_out:
+        emit_json(res.to_json())
+    else:
+        what = f"{res.dirty_chunks} changed chunk(s) on version {res.base}" + \
+            (" and its memory image" if res.memory_image else "")
+        out.print(f"parcel {res.name} ({res.parcel}) created at version {res.version} from {what}; "
+                  f"uploaded {human_bytes(res.uploaded)}. `isrsync discard {parcel}` drops the old copy here",
+                  markup=False)
+
+
 def rollback_cmd(parcel: ParcelArg, version: Annotated[int, typer.Argument(min=1, help="Version to return to.")],
                  json_out: JsonOpt = False) -> None:
     """Commit a new version equal to an older one (history is kept)."""
@@ -457,7 +492,7 @@ def _next_step(s: LocalSummary) -> str:
         return f"`isrsync sync {name}` commits it, or `isrsync resume {name}` goes on with it"
     if s.status is LocalStatus.HELD:
         return f"`isrsync resume {name}` goes on here"
-    return f"`isrsync discard {name}` drops the changes"
+    return f"`isrsync fork {name} NEW-NAME` makes them a parcel of their own; `isrsync discard {name}` drops them"
 
 
 @lock_app.command("break")
@@ -522,6 +557,7 @@ def register(app: typer.Typer) -> None:
     app.command("sync")(sync)
     app.command("hoard")(hoard_cmd)
     app.command("discard")(discard_cmd)
+    app.command("fork")(fork_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("ls")(ls)
     app.command("status")(status)

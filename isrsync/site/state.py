@@ -196,7 +196,8 @@ class ParcelState:
                 raise Conflict(
                     f"this site's uncommitted changes to parcel {self.parcel} were fenced off (the lock was broken "
                     "or taken elsewhere since)",
-                    hint="they are kept here; `isrsync discard` drops them so the parcel can be resumed",
+                    hint="they are kept here: `isrsync fork PARCEL NEW-NAME` makes them a parcel of their own, "
+                         "`isrsync discard` drops them so the parcel can be resumed",
                 )
             raise StateError(f"parcel {self.parcel} is {now.value} at this site; it cannot become {to.value}")
         self._put_meta(db, status=to.value, **values)

@@ -108,3 +108,27 @@ def test_fenced_site_cannot_resume_its_changes_until_it_discards_them(sites, par
     res = a.json("suspend", name)
     assert res["committed"] is True and res["version"] == 2
     a.ended(proc_a)
+
+
+def test_fenced_changes_are_recovered_by_a_fork(sites, parcel, state_of) -> None:
+    a, b, name, held, broken = _fence_a(sites, parcel)
+    st = a.json("status")
+    (kept,) = st["local"]
+    assert kept["status"] == "fenced" and f"isrsync fork {name}" in kept["next"], kept
+
+    res = a.json("fork", name, "rescued")
+    assert res["name"] == "rescued" and res["version"] == 1 and res["base"] == 1, res
+    assert res["dirty_chunks"] > 0 and res["memory_image"] is True, res
+    # The original is untouched: still version 1 on the server, still fenced here.
+    assert {p["name"]: p["version"] for p in a.json("ls")} == {name: 1, "rescued": 1}
+    assert state_of(a, a.parcel_id(name))["meta"]["status"] == "fenced"
+
+    # Another site resumes the fork where A's refused suspend left off: its note is there.
+    proc, ev, con = b.resume("rescued")
+    assert ev["version"] == 1 and ev["cold_boot"] is False, ev
+    assert con.command("read note") == "GUEST: DATA written-at-a"
+    con.close()
+    assert b.json("suspend", "rescued")["version"] == 2
+    b.ended(proc)
+    # And A may now drop its fenced copy: nothing it wrote is lost.
+    assert a.json("discard", name, "--yes")["dirty_chunks_dropped"] > 0
