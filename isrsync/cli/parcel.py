@@ -196,7 +196,9 @@ def _is_uuid(s: str) -> bool:
 
 
 def _render_resume(data: dict[str, Any]) -> None:
-    t = Table("step", "seconds", title=f"resumed version {data['version']} ({data['policy']}, {data['accel']})")
+    what = (f"this site's local changes on top of version {data['version']}" if data.get("local_changes")
+            else f"version {data['version']}")
+    t = Table("step", "seconds", title=f"resumed {what} ({data['policy']}, {data['accel']})")
     for row in resume_rows(data["seconds"]):
         t.add_row(*row)
     out.print(t)

@@ -41,3 +41,37 @@ def test_a_killed_run_is_listed_and_sync_commits_it_without_a_resume(sites, parc
     con.close()
     assert b.json("suspend", name)["committed"] is True
     b.ended(proc)
+
+
+def test_resume_says_it_resumes_local_changes_not_the_version(sites, parcel) -> None:
+    import subprocess
+    import time
+
+    from conftest import isrsync_argv
+
+    a, name = parcel
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("write kept before-the-kill") == "GUEST: OK"
+    con.close()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.finish(30)
+
+    p = subprocess.Popen([*isrsync_argv(), "resume", name, "--serial", str(a.runtime / "ser2.sock")],
+                         env={**a.env, "COLUMNS": "200"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a.procs.append(p)
+    seen = []
+    deadline = time.monotonic() + 120
+    assert p.stdout is not None
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("running;"):
+            break
+    text = "".join(seen)
+    assert "resumed this site's local changes on top of version 1" in text, text
+    assert a.json("suspend", name)["version"] == 2
+    p.wait(120)
