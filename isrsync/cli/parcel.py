@@ -198,7 +198,8 @@ def _is_uuid(s: str) -> bool:
 def _render_resume(data: dict[str, Any]) -> None:
     what = (f"this site's local changes on top of version {data['version']}" if data.get("local_changes")
             else f"version {data['version']}")
-    t = Table("step", "seconds", title=f"resumed {what} ({data['policy']}, {data['accel']})")
+    out.print(f"resumed {what} ({data['policy']} policy, {data['accel']})", markup=False)
+    t = Table("step", "seconds")
     for row in resume_rows(data["seconds"]):
         t.add_row(*row)
     out.print(t)
