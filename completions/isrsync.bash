@@ -12,7 +12,7 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo login logout init resume suspend sync hoard discard fork rollback ls status cache server sources lock'
+            subs='serve demo login logout init resume suspend sync hoard discard fork rollback ls status cache server sources site lock'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -129,6 +129,14 @@ _isrsync_spec() {
         'isrsync sources withdraw')
             opts='-p --parcel --json --help'
             vopts='-p --parcel'
+            args=1
+            ;;
+        'isrsync site')
+            subs='name'
+            opts='--help'
+            ;;
+        'isrsync site name')
+            opts='--json --help'
             args=1
             ;;
         'isrsync lock')

@@ -7,13 +7,15 @@
 function __fish_isrsync_subcommands --description 'Subcommands of a command path of isrsync'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'lock'
+            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'site' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
             printf '%s\n' 'add-user' 'remove-user' 'list-users' 'check' 'prune'
         case 'isrsync sources'
             printf '%s\n' 'list' 'add' 'withdraw'
+        case 'isrsync site'
+            printf '%s\n' 'name'
         case 'isrsync lock'
             printf '%s\n' 'break' 'status'
     end
@@ -104,6 +106,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'status' -d 'What r
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'cache' -d 'Inspect and check this site\'s cache'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'server' -d 'Administer a home server\'s data directory'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sources' -d 'List, add and withdraw the lookaside sources of a running parcel'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'site' -d 'This site\'s name and id'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'lock' -d 'Inspect and break parcel locks'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'debug' -d 'Show tracebacks and debug logging'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'cache-dir' -r -F -d 'Site cache directory'
@@ -292,6 +295,16 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -s 'p' -l 'parcel' -r -F -d 'Parcel name or id (default: the one running here)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources withdraw\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync site
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site\'' -f -a 'name' -d 'Show or set the name this site goes by, where a lock holder is named (default: the host name)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync site name
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync lock
 complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f

@@ -12,7 +12,7 @@ import typer
 from .. import __version__
 from ..errors import IsrError
 from ..site.cache import ENV_CACHE
-from . import account, cache, demo, parcel, server, sources
+from . import account, cache, demo, parcel, server, site, sources
 from .render import error_line, out
 from .state import state
 
@@ -27,6 +27,7 @@ app = typer.Typer(
 app.add_typer(cache.app, name="cache")
 app.add_typer(server.app, name="server")
 app.add_typer(sources.app, name="sources")
+app.add_typer(site.app, name="site")
 app.command("serve")(server.serve_cmd)
 app.command("demo")(demo.demo)
 account.register(app)

@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -184,6 +183,3 @@ async def add_parcel_key(store: Store, acct: Account, parcel: str, key: bytes) -
         return current
     raise Conflict("the key bundle kept changing on the server", hint="try again")
 
-
-def host_name() -> str:
-    return socket.gethostname()

@@ -33,8 +33,9 @@ from ..manifest import Keyring, Manifest, MemoryImage
 from ..pack import PackInfo
 from ..store.base import CommitRequest, Holder, Store, VersionInfo
 from ..vmspec import Accel, BootBlob, BootSpec, VmSpec
-from .account import Account, add_parcel_key, host_name, open_store, remember, session_keys
+from .account import Account, add_parcel_key, open_store, remember, session_keys
 from .cache import SiteCache
+from .identity import site_name
 from .disk import decode_cached
 from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
 from .results import HoardResult
@@ -113,7 +114,7 @@ class Site:
 
 async def open_site(cache: SiteCache, acct: Account) -> Site:
     bundle, seal = session_keys(acct)
-    return Site(cache, open_store(acct), acct, bundle, host_name(), seal)
+    return Site(cache, open_store(acct), acct, bundle, site_name(cache.path), seal)
 
 
 # -- versions ------------------------------------------------------------------------
