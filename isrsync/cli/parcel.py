@@ -294,13 +294,19 @@ def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
 
     async def go() -> SyncResult:
         async with _site() as site:
-            try:
-                sock = await _control(site, parcel)
-            except NotFound:
-                if parcel is None:
-                    raise
-                return SyncResult(await commit_offline_suspend(site, await _resolve(site, parcel)))
-            return await ask_sync(sock)
+            with _progress(json_out) as prog:
+                up = prog.add_task("uploading", total=None, visible=False)
+
+                def step(done: int, total: int | None) -> None:
+                    prog.update(up, completed=done, total=total, visible=True)
+
+                try:
+                    sock = await _control(site, parcel)
+                except NotFound:
+                    if parcel is None:
+                        raise
+                    return SyncResult(await commit_offline_suspend(site, await _resolve(site, parcel), step))
+                return await ask_sync(sock, lambda stream, done, total: step(done, total))
 
     res = asyncio.run(go())
     if json_out:

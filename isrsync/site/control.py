@@ -327,8 +327,8 @@ async def ask_suspend(path: Path, keep_lock: bool = False, *, to_medium: str = "
     return SuspendResult.from_json(await call(path, req, timeout=600, on_progress=on_progress))
 
 
-async def ask_sync(path: Path) -> SyncResult:
-    return SyncResult.from_json(await call(path, SyncRequest()))
+async def ask_sync(path: Path, on_progress: Progress | None = None) -> SyncResult:
+    return SyncResult.from_json(await call(path, SyncRequest(), on_progress=on_progress))
 
 
 async def ask_sources(path: Path) -> list[SourceInfo]:

@@ -92,7 +92,7 @@ async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy,
             if rt.guest_rebooted:  # it rebooted a moment ago: the run loop has not restarted it yet
                 await rt.reboot()
             if isinstance(req, SyncRequest):
-                return await rt.sync()
+                return await rt.sync(progress)
             if isinstance(req, SuspendRequest):
                 sink = await asyncio.to_thread(media.plugin().open_sink, Path(req.to_medium)) \
                     if req.to_medium else None

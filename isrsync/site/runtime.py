@@ -401,7 +401,7 @@ class Runtime:
         await asyncio.to_thread(self.state.handed_over)
         return dataclasses.replace(result, carries_lock=carried)
 
-    async def sync(self) -> SyncResult:
+    async def sync(self, progress: StreamProgress | None = None) -> SyncResult:
         """Commit now and keep running: a brief pause while the memory image is saved."""
         machine, disk, session = self.machine, self.disk, self.session
         assert machine is not None and machine.qemu is not None and disk is not None and session is not None
@@ -418,8 +418,9 @@ class Runtime:
         paused = time.perf_counter() - t0
         # Chunks rewritten since the snapshot stay dirty for the next commit.
         covered = lambda: [i for i, r in snapshot.items() if disk.dirty.get(i) is r]  # noqa: E731
+        say = progress or (lambda stream, done, total: None)
         v = await session.commit(ring, list(snapshot), saved.image, disk.stats.first_access, release=False,
-                                 running=True, done=covered())
+                                 running=True, done=covered(), progress=lambda d, t: say("upload", d, t))
         base = await session.rebase(v.version)
         assert base.keyring is not None
         disk.keyring = base.keyring

@@ -97,7 +97,8 @@ class ParcelSession:
         await asyncio.to_thread(self.state.stage, self.staged, self.staged_tags)
 
 
-async def commit_offline_suspend(site: Site, parcel: uuid.UUID) -> int:
+async def commit_offline_suspend(site: Site, parcel: uuid.UUID,
+                                 progress: Callable[[int, int], None] | None = None) -> int:
     """Commit what this site kept of a parcel that no run holds; returns the version.
 
     A local suspend (the server was unreachable) commits with its memory
@@ -124,7 +125,7 @@ async def commit_offline_suspend(site: Site, parcel: uuid.UUID) -> int:
         session = ParcelSession(site, parcel, state, base, here.epoch, staged=staged, staged_tags=staged_tags)
         memory = None if crashed else state.load_memory()
         v = await session.commit(base.keyring.overlay(dirty), list(dirty), memory,
-                                 [] if crashed else state.load_trace(), release=True)
+                                 [] if crashed else state.load_trace(), release=True, progress=progress)
         return v.version
     finally:
         state.close()

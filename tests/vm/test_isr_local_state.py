@@ -75,3 +75,41 @@ def test_resume_says_it_resumes_local_changes_not_the_version(sites, parcel) -> 
     assert "resumed this site's local changes on top of version 1" in text, text
     assert a.json("suspend", name)["version"] == 2
     p.wait(120)
+
+
+_SYNC_WITH_PROGRESS = """
+import asyncio, json, sys
+from isrsync.site.cache import open_cache
+from isrsync.site.control import ask_sync, running
+
+async def main():
+    with open_cache(None) as cache:
+        ((_, sock),) = running(cache.site_id)
+    seen = []
+    res = await ask_sync(sock, lambda stream, done, total: seen.append([stream, done, total]))
+    print(json.dumps({"version": res.version, "progress": seen}))
+
+asyncio.run(main())
+"""
+
+
+def test_sync_reports_upload_progress_on_the_control_socket(sites, parcel) -> None:
+    import json
+    import subprocess
+    import sys
+
+    a, name = parcel
+    proc, _, con = a.resume(name)
+    con.wait_for("GUEST: READY", 120)
+    assert con.command("fill big 8") == "GUEST: OK"
+    r = subprocess.run([sys.executable, "-c", _SYNC_WITH_PROGRESS], env=a.env, capture_output=True, text=True,
+                       timeout=300, check=True)
+    out = json.loads(r.stdout)
+    assert out["version"] == 2
+    ups = [p for p in out["progress"] if p[0] == "upload"]
+    assert ups, out
+    assert ups[-1][1] == ups[-1][2] and ups[-1][2] >= 8 << 20, ups[-1]  # all of the new data, counted as sent
+    assert [p[1] for p in ups] == sorted(p[1] for p in ups)
+    con.close()
+    assert a.json("suspend", name)["committed"] is True
+    a.ended(proc)
