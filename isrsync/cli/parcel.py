@@ -146,7 +146,21 @@ def resume(
         raise UsageError(f"the {policy.value} policy asks no lookaside source",
                          hint="drop --lookaside, or use --policy lookaside or auto")
 
+    # Until the guest runs, long steps (the baseline policy's fetch) show a bar;
+    # it goes when the resume is done, before the run's own messages.
+    prog = _progress(json_out)
+    bars: dict[str, Any] = {}
+
+    def progress(stream: str, done: int, total: int | None) -> None:
+        if stream not in bars:
+            if not bars:
+                prog.start()
+            bars[stream] = prog.add_task({"fetch": "fetching the parcel"}.get(stream, stream), total=total)
+        prog.update(bars[stream], completed=done, total=total)
+
     def events(kind: str, data: dict[str, Any]) -> None:
+        if kind == "resumed":
+            prog.stop()
         if json_out:
             print(json.dumps({"event": kind, **data}, default=str), flush=True)
         elif kind == "resumed":
@@ -178,9 +192,12 @@ def resume(
                 st.close()
             return await run_parcel(site, pid, policy=policy, version=version, display=display,
                                     serial=serial, events=events, memory=memory, lookaside=sources,
-                                    watch_media=watch_media)
+                                    watch_media=watch_media, progress=progress)
 
-    res = asyncio.run(go())
+    try:
+        res = asyncio.run(go())
+    finally:
+        prog.stop()
     if json_out:
         print(json.dumps({"event": "ended", **res}, default=str), flush=True)
     else:

@@ -466,17 +466,21 @@ async def fetch_missing(cache: SiteCache, reg: SourceRegistry, tags: Iterable[by
                         progress: Callable[[int, int], None] | None = None) -> int:
     """Bring every tag the cache lacks into it; returns how many were fetched.
 
+    ``progress(bytes fetched, bytes expected in all)`` follows it.
+
     The one fetch-everything loop: hoard, and the baseline and proactive
     resume policies.
     """
     missing = await asyncio.to_thread(cache.missing, sorted(set(tags)))
-    done = 0
+    done = got = 0
     for i in range(0, len(missing), 64):
         batch = missing[i : i + 64]
-        await reg.fetch_many(batch)
+        got += sum(map(len, (await reg.fetch_many(batch)).values()))
         done += len(batch)
         if progress:
-            progress(done, len(missing))
+            # In bytes, for a rate and a time left: the sizes of chunks not yet
+            # fetched are unknown, so the total is estimated from those that were.
+            progress(got, got if done == len(missing) else got * len(missing) // done)
     return len(missing)
 
 

@@ -35,6 +35,7 @@ from .parcel import Site
 from .policy import Display, MemoryMode, Policy
 from .results import SuspendResult
 from .runtime import Events, Runtime
+from .tomedium import StreamProgress
 from .sources import Source
 
 
@@ -50,6 +51,7 @@ async def run_parcel(
     lookaside: Sequence[Source] = (),
     memory: MemoryMode = MemoryMode.LAZY,
     watch_media: bool = True,
+    progress: StreamProgress | None = None,
 ) -> dict[str, Any]:
     """Resume a parcel and serve it until it is suspended or the guest powers off.
 
@@ -60,15 +62,16 @@ async def run_parcel(
     """
     with claim_run_dir(site.site_id, parcel) as rundir:
         return await _serve(site, parcel, rundir, policy=policy, version=version, display=display, serial=serial,
-                            events=events, lookaside=lookaside, memory=memory, watch_media=watch_media)
+                            events=events, lookaside=lookaside, memory=memory, watch_media=watch_media,
+                            progress=progress)
 
 
 async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy, version: int | None,
                  display: Display, serial: Path | None, events: Events | None, lookaside: Sequence[Source],
-                 memory: MemoryMode, watch_media: bool) -> dict[str, Any]:
+                 memory: MemoryMode, watch_media: bool, progress: StreamProgress | None) -> dict[str, Any]:
     say = events or (lambda kind, data: None)
     rt = Runtime(site, parcel, policy=policy, display=display, serial=serial, rundir=rundir, events=say,
-                 lookaside=lookaside, memory=memory)
+                 lookaside=lookaside, memory=memory, progress=progress)
     ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     busy = asyncio.Lock()  # one control operation at a time
 

@@ -66,6 +66,7 @@ class Runtime:
         trickle_settle: float = 30.0,
         trickle_rate: float = 8 << 20,
         memory: MemoryMode = MemoryMode.LAZY,
+        progress: StreamProgress | None = None,
     ) -> None:
         self.site = site
         self.parcel = parcel
@@ -75,6 +76,8 @@ class Runtime:
         self.rundir = rundir or Path(tempfile.mkdtemp(prefix="isrsync-run-"))
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.events = events or (lambda kind, data: None)
+        # Long steps before the guest runs (the baseline policy's fetch of everything).
+        self.progress = progress or (lambda stream, done, total: None)
         self.lookaside = list(lookaside)
         self.trickle_settle = trickle_settle
         self.trickle_rate = trickle_rate
@@ -240,7 +243,7 @@ class Runtime:
         tags = set(base.keyring.tags()) | boot_tags(base.vm)
         if memory is not None:
             tags |= memory.tags()
-        return await fetch_missing(self.site.cache, self.chain, tags)
+        return await fetch_missing(self.site.cache, self.chain, tags, lambda d, t: self.progress("fetch", d, t))
 
     # -- status ----------------------------------------------------------------------------
 

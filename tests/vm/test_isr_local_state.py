@@ -113,3 +113,46 @@ def test_sync_reports_upload_progress_on_the_control_socket(sites, parcel) -> No
     con.close()
     assert a.json("suspend", name)["committed"] is True
     a.ended(proc)
+
+
+def test_a_baseline_resume_shows_its_fetch_on_a_terminal(sites, parcel) -> None:
+    """The baseline policy fetches the whole parcel before the guest runs: on a terminal
+    that is a progress bar with bytes, a rate and the time left (issue 13, part 1)."""
+    import pty
+    import re
+    import select
+    import subprocess
+    import time
+
+    from conftest import isrsync_argv
+
+    a, name = parcel
+    b = sites("b")  # an empty cache: everything is fetched
+    master, slave = pty.openpty()
+    p = subprocess.Popen([*isrsync_argv(), "resume", name, "--policy", "baseline",
+                          "--serial", str(b.runtime / "ser.sock")],
+                         env={**b.env, "COLUMNS": "120", "TERM": "xterm"}, stdin=subprocess.DEVNULL,
+                         stdout=slave, stderr=slave)
+    os.close(slave)
+    b.procs.append(p)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while b"running;" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        text = seen.decode(errors="replace")
+        assert "running;" in text, text[-2000:]
+        assert "fetching the parcel" in text, text[-2000:]
+        # Bytes done of bytes in all, then the rate ("?" until it has one: a loopback
+        # fetch of a small parcel is over in a blink) and the time left.
+        assert re.search(r"\d+\.\d/\d+\.\d MB", text) and re.search(r"\d:\d\d:\d\d", text), text[-2000:]
+        assert "Traceback" not in text
+        assert b.json("suspend", name)["committed"] is True
+        p.wait(120)
+    finally:
+        os.close(master)
