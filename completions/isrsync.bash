@@ -12,7 +12,7 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo login logout init resume suspend sync hoard discard fork rollback ls status cache server sources site lock'
+            subs='serve demo console login logout init resume suspend sync hoard discard fork rollback ls status cache server sources site lock'
             opts='--debug --cache-dir --version --help'
             vopts='--cache-dir'
             ;;
@@ -23,6 +23,10 @@ _isrsync_spec() {
         'isrsync demo')
             opts='--memory --workdir --json --help'
             vopts='--memory --workdir'
+            ;;
+        'isrsync console')
+            opts='--help'
+            args=1
             ;;
         'isrsync login')
             opts='-u --user --token --cacert --insecure --json --help'

@@ -7,7 +7,7 @@
 function __fish_isrsync_subcommands --description 'Subcommands of a command path of isrsync'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'site' 'lock'
+            printf '%s\n' 'serve' 'demo' 'console' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'site' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
@@ -91,6 +91,7 @@ end
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'serve' -d 'Run the home server until SIGTERM or Ctrl-C'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'demo' -d 'Run the complete ISR cycle locally: a home server, two sites, a guest moving between them'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'console' -d 'Attach to the serial console of a parcel running here; Ctrl-] detaches'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'login' -d 'Log in to a home server and unlock your keys with your passphrase'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'logout' -d 'Forget the unlocked keys and the token of this session'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'init' -d 'Create a parcel from a disk image: encode, upload, commit version 1'
@@ -127,6 +128,10 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'memory' -x -d 'G
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'workdir' -r -F -d 'Keep the demo\'s files here'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync console
+complete -c isrsync -n '__fish_isrsync_is \'isrsync console\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync console\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync login
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -F

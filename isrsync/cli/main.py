@@ -12,7 +12,7 @@ import typer
 from .. import __version__
 from ..errors import IsrError
 from ..site.cache import ENV_CACHE
-from . import account, cache, demo, parcel, server, site, sources
+from . import account, cache, console, demo, parcel, server, site, sources
 from .render import error_line, out
 from .state import state
 
@@ -30,6 +30,7 @@ app.add_typer(sources.app, name="sources")
 app.add_typer(site.app, name="site")
 app.command("serve")(server.serve_cmd)
 app.command("demo")(demo.demo)
+app.command("console")(console.console)
 account.register(app)
 parcel.register(app)
 

@@ -122,6 +122,8 @@ def run_dir(site_id: str, parcel: uuid.UUID) -> Path:
 
 
 RUN_LOCK = ".run.lock"
+CONSOLE_SOCK = "console.sock"  # the guest's serial console, shared (site/console.py)
+QEMU_SERIAL = "serial.sock"  # QEMU's own end of it: one client, the hub
 # A run directory with no lock file is one being made right now, or one left
 # by an older isrsync: only the latter is old enough to sweep.
 _UNLOCKED_GRACE = 60.0

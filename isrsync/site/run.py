@@ -29,11 +29,14 @@ from .control import (
     SuspendRequest,
     SyncRequest,
     WithdrawSource,
+    CONSOLE_SOCK,
+    QEMU_SERIAL,
     claim_run_dir,
 )
 from .parcel import Site
 from .policy import Display, MemoryMode, Policy
 from .results import SuspendResult
+from .console import ConsoleHub
 from .runtime import Events, Runtime
 from .tomedium import StreamProgress
 from .sources import Source
@@ -61,9 +64,19 @@ async def run_parcel(
     alone and goes with it; one a killed run left is swept at the next start.
     """
     with claim_run_dir(site.site_id, parcel) as rundir:
-        return await _serve(site, parcel, rundir, policy=policy, version=version, display=display, serial=serial,
-                            events=events, lookaside=lookaside, memory=memory, watch_media=watch_media,
-                            progress=progress)
+        # QEMU's serial socket takes one client: the hub is it, and serves everyone else.
+        hub = ConsoleHub(rundir / QEMU_SERIAL, [rundir / CONSOLE_SOCK, *([serial] if serial is not None else [])])
+        try:
+            await hub.start()
+        except OSError as e:
+            raise UsageError(f"cannot make the console socket {serial}: {e.strerror or e}",
+                             hint="name a path in a directory you can write") from None
+        try:
+            return await _serve(site, parcel, rundir, policy=policy, version=version, display=display,
+                                serial=rundir / QEMU_SERIAL, events=events, lookaside=lookaside, memory=memory,
+                                watch_media=watch_media, progress=progress)
+        finally:
+            await hub.close()
 
 
 async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy, version: int | None,

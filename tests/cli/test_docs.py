@@ -524,7 +524,8 @@ def test_bash_completion_is_valid_and_completes(tree: docgen.Command) -> None:
     assert reply == [s.name for s in cache.subcommands]
     assert bash_complete(script, "isrsync ") == [s.name for s in tree.subcommands]
     assert bash_complete(script, "isrsync --debug cache v") == ["verify"]
-    assert bash_complete(script, "isrsync --cache-dir /tmp c") == ["cache"]
+    assert bash_complete(script, "isrsync --cache-dir /tmp c") == [s.name for s in tree.subcommands
+                                                                  if s.name.startswith("c")]
     assert set(bash_complete(script, "isrsync --")) == {
         n for o in tree.options for n in o.names
     }
