@@ -392,6 +392,23 @@ class DiskParcel:
         self._advance(raw)
         return dt, len(raw)
 
+    def full_due(self) -> bool:
+        """Whether the next version must carry a full keyring (every ``DEFAULT_FULL_EVERY``
+        versions a client writes one; docs/manifest.md): that commit costs the disk by design."""
+        assert self.parent is not None
+        return self.version + 1 - self.parent.header.keyring_base >= manifest.DEFAULT_FULL_EVERY
+
+    async def commit_full(self) -> float:
+        """The periodic full keyring: the same disk, a new version whose keyring is whole."""
+        v = self.version + 1
+        t = time.perf_counter()
+        raw = manifest.encode(parcel=self.parcel, version=v, master_key=self.key, vm=VmSpec(), keyring=self.ring,
+                              parent=self.parent)
+        await self.store.commit(self.parcel, CommitRequest(self.epoch, v - 1, raw, [], [], [], [], release=False))
+        dt = time.perf_counter() - t
+        self._advance(raw)
+        return dt
+
     def _advance(self, raw: bytes) -> None:
         self.parent = manifest.decode(raw, self.key, self.parcel)
         self.version = self.parent.version

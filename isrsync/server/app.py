@@ -5,8 +5,9 @@ reaches only their own parcels, and another user's parcel answers exactly like
 one that does not exist. Errors are JSON (see :mod:`isrsync.store.wire`).
 
 Pack uploads are resumable: ``PUT .../packs/{id}`` takes an optional
-``Content-Range: bytes START-END/TOTAL``; the bytes land in a partial file
-whose size ``GET .../uploads/{id}`` reports, and when the last byte arrives the
+``Content-Range: bytes START-END/TOTAL``; the bytes land in a partial upload
+(a file in ``--data``, or pieces in the bucket that every front sees, see
+:mod:`.partials`) whose size ``GET .../uploads/{id}`` reports, and when the last byte arrives the
 whole pack is verified against its id before it is staged. Pack downloads go
 through aiohttp's file response (Range, sendfile), so the server is a BEP 19
 web seed without any BitTorrent code.
@@ -27,10 +28,12 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from ..errors import AuthError, FormatError, IsrError, NotFound, UsageError
+from ..errors import AuthError, FormatError, IsrError, NotFound, UnsupportedEncoding, UsageError
 from ..fsutil import os_error
 from ..store import wire
 from ..store.base import Holder
+from .limits import Limits, UploadSlots, body_chunks
+from .ranges import stream_pack
 from .repo import Repository
 
 log = logging.getLogger("isrsync.server")
@@ -39,6 +42,8 @@ INFLIGHT: web.AppKey[set] = web.AppKey("inflight", set)
 UPLOAD_LOCKS: web.AppKey[dict] = web.AppKey("upload_locks", dict)
 USER: web.RequestKey[str] = web.RequestKey("user", str)
 ACTIVE: web.AppKey[set] = web.AppKey("active", set)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+SLOTS: web.AppKey[UploadSlots] = web.AppKey("slots", UploadSlots)
 MAX_INT = (1 << 62) - 1
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,6 +86,16 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 @web.middleware
+async def encoding_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No request body is ever decompressed (the runner is made with
+    ``auto_decompress=False``): an encoded one is refused before it is read."""
+    enc = request.headers.get("Content-Encoding", "").strip()
+    if enc and enc.lower() != "identity":
+        raise UnsupportedEncoding(f"request bodies with Content-Encoding: {enc[:40]!r} are not accepted")
+    return await handler(request)
+
+
+@web.middleware
 async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == f"{wire.API}/health":
         return await handler(request)
@@ -95,6 +110,16 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _db(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
     # SQLite calls are short but blocking: keep them off the event loop.
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _part(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """Partial-upload bookkeeping. For the directory it runs in the loop, as it
+    always did (cheap stat calls), so that trimming the user's partials and
+    creating a new one cannot interleave with another handler's and overshoot
+    the bound; for the shared backend (database, bucket) on a worker thread."""
+    if request.app[REPO].partials.shared:
+        return await _db(request, fn, *args)
+    return fn(*args)
 
 
 def _parcel(request: web.Request) -> uuid.UUID:
@@ -117,7 +142,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise UsageError(f"request body of {request.content_length} bytes exceeds {limit}")
     buf = bytearray()
-    async for part in request.content.iter_chunked(1 << 16):
+    async for part in body_chunks(request, 1 << 16, request.app[LIMITS].body_timeout):
         buf += part
         if len(buf) > limit:
             raise UsageError(f"request body exceeds {limit} bytes")
@@ -214,8 +239,7 @@ async def upload_offset(request: web.Request) -> web.Response:
     size = await _db(request, repo.reachable_pack, request[USER], pid, pack)
     if size is not None:
         return _json({"complete": True, "offset": size})
-    part = repo.upload_dir(request[USER]) / f"{pack.hex()}.part"
-    return _json({"complete": False, "offset": part.stat().st_size if part.exists() else 0})
+    return _json({"complete": False, "offset": await _part(request, repo.partials.offset, request[USER], pack)})
 
 
 async def put_pack(request: web.Request) -> web.Response:
@@ -224,22 +248,23 @@ async def put_pack(request: web.Request) -> web.Response:
     await _db(request, repo.parcel, user, pid)
     # One upload of a given pack per user at a time: two handlers appending to
     # one partial file would interleave their bytes.
-    lock = request.app[UPLOAD_LOCKS].setdefault((user, pack), asyncio.Lock())
-    async with lock:
-        try:
-            return await _put_pack_locked(request, repo, user, pid, pack)
-        finally:
-            if not lock._waiters:  # type: ignore[attr-defined]
-                request.app[UPLOAD_LOCKS].pop((user, pack), None)
+    with request.app[SLOTS].take(user):
+        lock = request.app[UPLOAD_LOCKS].setdefault((user, pack), asyncio.Lock())
+        async with lock:
+            try:
+                return await _put_pack_locked(request, repo, user, pid, pack)
+            finally:
+                if not lock._waiters:  # type: ignore[attr-defined]
+                    request.app[UPLOAD_LOCKS].pop((user, pack), None)
 
 
 async def _put_pack_locked(request: web.Request, repo: Repository, user: str, pid: uuid.UUID, pack: bytes) -> web.Response:
     if await _db(request, repo.reachable_pack, user, pid, pack) is not None:
         await _drain(request)
         return _json({"complete": True}, 200)
-    start, total = 0, request.content_length
+    start, end, total = 0, -1, request.content_length
     cr = request.headers.get("Content-Range")
-    part = repo.upload_dir(user) / f"{pack.hex()}.part"
+    partials = repo.partials
     if cr and cr.startswith("bytes */"):
         # "Finish": every byte is here (an earlier request was cut between its
         # last byte and the verification); verify and stage now.
@@ -249,10 +274,10 @@ async def _put_pack_locked(request: web.Request, repo: Repository, user: str, pi
                 raise ValueError
         except ValueError:
             raise FormatError("Content-Range must be 'bytes */TOTAL' with a sane TOTAL") from None
-        have = part.stat().st_size if part.exists() else 0
+        have = await _part(request, partials.offset, user, pack)
         if have != total:
             return _json({"complete": False, "offset": have}, 202)
-        return await _adopt(request, repo, user, pid, pack, part)
+        return await _adopt(request, repo, user, pid, pack)
     if cr:
         m = _RANGE.match(cr)
         if not m:
@@ -266,36 +291,76 @@ async def _put_pack_locked(request: web.Request, repo: Repository, user: str, pi
         raise UsageError("a pack upload needs Content-Length or Content-Range")
     if total > wire.MAX_PACK or total < 1:
         raise UsageError(f"a pack of {total} bytes is out of range")
-    have = part.stat().st_size if part.exists() else 0
+    have = await _part(request, partials.offset, user, pack)
     if start != have:
         # The client must continue where the server is; tell it where.
         return _json(
             {"error": f"upload is at offset {have}, not {start}", "hint": "resume from the offset",
              "kind": "Conflict", "details": {"offset": have}}, 409,
         )
-    written = have
+    if not have:
+        await _make_room(request, repo, user)
+    # The bytes this body must carry: its range, or the whole pack.
+    expect = end - start + 1 if cr else total
+    recv = await _part(request, partials.receiving, user, pack, have)
+    try:
+        await _receive(request, recv.path, recv.base, expect)
+    except UsageError:
+        await _part(request, partials.discard, recv)
+        raise
+    except Exception:
+        # Cut or stalled: keep what arrived, so the client resumes from there
+        # (on any front, when the partials are shared).
+        await _part(request, partials.keep, user, pack, have, recv)
+        raise
+    written = await _part(request, partials.keep, user, pack, have, recv)
+    if written < total:
+        return _json({"complete": False, "offset": written}, 202)
+    return await _adopt(request, repo, user, pid, pack)
+
+
+async def _receive(request: web.Request, part: Path, have: int, expect: int) -> int:
+    """Append the body to ``part`` (``have`` bytes long); returns its new size.
+
+    A body that ends (by its own framing) longer or shorter than ``expect`` is
+    refused and none of it is kept. One that is cut or stalls keeps what
+    arrived: the client resumes from there.
+    """
+    got = 0
     try:
         with open(part, "ab") as f:
-            async for data in request.content.iter_chunked(1 << 20):
-                if written + len(data) > total:
-                    raise UsageError("the body is longer than Content-Range/Content-Length says")
-                f.write(data)
-                written += len(data)
+            try:
+                async for data in body_chunks(request, 1 << 20, request.app[LIMITS].body_timeout):
+                    if got + len(data) > expect:
+                        raise UsageError(f"the body is longer than the {expect} bytes its "
+                                         "Content-Range/Content-Length declares")
+                    f.write(data)
+                    got += len(data)
+                if got < expect:
+                    raise UsageError(f"the body ended after {got} of the {expect} bytes its "
+                                     "Content-Range/Content-Length declares")
+            except UsageError:
+                f.truncate(have)
+                raise
     except OSError as e:
         raise os_error(e, "an upload") from e
-    if written < total:
-        if request.content.at_eof() and not cr:
-            raise UsageError("the body is shorter than Content-Length")
-        return _json({"complete": False, "offset": written}, 202)
-    return await _adopt(request, repo, user, pid, pack, part)
+    return have + got
 
 
-async def _adopt(request: web.Request, repo: Repository, user: str, pid: uuid.UUID, pack: bytes, part: Path) -> web.Response:
+async def _make_room(request: web.Request, repo: Repository, user: str) -> None:
+    """A new partial upload: keep the user's count of partials under the bound."""
+    busy = {p for (u, p) in request.app[UPLOAD_LOCKS] if u == user}
+    n = await _part(request, repo.partials.trim, user, request.app[LIMITS].partials_per_user, busy)
+    if n:
+        log.info("dropped %d untouched partial upload(s) of %s to make room", n, user)
+
+
+async def _adopt(request: web.Request, repo: Repository, user: str, pid: uuid.UUID, pack: bytes) -> web.Response:
     request.app[INFLIGHT].add(asyncio.current_task())
     try:
         # Verification hashes the whole pack: do it off the loop.
         size = await asyncio.get_running_loop().run_in_executor(
-            None, repo.adopt_pack, user, pid, pack, part
+            None, repo.adopt_upload, user, pid, pack
         )
     finally:
         request.app[INFLIGHT].discard(asyncio.current_task())
@@ -303,7 +368,7 @@ async def _adopt(request: web.Request, repo: Repository, user: str, pid: uuid.UU
 
 
 async def _drain(request: web.Request) -> None:
-    async for _ in request.content.iter_chunked(1 << 20):
+    async for _ in body_chunks(request, 1 << 20, request.app[LIMITS].body_timeout):
         pass
 
 
@@ -313,7 +378,23 @@ async def get_pack(request: web.Request) -> web.StreamResponse:
     size = await _db(request, repo.reachable_pack, user, pid, pack)
     if size is None:
         raise NotFound(f"no pack {pack.hex()[:16]} in parcel {pid}")
+    if not repo.packs.local:
+        return await stream_pack(request, repo.packs, pack, size)
     return web.FileResponse(repo.pack_path(pack), headers={"Content-Type": "application/octet-stream"})
+
+
+async def put_torrent(request: web.Request) -> web.Response:
+    data = await _read_limited(request, wire.MAX_TORRENT)
+    wire.check_torrent(data)
+    await _db(request, request.app[REPO].put_torrent, request[USER], _parcel(request), _pack(request), data)
+    return _json({"ok": True})
+
+
+async def get_torrent(request: web.Request) -> web.Response:
+    data = await _db(request, request.app[REPO].get_torrent, request[USER], _parcel(request), _pack(request))
+    if data is None:
+        return web.Response(status=204)  # an older pack: it has no torrent, which is no error
+    return web.Response(body=data, content_type="application/x-bittorrent")
 
 
 async def have_packs(request: web.Request) -> web.Response:
@@ -376,9 +457,11 @@ async def commit(request: web.Request) -> web.Response:
     return _json(wire.version_json(v), 201)
 
 
-def make_app(repo: Repository) -> web.Application:
-    app = web.Application(middlewares=[track_mw, errors_mw, auth_mw], client_max_size=wire.MAX_JSON)
+def make_app(repo: Repository, limits: Limits | None = None) -> web.Application:
+    app = web.Application(middlewares=[track_mw, errors_mw, encoding_mw, auth_mw], client_max_size=wire.MAX_JSON)
     app[ACTIVE] = set()
+    app[LIMITS] = limits = limits or Limits()
+    app[SLOTS] = UploadSlots(limits.uploads_per_user)
     app[REPO] = repo
     app[INFLIGHT] = set()
     app[UPLOAD_LOCKS] = {}
@@ -396,6 +479,8 @@ def make_app(repo: Repository) -> web.Application:
         web.put(f"{p}/packs/{{pack}}", put_pack),
         web.post(f"{p}/packs/{{pack}}", put_pack),
         web.get(f"{p}/packs/{{pack}}", get_pack),
+        web.put(f"{p}/packs/{{pack}}/torrent", put_torrent),
+        web.get(f"{p}/packs/{{pack}}/torrent", get_torrent),
         web.post(f"{p}/have-packs", have_packs),
         web.post(f"{p}/locate", locate),
         web.get(f"{p}/lock", lock_status),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from ..pack import PackEntry
+from ..store.wire import check_torrent
 from ..store.base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 from .repo import Repository
 
@@ -30,13 +31,16 @@ class LocalStore:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isrsync-store")
 
     @classmethod
-    def open(cls, root: str | Path, user: str, *, create: bool = False, create_user: bool = False) -> "LocalStore":
+    def open(cls, root: str | Path, user: str, *, create: bool = False, create_user: bool = False,
+             metadata: str | None = None, packs: str | None = None) -> "LocalStore":
         """``user``'s Store over the data directory ``root``.
 
         ``create``: make the data directory if it holds none (else NotFound);
-        ``create_user``: add ``user`` to it if they are not there yet.
+        ``create_user``: add ``user`` to it if they are not there yet;
+        ``metadata``: a ``postgresql://`` address for the rows; ``packs``: an
+        ``s3://`` address for the packs (partial uploads stay in ``root``).
         """
-        repo = Repository(root, create=create)
+        repo = Repository(root, create=create, metadata=metadata, packs=packs)
         try:
             if create_user and user not in {u[0] for u in repo.list_users()}:
                 repo.add_user(user)
@@ -83,6 +87,13 @@ class LocalStore:
 
     async def pack_size(self, parcel: uuid.UUID, pack_id: bytes) -> int | None:
         return await self._run(self.repo.reachable_pack, self.user, parcel, pack_id)
+
+    async def put_torrent(self, parcel: uuid.UUID, pack_id: bytes, data: bytes) -> None:
+        check_torrent(data)
+        await self._run(self.repo.put_torrent, self.user, parcel, pack_id, bytes(data))
+
+    async def get_torrent(self, parcel: uuid.UUID, pack_id: bytes) -> bytes | None:
+        return await self._run(self.repo.get_torrent, self.user, parcel, pack_id)
 
     async def have_packs(self, parcel: uuid.UUID, pack_ids: Iterable[bytes]) -> set[bytes]:
         return await self._run(self.repo.have_packs, self.user, parcel, list(pack_ids))

@@ -13,7 +13,6 @@ A commit that names a chunk whose only pack was just dropped is refused with
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -22,7 +21,6 @@ from pathlib import Path
 
 from ..chunk import tag_of
 from ..errors import FormatError, IntegrityError
-from ..fsutil import fsync_dir
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackWriter, verify_stream
 from .repo import STAGING_GRACE, Repository
@@ -46,17 +44,33 @@ def collect_garbage(repo: Repository, grace: float = STAGING_GRACE, now: float |
         removed += _delete_packs(repo, db, orphans)
         # A crash between placing a file and recording it leaves a file no row
         # names; under the write lock no upload can be placing one right now.
-        known = {r[0].hex() for r in db.execute("SELECT id FROM packs")}
-        for f in (repo.root / "packs").glob("*/*"):
-            if f.name not in known and _older(f, cutoff):
-                f.unlink(missing_ok=True)
-                removed += 1
-    for f in [*(repo.root / "uploads").glob("*/*"), *(repo.root / "uploads").glob(".*.tmp")]:
+        known = {bytes(r[0]).hex() for r in db.execute("SELECT id FROM packs")}
+        for name, mtime in list(repo.packs.names()):
+            if name not in known and mtime < cutoff:
+                try:
+                    pid = bytes.fromhex(name)
+                except ValueError:
+                    continue  # not a pack file's name: never ours to delete
+                removed += repo.packs.delete(pid)
+    if repo.partials.shared:
+        removed += repo.partials.sweep(cutoff)
+    uploads = repo.packs.uploads_root()
+    for f in [*uploads.glob("*/*"), *uploads.glob(".*.tmp")]:
         limit = now - TMP_GRACE if f.name.endswith(".tmp") else cutoff
         if f.is_file() and _older(f, limit):
             f.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def sweep_partials(repo: Repository, idle: float, now: float | None = None) -> int:
+    """Drop partial uploads whose last byte came more than ``idle`` seconds ago.
+
+    Cheap (it lists only the uploads), so the server runs it every few minutes,
+    unlike :func:`collect_garbage`, which walks every pack file.
+    """
+    now = time.time() if now is None else now
+    return repo.partials.sweep(now - idle)
 
 
 def _delete_packs(repo: Repository, db, ids: list[bytes]) -> int:
@@ -66,12 +80,7 @@ def _delete_packs(repo: Repository, db, ids: list[bytes]) -> int:
     pack (which places its file under that lock too) cannot interleave.
     """
     db.executemany("DELETE FROM packs WHERE id=?", [(p,) for p in ids])
-    n = 0
-    for p in ids:
-        with contextlib.suppress(FileNotFoundError):
-            repo.pack_path(p).unlink()
-            n += 1
-    return n
+    return sum(repo.unlink_pack(p) for p in ids)
 
 
 def _older(p: Path, cutoff: float) -> bool:
@@ -99,23 +108,27 @@ def check(repo: Repository, verify_packs: bool = True) -> CheckReport:
         rep.packs += 1
         path = repo.pack_path(pid)
         try:
-            if path.stat().st_size != size:
-                rep.problems.append(f"pack {pid.hex()[:16]}: size {path.stat().st_size}, recorded {size}")
+            have = repo.packs.size(pid)
+            if have is None:
+                raise FileNotFoundError(path)
+            if have != size:
+                rep.problems.append(f"pack {pid.hex()[:16]}: size {have}, recorded {size}")
                 continue
             if verify_packs:
-                with open(path, "rb") as f:
+                with repo.pack_file(pid) as local, open(local, "rb") as f:
                     info = verify_stream(f, pid)
                 rows = {(t, o, n) for t, o, n in repo._q(
-                    "SELECT tag, offset, length FROM pack_entries WHERE pack=?", (pid,))}
+                    'SELECT tag, "offset", length FROM pack_entries WHERE pack=?', (pid,))}
                 if rows != {(e.tag, e.offset, e.length) for e in info.entries}:
                     rep.problems.append(f"pack {pid.hex()[:16]}: index rows do not match the pack")
         except FileNotFoundError:
             rep.problems.append(f"pack {pid.hex()[:16]}: file is missing")
         except (IntegrityError, FormatError) as e:
             rep.problems.append(f"pack {pid.hex()[:16]}: {e.message}")
-    for (parcel, version) in repo._q("SELECT id, version FROM parcels ORDER BY id"):
+    # ``key`` is the row key the other tables use; ``parcel`` the id its owner knows.
+    for (key, parcel, version) in repo._q("SELECT id, ext, version FROM parcels ORDER BY ext, owner"):
         rows = repo._q(
-            "SELECT version, manifest, hash FROM versions WHERE parcel=? ORDER BY version", (parcel,)
+            "SELECT version, manifest, hash FROM versions WHERE parcel=? ORDER BY version", (key,)
         )
         if (rows[-1][0] if rows else 0) != version:
             rep.problems.append(f"parcel {parcel}: current version {version} is not its last version")
@@ -139,7 +152,7 @@ def check(repo: Repository, verify_packs: bool = True) -> CheckReport:
             "SELECT COUNT(DISTINCT r.tag) FROM refs r WHERE r.parcel=? AND NOT EXISTS ("
             " SELECT 1 FROM pack_entries e JOIN parcel_packs pp ON pp.pack=e.pack AND pp.parcel=r.parcel"
             " AND pp.state='live' WHERE e.tag=r.tag)",
-            (parcel,),
+            (key,),
         )[0][0]
         if dangling:
             rep.problems.append(f"parcel {parcel}: {dangling} referenced chunk(s) are in no live pack")
@@ -162,9 +175,8 @@ def prune(
     if keep < 1:
         raise ValueError("keep must be at least 1")
     rep = PruneReport()
-    p = str(parcel)
     with repo._tx() as db:
-        repo._owned(db, user, parcel)
+        p = repo._owned(db, user, parcel)[-1]
         (head,) = db.execute("SELECT version FROM parcels WHERE id=?", (p,)).fetchone()
         if head == 0:
             return rep
@@ -195,8 +207,9 @@ def _pack_liveness(db, p: str) -> dict[bytes, tuple[int, int]]:
     """live bytes and total chunk bytes of each live pack of a parcel."""
     out: dict[bytes, tuple[int, int]] = {}
     for pid, live, total in db.execute(
-        "SELECT e.pack, SUM(CASE WHEN EXISTS (SELECT 1 FROM refs r WHERE r.parcel=? AND r.tag=e.tag)"
-        " THEN e.length ELSE 0 END), SUM(e.length) FROM pack_entries e JOIN parcel_packs pp"
+        # CAST: PostgreSQL's SUM of BIGINT is NUMERIC (a Decimal), not an int.
+        "SELECT e.pack, CAST(SUM(CASE WHEN EXISTS (SELECT 1 FROM refs r WHERE r.parcel=? AND r.tag=e.tag)"
+        " THEN e.length ELSE 0 END) AS BIGINT), CAST(SUM(e.length) AS BIGINT) FROM pack_entries e JOIN parcel_packs pp"
         " ON pp.pack=e.pack AND pp.parcel=? AND pp.state='live' GROUP BY e.pack",
         (p, p),
     ):
@@ -206,13 +219,13 @@ def _pack_liveness(db, p: str) -> dict[bytes, tuple[int, int]]:
 
 def _compact(repo: Repository, p: str, old: bytes) -> bool:
     live = repo._q(
-        "SELECT e.tag, e.offset, e.length FROM pack_entries e WHERE e.pack=? AND EXISTS"
-        " (SELECT 1 FROM refs r WHERE r.parcel=? AND r.tag=e.tag) ORDER BY e.offset",
+        'SELECT e.tag, e."offset", e.length FROM pack_entries e WHERE e.pack=? AND EXISTS'
+        ' (SELECT 1 FROM refs r WHERE r.parcel=? AND r.tag=e.tag) ORDER BY e."offset"',
         (old, p),
     )
-    tmp = repo.root / "uploads" / f".compact-{old.hex()[:16]}.tmp"
+    tmp = repo.packs.uploads_root() / f".compact-{old.hex()[:16]}.tmp"
     try:
-        with open(repo.pack_path(old), "rb") as src, open(tmp, "wb") as out:
+        with repo.pack_file(old) as local, open(local, "rb") as src, open(tmp, "wb") as out:
             w = PackWriter(out)
             for tag, off, n in live:
                 src.seek(off)
@@ -223,20 +236,17 @@ def _compact(repo: Repository, p: str, old: bytes) -> bool:
             info = w.finish()
             out.flush()
             os.fsync(out.fileno())
-        dest = repo.pack_path(info.pack_id)
-        dest.parent.mkdir(mode=0o700, exist_ok=True)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        repo.packs.place(info.pack_id, tmp)
     finally:
         tmp.unlink(missing_ok=True)
     now = time.time()
     with repo._tx() as db:
-        db.execute("INSERT OR IGNORE INTO packs VALUES (?,?,?)", (info.pack_id, info.size, now))
+        db.execute("INSERT INTO packs VALUES (?,?,?) ON CONFLICT DO NOTHING", (info.pack_id, info.size, now))
         db.executemany(
-            "INSERT OR IGNORE INTO pack_entries VALUES (?,?,?,?)",
+            "INSERT INTO pack_entries VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
             [(info.pack_id, e.tag, e.offset, e.length) for e in info.entries],
         )
-        db.execute("INSERT OR IGNORE INTO parcel_packs VALUES (?,?, 'live', ?)", (p, info.pack_id, now))
+        db.execute("INSERT INTO parcel_packs VALUES (?,?, 'live', ?) ON CONFLICT DO NOTHING", (p, info.pack_id, now))
         # Re-check under the write lock: a commit since the first transaction
         # may have revived a chunk we did not copy.
         stranded = db.execute(
@@ -258,7 +268,7 @@ def _drop_unreferenced(repo: Repository) -> int:
         gone = db.execute(
             "SELECT id, size FROM packs WHERE id NOT IN (SELECT pack FROM parcel_packs)"
         ).fetchall()
-        present = [pid for pid, _ in gone if repo.pack_path(pid).exists()]
+        present = [pid for pid, _ in gone if repo.packs.exists(pid)]
         _delete_packs(repo, db, [g[0] for g in gone])
     sizes = dict(gone)
     return sum(sizes[p] for p in present)

@@ -152,7 +152,8 @@ class Store(Protocol):
     # -- parcels and versions -----------------------------------------------------
     async def create_parcel(self, parcel: uuid.UUID, name: str, hardware: str = "") -> ParcelInfo:
         """Create an empty parcel (version 0, lock free, epoch 0). ``Conflict`` if
-        the id or the name is taken."""
+        this user already has a parcel of that id or name. Ids are per user:
+        another user's parcel of the same id is neither seen nor touched."""
 
     async def list_parcels(self) -> list[ParcelInfo]:
         """This user's parcels with their lock state and last version."""
@@ -178,6 +179,17 @@ class Store(Protocol):
 
     async def pack_size(self, parcel: uuid.UUID, pack_id: bytes) -> int | None:
         """Size of a pack the parcel can reach, or None."""
+
+    async def put_torrent(self, parcel: uuid.UUID, pack_id: bytes, data: bytes) -> None:
+        """Keep the BitTorrent v2 torrent of a pack the parcel has (staged or live),
+        replacing this user's earlier one; ``NotFound`` if the parcel lacks the pack,
+        ``FormatError`` unless ``data`` is a bencoded dictionary of 1 byte to
+        :data:`~.wire.MAX_TORRENT`. Torrents are kept per user: another user's
+        torrent of the same pack is never answered."""
+
+    async def get_torrent(self, parcel: uuid.UUID, pack_id: bytes) -> bytes | None:
+        """This user's torrent of a pack the parcel has, or None if it has none (a pack
+        made before torrents were); ``NotFound`` if the parcel lacks the pack."""
 
     async def have_packs(self, parcel: uuid.UUID, pack_ids: Iterable[bytes]) -> set[bytes]:
         """Which of these packs the parcel has (committed or staged)."""

@@ -53,6 +53,10 @@ class HttpStore:
         self._token = token
         self._retries = retries
         self._backoff = backoff
+        # Set when a call used up its retries without reaching the server: later calls
+        # try once each until one gets through. An offline suspend makes several calls,
+        # and each used to spend the whole backoff (about 6 s) on a server known gone.
+        self._unreachable = False
         self._ssl: ssl.SSLContext | bool = True
         if cafile is not None:
             self._ssl = ssl.create_default_context(cafile=str(cafile))
@@ -90,7 +94,7 @@ class HttpStore:
         if js is not None:
             hdrs["Content-Type"] = "application/json"
         last: Exception | None = None
-        for attempt in range(self._retries + 1):
+        for attempt in range(1 if self._unreachable else self._retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
             try:
@@ -101,6 +105,7 @@ class HttpStore:
                     if resp.status in TRANSIENT_STATUS:
                         last = Unreachable(f"the server answered HTTP {resp.status}")
                         continue
+                    self._unreachable = False
                     if resp.status >= 400:
                         raise wire.error_from(resp.status, _maybe_json(raw))
                     return resp.status, raw, resp.headers
@@ -115,6 +120,7 @@ class HttpStore:
                 raise Unreachable(f"TLS with {self.url} failed: {e}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
                 last = e
+        self._unreachable = True
         raise Unreachable(f"cannot reach the home server at {self.url} ({_why(last)})")
 
     async def _json(self, method: str, path: str, js: Any = None, **kw: Any) -> Any:
@@ -248,6 +254,16 @@ class HttpStore:
     async def pack_size(self, parcel: uuid.UUID, pack_id: bytes) -> int | None:
         st = await self._json("GET", f"{self._p(parcel)}/uploads/{pack_id.hex()}")
         return int(st["offset"]) if st["complete"] else None
+
+    async def put_torrent(self, parcel: uuid.UUID, pack_id: bytes, data: bytes) -> None:
+        wire.check_torrent(data)
+        await self._call("PUT", f"{self._p(parcel)}/packs/{pack_id.hex()}/torrent", body=data,
+                         headers={"Content-Type": "application/x-bittorrent"})
+
+    async def get_torrent(self, parcel: uuid.UUID, pack_id: bytes) -> bytes | None:
+        status, raw, _ = await self._call("GET", f"{self._p(parcel)}/packs/{pack_id.hex()}/torrent")
+        # 204: the pack is there but has no torrent (made before torrents were).
+        return None if status == 204 else raw
 
     async def have_packs(self, parcel: uuid.UUID, pack_ids: Iterable[bytes]) -> set[bytes]:
         d = await self._json("POST", f"{self._p(parcel)}/have-packs", {"packs": [p.hex() for p in pack_ids]})

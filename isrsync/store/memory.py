@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import re
 import threading
 import time
 import uuid
@@ -45,10 +44,11 @@ from ..fsutil import os_error
 from ..manifest import NO_PARENT, manifest_hash, parse_header
 from ..pack import PackEntry, PackInfo, verify_stream
 from . import lockrules
+from .wire import check_torrent
+from .names import check_parcel_name, parse_parcel_id
 from .base import CommitRequest, Holder, LockState, ParcelInfo, VersionInfo
 
 # As the server's repository checks them: a name create refuses names no parcel.
-PARCEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass
@@ -82,8 +82,10 @@ class MemoryHome:
     """The state of one home: what the data directory holds, in dicts."""
 
     bundles: dict[str, bytes] = field(default_factory=dict)  # user -> sealed key bundle
-    parcels: dict[uuid.UUID, _Parcel] = field(default_factory=dict)
+    # Parcel ids are per user: another user's parcel of the same id is another parcel.
+    parcels: dict[tuple[str, uuid.UUID], _Parcel] = field(default_factory=dict)  # (owner, id) ->
     packs: dict[bytes, tuple[bytes, PackInfo]] = field(default_factory=dict)  # id -> (bytes, index)
+    torrents: dict[tuple[bytes, str], bytes] = field(default_factory=dict)  # (pack id, user) -> torrent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -101,18 +103,17 @@ class MemoryStore:
     # -- lookups (call with the home's lock held) ---------------------------------
 
     def _owned(self, parcel: uuid.UUID) -> _Parcel:
-        p = self.home.parcels.get(parcel)
-        if p is None or p.owner != self.user:
+        p = self.home.parcels.get((self.user, parcel))
+        if p is None:
             raise NotFound(f"no parcel {parcel}", hint="`isrsync ls` lists your parcels")
         return p
 
     def _find(self, ref: uuid.UUID | str) -> _Parcel:
-        pid = _parse_parcel_id(ref)
+        pid = parse_parcel_id(ref)
         if pid is not None:
-            p = self.home.parcels.get(pid)
-            found = p if p is not None and p.owner == self.user else None
+            found = self.home.parcels.get((self.user, pid))
         else:
-            _check_parcel_name(str(ref))
+            check_parcel_name(str(ref))
             found = next((p for p in self.home.parcels.values()
                           if p.owner == self.user and p.name == ref), None)
         if found is None:
@@ -141,16 +142,16 @@ class MemoryStore:
     # -- parcels and versions -----------------------------------------------------
 
     async def create_parcel(self, parcel: uuid.UUID, name: str, hardware: str = "") -> ParcelInfo:
-        _check_parcel_name(name)
+        check_parcel_name(name)
         with self.home.lock:
-            p = self.home.parcels.get(parcel)
+            p = self.home.parcels.get((self.user, parcel))
             if p is not None:
-                if (p.owner, p.name) == (self.user, name):
+                if p.name == name:
                     return p.info()  # a retried create
-                raise Conflict(f"parcel id {parcel} is taken")
+                raise Conflict(f"you already have a parcel with id {parcel}")
             if any(q.owner == self.user and q.name == name for q in self.home.parcels.values()):
                 raise Conflict(f"you already have a parcel named {name}", hint="pick another name")
-            p = self.home.parcels[parcel] = _Parcel(parcel, self.user, name, time.time(), hardware)
+            p = self.home.parcels[(self.user, parcel)] = _Parcel(parcel, self.user, name, time.time(), hardware)
             return p.info()
 
     async def list_parcels(self) -> list[ParcelInfo]:
@@ -206,6 +207,21 @@ class MemoryStore:
         with self.home.lock:
             p = self._owned(parcel)
             return self.home.packs[pack_id][1].size if pack_id in p.packs else None
+
+    async def put_torrent(self, parcel: uuid.UUID, pack_id: bytes, data: bytes) -> None:
+        check_torrent(data)
+        with self.home.lock:
+            p = self._owned(parcel)
+            if pack_id not in p.packs:
+                raise NotFound(f"no pack {pack_id.hex()[:16]} in parcel {parcel}", hint="upload the pack first")
+            self.home.torrents[(pack_id, self.user)] = bytes(data)
+
+    async def get_torrent(self, parcel: uuid.UUID, pack_id: bytes) -> bytes | None:
+        with self.home.lock:
+            p = self._owned(parcel)
+            if pack_id not in p.packs:
+                raise NotFound(f"no pack {pack_id.hex()[:16]} in parcel {parcel}")
+            return self.home.torrents.get((pack_id, self.user))
 
     async def have_packs(self, parcel: uuid.UUID, pack_ids: Iterable[bytes]) -> set[bytes]:
         with self.home.lock:
@@ -299,21 +315,4 @@ def _read_verified(path: Path, pack_id: bytes) -> tuple[bytes, PackInfo]:
 
 def _h32(b: bytes) -> bytes:
     return hashlib.blake2b(b, digest_size=32).digest()
-
-
-def _check_parcel_name(name: str) -> None:
-    if not PARCEL_NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"{name[:80]!r} is not a valid parcel name",
-            hint="use letters, digits, '_', '.', '-' (at most 128), not starting with a symbol",
-        )
-
-
-def _parse_parcel_id(ref: uuid.UUID | str) -> uuid.UUID | None:
-    if isinstance(ref, uuid.UUID):
-        return ref
-    try:
-        return uuid.UUID(ref)
-    except (ValueError, AttributeError):
-        return None
 

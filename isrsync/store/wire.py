@@ -24,12 +24,20 @@ MAX_JSON = 4 << 20
 MAX_COMMIT = 512 << 20
 MAX_PACK = 4 << 30
 MAX_BUNDLE = 1 << 20
+MAX_TORRENT = 16 << 20
 
 _STATUS: list[tuple[type[IsrError], int]] = [
     (errors.AuthError, 401),
     (errors.NotFound, 404),
     (errors.LockHeld, 423),
     (errors.Conflict, 409),
+    (errors.UnsupportedEncoding, 415),
+    (errors.TooManyUploads, 429),
+    (errors.Busy, 503),
+    (errors.RequestTimeout, 408),
+    # Nobody reads this answer (the client is gone); it is for the access log,
+    # where a killed client's upload is the client's doing, not a server fault.
+    (errors.BodyCut, 400),
     (errors.UnsupportedVersion, 400),
     (errors.FormatError, 400),
     (errors.IntegrityError, 422),
@@ -70,6 +78,16 @@ def _by_status(status: int) -> type[IsrError]:
         if st == status:
             return cls
     return errors.Unreachable if status >= 500 else errors.UsageError
+
+
+def check_torrent(data: bytes) -> None:
+    """The shape every Store checks before keeping a torrent: a bencoded dictionary
+    of sane size. (Its hashes are the site's business: a wrong torrent only fails
+    pieces in libtorrent, and chunk tags are checked above it.)"""
+    if not data or len(data) > MAX_TORRENT:
+        raise FormatError(f"a torrent must be 1 to {MAX_TORRENT} bytes, not {len(data)}")
+    if not (data[:1] == b"d" and data[-1:] == b"e"):
+        raise FormatError("a torrent must be a bencoded dictionary")
 
 
 # -- values ------------------------------------------------------------------------

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from maintkit import USER, Client
+from maintkit import USER, Client, client_factory
 
 from isrsync.server.local import LocalStore
 from isrsync.server.repo import Repository
@@ -31,11 +30,4 @@ async def store(data_dir: Path) -> AsyncIterator[LocalStore]:
 
 @pytest.fixture
 def make_client(store: LocalStore, tmp_path: Path) -> Callable[..., Client]:
-    n = 0
-
-    def make(chunks: int, seed: int = 1, full_every: int = 4) -> Client:
-        nonlocal n
-        n += 1
-        return Client(store, tmp_path / f"client-{n}", chunks, full_every=full_every, rng=random.Random(seed))
-
-    return make
+    return client_factory(store, tmp_path)

@@ -258,3 +258,15 @@ async def read_version(store: object, client: Client, v: int, *, retries: int = 
 def pack_tags(path: Path) -> set[bytes]:
     with open(path, "rb") as f:
         return {e.tag for e in PackReader(f, path.stat().st_size).entries}
+
+
+def client_factory(store, root: Path):
+    """``make(chunks, seed, full_every)``: a new Client of ``store`` each call, in its own directory under ``root``."""
+    n = 0
+
+    def make(chunks: int, seed: int = 1, full_every: int = 4) -> Client:
+        nonlocal n
+        n += 1
+        return Client(store, root / f"client-{n}", chunks, full_every=full_every, rng=random.Random(seed))
+
+    return make

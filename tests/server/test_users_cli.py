@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from isrsync.server.repo import hash_token
+from isrsync.server.schema import hash_token
 
 from srvkit import assert_json_error, bearer, call
 

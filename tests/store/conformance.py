@@ -42,6 +42,8 @@ from isrsync.store.base import (
     Store,
     VersionInfo,
 )
+from isrsync.store.wire import MAX_TORRENT
+from isrsync.swarm.torrent import load_torrent, make_torrent
 from isrsync.vmspec import VmSpec
 
 MiB = 1 << 20
@@ -380,6 +382,45 @@ class TestIsolation:
         assert await store.have_packs(pid, img.pack_ids) == set(img.pack_ids)
         assert await store.get_manifests(pid, 1, 1) == [m1]
 
+    async def test_creating_another_users_parcel_id_is_like_a_fresh_id(
+        self, store: Store, other_user_store: Store, tmp_path: Path
+    ) -> None:
+        # Issue 14: bob creating a parcel with alice's id got "409 parcel id … is
+        # taken" (with the hint "your local changes are kept"): an oracle for
+        # alice's ids. Ids are per user: bob gets a parcel of his own, exactly as
+        # for an id nobody has, and neither parcel sees the other.
+        bob = other_user_store
+        scn = await Scenario.create(store, tmp_path, "alices-secret-vm")
+        img, m1, _, _ = await scn.commit_v1(release=False)
+        before = await state(store, scn.parcel)
+        ghost = uuid.uuid4()
+
+        def shape(p: ParcelInfo) -> tuple:
+            return (p.version, p.lock.epoch, p.lock.version, p.lock.holder, p.lock.hardware)
+
+        fresh = await bob.create_parcel(ghost, "bobs-fresh")
+        taken = await bob.create_parcel(scn.parcel, "bobs-vm")
+        assert taken.parcel == scn.parcel and taken.name == "bobs-vm"
+        assert shape(taken) == shape(fresh) == (0, 0, 0, None, "")
+        assert await bob.create_parcel(scn.parcel, "bobs-vm") == taken  # a retry, as for any id
+        assert sorted(p.name for p in await bob.list_parcels()) == ["bobs-fresh", "bobs-vm"]
+        assert (await bob.parcel(scn.parcel)).name == "bobs-vm"
+        # bob's parcel is empty and his: nothing of alice's shows through it.
+        assert await bob.list_versions(scn.parcel) == []
+        with pytest.raises(NotFound):
+            await bob.get_manifests(scn.parcel, 1, 1)
+        assert await bob.have_packs(scn.parcel, img.pack_ids) == set()
+        assert await bob.pack_size(scn.parcel, img.pack_ids[0]) is None
+        assert await bob.locate(scn.parcel, img.tags[:4]) == {}
+        lock = await bob.acquire(scn.parcel, SITE_B)
+        assert lock.epoch == 1 and lock.holder is not None and lock.holder.site == SITE_B.site
+        await bob.break_lock(scn.parcel, "test")
+        # alice's parcel did not move, and she still sees only hers.
+        assert await state(store, scn.parcel) == before
+        assert [p.name for p in await store.list_parcels()] == ["alices-secret-vm"]
+        assert await store.get_manifests(scn.parcel, 1, 1) == [m1]
+        assert (await store.lock_status(scn.parcel)).holder == before[0].lock.holder
+
     async def test_other_user_cannot_claim_a_pack_by_its_id(
         self, store: Store, other_user_store: Store, tmp_path: Path
     ) -> None:
@@ -550,14 +591,93 @@ class TestPacks:
         assert await store.get_pack(scn.parcel, extra.pack_ids[0]) == extra.paths[0].read_bytes()
 
 
+class TestTorrents:
+    """A pack's torrent is kept beside it, per user; a pack without one is no error."""
+
+    async def test_put_then_get_round_trip(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        img = scn.image(MiB)
+        await scn.upload(img)
+        pid, path = img.pack_ids[0], img.paths[0]
+        t = await make_torrent(path, pid)
+        assert await store.get_torrent(scn.parcel, pid) is None, "an uploaded pack has no torrent yet"
+        await store.put_torrent(scn.parcel, pid, t.data)
+        await store.put_torrent(scn.parcel, pid, t.data)  # a retry
+        got = await store.get_torrent(scn.parcel, pid)
+        assert got == t.data
+        assert load_torrent(pid, got, size=path.stat().st_size).info_hash == t.info_hash
+        # Committing does not lose it, and the pack bytes are unchanged.
+        lock = await store.acquire(scn.parcel, SITE_A)
+        await store.commit(scn.parcel, scn.req(scn.v1(img), lock.epoch, img))
+        assert await store.get_torrent(scn.parcel, pid) == t.data
+        assert await store.get_pack(scn.parcel, pid) == path.read_bytes()
+
+    async def test_put_replaces(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        img = scn.image(MiB)
+        await scn.upload(img)
+        pid = img.pack_ids[0]
+        await store.put_torrent(scn.parcel, pid, b"d1:xi1ee")
+        await store.put_torrent(scn.parcel, pid, b"d1:xi2ee")
+        assert await store.get_torrent(scn.parcel, pid) == b"d1:xi2ee"
+
+    async def test_pack_the_parcel_lacks_is_not_found(self, store: Store, tmp_path: Path) -> None:
+        a = await Scenario.create(store, tmp_path, "one")
+        b = await Scenario.create(store, tmp_path, "two")
+        img = a.image(MiB)
+        await a.upload(img)
+        pid = img.pack_ids[0]
+        for parcel, pack in ((b.parcel, pid), (a.parcel, os.urandom(32)), (uuid.uuid4(), pid)):
+            await raises(NotFound, lambda: store.put_torrent(parcel, pack, b"d1:xi1ee"), "put_torrent")
+            await raises(NotFound, lambda: store.get_torrent(parcel, pack), "get_torrent")
+
+    async def test_malformed_torrent_is_refused(self, store: Store, tmp_path: Path) -> None:
+        scn = await Scenario.create(store, tmp_path)
+        img = scn.image(MiB)
+        await scn.upload(img)
+        pid = img.pack_ids[0]
+        for bad in (b"", b"not bencode", b"li1ee", b"d" + bytes(MAX_TORRENT) + b"e"):
+            await raises(FormatError, lambda: store.put_torrent(scn.parcel, pid, bad), f"put_torrent {bad[:8]!r}")
+        assert await store.get_torrent(scn.parcel, pid) is None
+
+    async def test_torrents_are_per_user(self, store: Store, other_user_store: Store, tmp_path: Path) -> None:
+        mine = await Scenario.create(store, tmp_path, "mine")
+        theirs = await Scenario.create(other_user_store, tmp_path, "theirs")
+        img = mine.image(MiB)
+        await mine.upload(img)
+        await theirs.upload(img)  # the same pack, shared by id on the server
+        pid = img.pack_ids[0]
+        await store.put_torrent(mine.parcel, pid, b"d1:xi1ee")
+        assert await other_user_store.get_torrent(theirs.parcel, pid) is None
+        await raises(NotFound, lambda: other_user_store.get_torrent(mine.parcel, pid), "another user's parcel")
+
+    async def test_torrent_of_a_parcel_whose_id_another_user_has(
+        self, store: Store, other_user_store: Store, tmp_path: Path
+    ) -> None:
+        # Parcel ids are per user: bob's parcel with alice's id has a row key
+        # of its own, and his torrents go with that row, not with the id.
+        alice = await Scenario.create(store, tmp_path, "alices")
+        img = alice.image()
+        assert len(img.pack_ids) >= 2
+        await other_user_store.create_parcel(alice.parcel, "bobs")
+        mine, theirs = img.pack_ids[0], img.pack_ids[1]
+        await store.put_pack(alice.parcel, theirs, img.paths[1])
+        await other_user_store.put_pack(alice.parcel, mine, img.paths[0])
+        await other_user_store.put_torrent(alice.parcel, mine, b"d3:bobi1ee")
+        assert await other_user_store.get_torrent(alice.parcel, mine) == b"d3:bobi1ee"
+        # alice's pack is not in bob's parcel, whatever its id.
+        await raises(NotFound, lambda: other_user_store.put_torrent(alice.parcel, theirs, b"d1:xi1ee"),
+                     "a torrent of a pack only alice's parcel of that id has")
+
+
 class TestLock:
-    async def test_acquire_free_lock(self, store: Store, tmp_path: Path) -> None:
+    async def test_acquire_free_lock(self, store: Store, home, tmp_path: Path) -> None:
         scn = await Scenario.create(store, tmp_path)
         before = time.time()
         s = await store.acquire(scn.parcel, SITE_A)
         assert (s.parcel, s.epoch, s.version) == (scn.parcel, 1, 0)
         assert s.holder is not None
-        assert (s.holder.site, s.holder.host, s.holder.user) == ("site-a", "host-a.example", "alice")
+        assert (s.holder.site, s.holder.host, s.holder.user) == ("site-a", "host-a.example", home.name_of("alice"))
         assert before - 5 <= s.holder.since <= time.time() + 5
         assert await store.lock_status(scn.parcel) == s
         assert (await store.parcel(scn.parcel)).lock == s
@@ -905,14 +1025,15 @@ def next_version(scn: Scenario, img: Image, prev: bytes, site: str) -> bytes:
 
 
 class TestHandOver:
-    async def test_hand_over_bumps_the_epoch_and_records_the_medium(self, store: Store, tmp_path: Path) -> None:
+    async def test_hand_over_bumps_the_epoch_and_records_the_medium(self, store: Store, home, tmp_path: Path) -> None:
         scn = await Scenario.create(store, tmp_path)
         a = await store.acquire(scn.parcel, SITE_A)
         before = time.time()
         m = await store.hand_over(scn.parcel, a.epoch, MEDIUM)
         assert (m.parcel, m.epoch, m.version) == (scn.parcel, a.epoch + 1, 0)
         assert m.holder is not None
-        assert (m.holder.site, m.holder.host, m.holder.user) == ("medium:3f0c9a7e", "KINGSTON-16G", "alice")
+        assert (m.holder.site, m.holder.host, m.holder.user) == ("medium:3f0c9a7e", "KINGSTON-16G",
+                                                                 home.name_of("alice"))
         assert m.holder.medium == "3f0c9a7e"
         assert before - 5 <= m.holder.since <= time.time() + 5
         assert await store.lock_status(scn.parcel) == m

@@ -6,10 +6,18 @@ asks for ``store`` (directly or through ``home``) runs once per backend:
 * ``local``: :class:`LocalStore` over a data directory in ``tmp_path``
   (``LocalStore.open(..., create=True, create_user=True)``; further users share its
   :class:`Repository`);
-* ``http``: :class:`HttpStore` against the real ``isrsync serve`` subprocess
-  (``live_server`` from tests/conftest.py), one bearer token per user;
+* ``http``: :class:`HttpStore` against the real ``isrsync serve`` subprocess,
+  one bearer token per user; the server is shared by the run's tests
+  (``shared_servers`` in tests/conftest.py) and each test's users are its own
+  (``alice-<test>``: :meth:`Home.name_of`), so every test still starts in an
+  empty home;
 * ``memory``: :class:`MemoryStore` (no files); further clients share its
-  :class:`MemoryHome` (``MemoryStore.client(user)``).
+  :class:`MemoryHome` (``MemoryStore.client(user)``);
+* ``pg``: as ``local``, with the rows in a PostgreSQL database of the test's own
+  (tests/pg/pgkit.py; packs stay in the data directory);
+* ``http-pg``: as ``http``, the server run with ``--metadata postgresql://…``;
+* ``s3``: as ``pg``, with the packs in a bucket of moto's S3 server on loopback;
+* ``http-s3``: as ``http-pg``, the server run with ``--packs s3://…`` too.
 
 Every store a test opens is closed at teardown (the http ones explicitly, so
 no aiohttp session is left unclosed), non-owning stores before the owner.
@@ -19,6 +27,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+import uuid
+
+import sys
 
 import pytest
 
@@ -27,24 +38,35 @@ from isrsync.store.http import HttpStore
 from isrsync.server.local import LocalStore
 from isrsync.store.memory import MemoryStore
 
-BACKENDS = ["local", "http", "memory"]
+sys.path.insert(0, str(Path(__file__).parents[1] / "pg"))
+import pgkit  # noqa: E402  (tests/pg is no package; its helper is shared here)
+
+BACKENDS = ["local", "http", "memory", "pg", "http-pg", "s3", "http-s3"]
 
 
 class Home:
     """One user home reachable through a backend; hands out Store clients."""
 
-    def __init__(self, backend: str, root: Path, server=None) -> None:
+    def __init__(self, backend: str, root: Path, server=None, metadata: str | None = None,
+                 packs: str | None = None) -> None:
         self.backend = backend
+        self.metadata = metadata
+        self.packs = packs
         self.root = root
         self.server = server
         self._owner: LocalStore | None = None
         self._memory: MemoryStore | None = None
         self._tokens: dict[str, str] = {}
         self._stores: list[Store] = []
+        self._test = uuid.uuid4().hex[:8]  # this test's users on a shared server
+
+    def name_of(self, user: str) -> str:
+        """The server's name for this test's ``user``."""
+        return f"{user}-{self._test}" if self.server is not None else user
 
     def _token(self, user: str) -> str:
         if user not in self._tokens:
-            self._tokens[user] = self.server.add_user(user)
+            self._tokens[user] = self.server.add_user(self.name_of(user))
         return self._tokens[user]
 
     def store(self, user: str = "alice") -> Store:
@@ -54,9 +76,10 @@ class Home:
         of that user would have.
         """
         s: Store
-        if self.backend == "local":
+        if self.backend in ("local", "pg", "s3"):
             if self._owner is None:
-                self._owner = LocalStore.open(self.root, user, create=True, create_user=True)
+                self._owner = LocalStore.open(self.root, user, create=True, create_user=True,
+                                              metadata=self.metadata, packs=self.packs)
                 s = self._owner
             else:
                 repo = self._owner.repo
@@ -88,15 +111,71 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-def _home_server(backend: str, request: pytest.FixtureRequest):
-    # Only the http backend starts the real server subprocess.
-    return request.getfixturevalue("live_server") if backend == "http" else None
+@pytest.fixture(scope="session")
+def _shared_db():
+    # The shared http-pg and http-s3 servers' database, for the whole run.
+    made: list[pgkit.FreshDb] = []
+
+    def get() -> str:
+        if not made:
+            made.append(pgkit.FreshDb())
+        return made[0].dsn
+
+    yield get
+    for db in made:
+        db.close()
+
+
+@pytest.fixture(scope="session")
+def _shared_bucket():
+    made: list[str] = []
+
+    def get() -> str:
+        if not made:
+            made.append(pgkit.s3_url())
+        return made[0]
+
+    return get
 
 
 @pytest.fixture
-async def home(backend: str, _home_server, tmp_path: Path) -> AsyncIterator[Home]:
-    h = Home(backend, tmp_path / "home", _home_server)
+def _metadata(backend: str, _shared_db):
+    # Only the PostgreSQL backends get a database: the in-process ones one of this
+    # test's own, the http ones their shared server's (the test's users are its own).
+    if backend in ("http-pg", "http-s3"):
+        yield _shared_db()
+        return
+    if not backend.endswith(("pg", "s3")):
+        yield None
+        return
+    db = pgkit.FreshDb()
+    try:
+        yield db.dsn
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def _home_server(backend: str, _metadata, _packs, shared_servers):
+    # Only the http backends talk to the real server subprocess.
+    if backend == "http":
+        return shared_servers("http")
+    if backend in ("http-pg", "http-s3"):
+        extra = ["--metadata", _metadata, *(["--packs", _packs] if _packs else [])]
+        return pgkit.with_metadata(shared_servers(backend, extra), _metadata, _packs)
+    return None
+
+
+@pytest.fixture
+def _packs(backend: str, _shared_bucket) -> str | None:
+    if backend == "http-s3":
+        return _shared_bucket()
+    return pgkit.s3_url() if backend.endswith("s3") else None
+
+
+@pytest.fixture
+async def home(backend: str, _home_server, _metadata, _packs, tmp_path: Path) -> AsyncIterator[Home]:
+    h = Home(backend, tmp_path / "home", _home_server, _metadata, _packs)
     try:
         yield h
     finally:

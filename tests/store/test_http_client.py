@@ -285,6 +285,30 @@ async def test_server_that_comes_up_late_is_reached_by_backoff(server_factory, t
     assert elapsed >= 0.45  # it really waited for the server, it was not up at first
 
 
+async def test_a_server_found_gone_is_tried_once_per_call_until_it_answers(live_server, proxies, open_http) -> None:
+    """An offline suspend makes several calls: only the first waits out the retries."""
+    token = live_server.add_user("alice")
+    proxy = await proxies(live_server.url)
+    proxy.fail_503 = 1000
+    store = open_http(proxy.url, token, retries=3, backoff=0.02)
+    with pytest.raises(Unreachable):
+        await store.list_parcels()
+    assert proxy.answered_503 == 4
+    for _ in range(2):
+        with pytest.raises(Unreachable):
+            await store.list_parcels()
+    assert proxy.answered_503 == 6  # one try each, no retries
+    proxy.fail_503 = 1  # back, after one more refusal: that call gets no retry either
+    with pytest.raises(Unreachable):
+        await store.list_parcels()
+    assert await store.list_parcels() == []
+    # It answered: the next outage is retried in full again.
+    await store.close()  # a new connection, so the proxy's 503s reach it
+    proxy.fail_503 = 2
+    assert await store.list_parcels() == []
+    assert proxy.answered_503 == 9
+
+
 @pytest.mark.parametrize("case", ["not-found", "conflict", "lock-held", "format", "auth"])
 async def test_client_errors_are_not_retried(live_server, open_http, case: str) -> None:
     token = live_server.add_user("alice")
