@@ -110,7 +110,8 @@ from isrsync.site.packer import pack_stream
 from isrsync.site.parcel import Site
 from isrsync.site.background import TraceHoard, Trickle
 from isrsync.site.session import ParcelSession
-from isrsync.site.sources import ServerSource, SourceRegistry
+from isrsync.site.serversource import ServerSource
+from isrsync.site.registry import SourceRegistry
 from isrsync.site.state import ParcelState
 from isrsync.store.base import CommitRequest, Holder
 from isrsync.store.http import HttpStore

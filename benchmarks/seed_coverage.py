@@ -86,7 +86,8 @@ async def bench(work: Path, args: argparse.Namespace, say) -> dict[str, Any]:
     from isrsync.keys import KdfLimits
     from isrsync.site.account import Account, login
     from isrsync.site.cache import SiteCache
-    from isrsync.site.parcel import init_parcel, load_version, open_site
+    from isrsync.site.create import init_parcel
+    from isrsync.site.parcel import load_version, open_site
     from isrsync.site.runtime import Runtime
 
     base = work / "base.img"

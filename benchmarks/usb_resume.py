@@ -75,13 +75,15 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import LiveServer, isrsync_cmd
+from conftest import isrsync_cmd
+from shapedlink import Link, NsServer
 from vm import (
     DISK_MIB,
     MEMORY_MIB,
     RESUME_TARGET,
     Serial,
     _isolate,
+    floor_files,
     floor_image,
     floor_qemu_class,
     floor_run,
@@ -92,102 +94,6 @@ RATES = {"100mbit": 100e6, "10mbit": 10e6, "1mbit": 1e6, "100kbit": 100e3}
 PAPER_WITH = {"100mbit": 13, "10mbit": 12, "1mbit": 12, "100kbit": 12}
 PAPER_WITHOUT = {"100mbit": 14, "10mbit": 39, "1mbit": 317, "100kbit": 4301}
 USER = "bench"
-
-
-# --------------------------------------------------------------------------- the shaped link
-
-
-class Link:
-    """A network namespace holding the server, a veth pair to it, tbf on both ends."""
-
-    def __init__(self, say) -> None:
-        n = os.getpid() % 100000
-        self.ns = f"isrsync-usb-{n}"
-        self.host_if, self.ns_if = f"isru{n}h", f"isru{n}n"
-        o = 16 + n % 200
-        self.host_ip, self.ns_ip = f"10.213.{o}.1", f"10.213.{o}.2"
-        self.say = say
-        self.made = False
-        self.shaped: str | None = None
-
-    @staticmethod
-    def _ip(*a: str) -> None:
-        r = subprocess.run(list(a), capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(a)} failed: {r.stderr.strip()}")
-
-    def up(self) -> None:
-        self.made = True
-        ip = self._ip
-        ip("ip", "netns", "add", self.ns)
-        ip("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        ip("ip", "link", "set", self.ns_if, "netns", self.ns)
-        ip("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-        ip("ip", "link", "set", self.host_if, "up")
-        ip("ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
-        ip("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
-        ip("ip", "-n", self.ns, "link", "set", "lo", "up")
-        self.say(f"link: namespace {self.ns}, veth {self.host_if} ({self.host_ip}) <-> {self.ns_if} ({self.ns_ip})")
-
-    @staticmethod
-    def tbf(rate_bps: float) -> tuple[str, str, str]:
-        """rate, burst, latency for tc tbf: burst 20 ms of traffic (>= 2 full frames), a queue of
-        >= 200 ms or 20 full frames (a shorter one drops most packets at 100 Kb/s)."""
-        burst = max(int(rate_bps / 8 * 0.02), 3200)
-        lat_ms = max(200, int(20 * 1514 * 8 / rate_bps * 1000))
-        return f"{int(rate_bps)}bit", str(burst), f"{lat_ms}ms"
-
-    def shape(self, name: str) -> list[str]:
-        rate, burst, lat = self.tbf(RATES[name])
-        cmds = [["tc", "qdisc", "replace", "dev", self.host_if, "root", "tbf", "rate", rate, "burst", burst,
-                 "latency", lat],
-                ["ip", "netns", "exec", self.ns, "tc", "qdisc", "replace", "dev", self.ns_if, "root", "tbf", "rate",
-                 rate, "burst", burst, "latency", lat]]
-        for c in cmds:
-            self._ip(*c)
-        self.shaped = name
-        return [" ".join(c) for c in cmds]
-
-    def unshape(self) -> None:
-        if self.shaped is None:
-            return
-        for c in (["tc", "qdisc", "del", "dev", self.host_if, "root"],
-                  ["ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", self.ns_if, "root"]):
-            subprocess.run(c, capture_output=True, check=False)
-        self.shaped = None
-
-    def down(self) -> None:
-        if not self.made:
-            return
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)  # takes its peer along
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
-        self.made = False
-
-
-class NsServer(LiveServer):
-    """tests/conftest.py's LiveServer, started inside the namespace on its veth address."""
-
-    def start_in(self, link: Link, timeout: float = 30.0) -> NsServer:
-        import selectors
-
-        self.log = self.data.parent / f"{self.data.name}-server.log"
-        with open(self.log, "ab") as errf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", link.ns, *isrsync_cmd(), "serve", "--data", str(self.data),
-                 "--listen", f"{link.ns_ip}:0"],
-                stdout=subprocess.PIPE, stderr=errf, start_new_session=True,
-            )
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.kill()
-            raise RuntimeError(f"server did not start; log: {self.log.read_text()[-2000:]}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited; log: {self.log.read_text()[-2000:]}")
-        self.url = json.loads(line)["listening"]
-        return self
 
 
 def _tree_bytes(p: Path) -> int:
@@ -215,7 +121,7 @@ async def resume_once(work: Path, acct, pid, tag: str, medium: Path | None, key:
         rt = Runtime(site, pid, policy=Policy.LOOKASIDE, memory=MemoryMode.LAZY, serial=ser,
                      rundir=work / f"run-{tag}", lookaside=lookaside)
         sent0 = server.pack_bytes_sent()
-        link.shape(rate)
+        link.shape(RATES[rate])
         t0 = time.perf_counter()
         rep = await rt.resume()
         # The guest's first answer needs the pages it touches: at a slow rate
@@ -281,13 +187,12 @@ def dataclasses_asdict(x: Any) -> Any:
 async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[NsServer], say) -> dict[str, Any]:
     from isrsync.demo.guest import build_guest, make_disk_image
     from isrsync.keys import KdfLimits
-    from isrsync.manifest import MemoryImage
     from isrsync.site.account import Account, login
     from isrsync.site.cache import SiteCache
     from isrsync.site.media import plugin
-    from isrsync.site.parcel import init_parcel, load_version, open_site, write_blob
+    from isrsync.site.create import init_parcel
+    from isrsync.site.parcel import load_version, open_site
     from isrsync.site.runtime import Runtime
-    from isrsync.vm.qemu import VmConfig, accelerator
     from sneakernet.medium import format_medium
 
     data = work / "server-data"
@@ -349,13 +254,8 @@ async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[
         chain = site_a.registry(pid)
         fdir = work / "floor"
         fdir.mkdir()
-        memfile, raw, devfile = fdir / "mem.bin", fdir / "disk.raw", fdir / "device-state.bin"
-        for blob, path in ((m.memory, devfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
-            with open(path, "wb") as f:  # noqa: ASYNC230  (as benchmarks/vm.py)
-                await write_blob(blob, f.fileno(), site_a.cache, chain)
-        cfg = VmConfig(memory_mib=m.vm.memory_mib, cpus=m.vm.cpus, machine=m.vm.machine, cpu_model=m.vm.cpu_model,
-                       accel=accelerator("auto"), display="none", kernel=str(g.kernel), initrd=str(g.initrd),
-                       cmdline=g.cmdline)
+        cfg, memfile, raw, devfile = await floor_files(m, site_a.cache, chain, fdir, str(g.kernel), str(g.initrd),
+                                                       g.cmdline)
         FloorQemu = floor_qemu_class()
         try:
             await floor_image(FloorQemu, cfg, m.memory, site_a.cache, chain, fdir, raw, devfile, memfile)
@@ -382,7 +282,7 @@ async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[
         rate_bps = RATES[rate]
         est = medium_bytes * 8 / rate_bps
         skip_without = est > args.max_seconds
-        row: dict[str, Any] = {"rate_bps": rate_bps, "tc": link.shape(rate), "with": [], "without": [],
+        row: dict[str, Any] = {"rate_bps": rate_bps, "tc": link.shape(RATES[rate]), "with": [], "without": [],
                                "scale": 1.0, "est_without_seconds": round(est, 1)}
         link.unshape()
         if skip_without:
@@ -507,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="isr-usb-", dir="/tmp"))  # short: unix socket paths
     _isolate(work)
-    link = Link(say)
+    link = Link(say, prefix="isrsync-usb")
     servers: list[NsServer] = []
     try:
         link.up()

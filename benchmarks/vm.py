@@ -272,6 +272,24 @@ async def floor_save(q, out: Path) -> dict[str, float]:
     return {"save": t_save, "fsync": time.perf_counter() - t1, "bytes": out.stat().st_size}
 
 
+async def floor_files(m, cache, chain, fdir: Path, kernel: str, initrd: str, cmdline: str):
+    """The floor of version ``m``: its device state and raw disk written into ``fdir``, and the
+    plain QEMU's configuration, with the same devices as the saved state names (the balloon of
+    free page reporting too). Returns (cfg, memfile, raw, devfile); :func:`floor_image` fills memfile."""
+    from isrsync.manifest import MemoryImage
+    from isrsync.site.parcel import write_blob
+    from isrsync.vm.qemu import VmConfig, accelerator
+
+    memfile, raw, devfile = fdir / "mem.bin", fdir / "disk.raw", fdir / "device-state.bin"
+    for blob, path in ((m.memory, devfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
+        with open(path, "wb") as f:  # noqa: ASYNC230  (written once, untimed)
+            await write_blob(blob, f.fileno(), cache, chain)
+    cfg = VmConfig(memory_mib=m.vm.memory_mib, cpus=m.vm.cpus, machine=m.vm.machine, cpu_model=m.vm.cpu_model,
+                   accel=accelerator("auto"), display="none", kernel=kernel, initrd=initrd, cmdline=cmdline,
+                   free_page_reporting=m.vm.free_page_reporting)
+    return cfg, memfile, raw, devfile
+
+
 async def floor_image(FloorQemu, cfg, memory, cache, chain, fdir: Path, raw: Path, devfile: Path,
                       memfile: Path) -> None:
     """The floor's input: this version's memory as ONE plain QEMU migration stream.
@@ -399,20 +417,17 @@ async def isrsync_run(rt, serial: Path, run_seconds: float) -> tuple[dict[str, A
 async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Path, say: Say,
                    memory: str = "lazy") -> dict[str, Any]:
     from isrsync.keys import KdfLimits
-    from isrsync.manifest import MemoryImage
     from isrsync.site.account import Account, login
     from isrsync.site.cache import SiteCache
+    from isrsync.site.create import init_parcel
     from isrsync.site.parcel import (
         hoard,
-        init_parcel,
         load_version,
         open_site,
-        write_blob,
     )
     from isrsync.site.policy import MemoryMode, Policy
     from isrsync.site.runtime import Runtime
     from isrsync.demo.guest import build_guest, make_disk_image
-    from isrsync.vm.qemu import VmConfig, accelerator
 
     FloorQemu = floor_qemu_class()
     g = build_guest(guest_cache, progress=say)
@@ -472,16 +487,8 @@ async def bench_vm(work: Path, repeat: int, run_seconds: float, guest_cache: Pat
             chain = site.chain(pid)
             fdir = work / f"floor{i}"
             fdir.mkdir()
-            memfile, raw, devfile = fdir / "mem.bin", fdir / "disk.raw", fdir / "device-state.bin"
-            for blob, path in ((m.memory, devfile), (MemoryImage(m.keyring.size, m.keyring), raw)):
-                with open(path, "wb") as f:
-                    await write_blob(blob, f.fileno(), site.cache, chain)
-
-            cfg = VmConfig(
-                memory_mib=m.vm.memory_mib, cpus=m.vm.cpus, machine=m.vm.machine, cpu_model=m.vm.cpu_model,
-                accel=accelerator("auto"), display="none",
-                kernel=str(g.kernel), initrd=str(g.initrd), cmdline=g.cmdline,
-            )
+            cfg, memfile, raw, devfile = await floor_files(m, site.cache, chain, fdir, str(g.kernel), str(g.initrd),
+                                                           g.cmdline)
             await floor_image(FloorQemu, cfg, m.memory, site.cache, chain, fdir, raw, devfile, memfile)
             run_floor = floor_run(lambda name: FloorQemu(cfg, fdir / name, raw, memfile, fdir / "ser"), fdir,
                                   run_seconds)
@@ -610,7 +617,8 @@ async def bench_nbd(work: Path, repeat: int, fio_seconds: float, say: Say) -> di
     from isrsync.site.account import Account, login
     from isrsync.site.cache import SiteCache
     from isrsync.site.disk import ParcelDisk
-    from isrsync.site.parcel import hoard, init_parcel, load_version, open_site
+    from isrsync.site.create import init_parcel
+    from isrsync.site.parcel import hoard, load_version, open_site
     from isrsync.vm.nbd import NbdServer, RawFileBackend
 
     for tool in ("qemu-nbd", "nbdcopy", "fio"):

@@ -12,13 +12,13 @@ _isrsync_spec() {
     subs='' opts='' vopts='' args=0 argwords=''
     case "$1" in
         'isrsync')
-            subs='serve demo console login logout init resume suspend sync hoard discard fork rollback ls status cache server sources site lock'
-            opts='--debug --cache-dir --version --help'
+            subs='serve demo console view peers login logout init resume suspend sync hoard discard fork rollback ls status cache server sources site jukebox swarm lock'
+            opts='--debug --cache-dir --no-swarm --version --help'
             vopts='--cache-dir'
             ;;
         'isrsync serve')
-            opts='--data --listen --tls-cert --tls-key --help'
-            vopts='--data --listen --tls-cert --tls-key'
+            opts='--data --metadata --packs --listen --tls-cert --tls-key --max-connections --header-timeout --body-timeout --uploads-per-user --partials-per-user --partial-idle --help'
+            vopts='--data --metadata --packs --listen --tls-cert --tls-key --max-connections --header-timeout --body-timeout --uploads-per-user --partials-per-user --partial-idle'
             ;;
         'isrsync demo')
             opts='--memory --workdir --json --help'
@@ -27,6 +27,15 @@ _isrsync_spec() {
         'isrsync console')
             opts='--help'
             args=1
+            ;;
+        'isrsync view')
+            opts='--listen --screenshot --json --help'
+            vopts='--listen --screenshot'
+            args=1
+            ;;
+        'isrsync peers')
+            opts='--wait --interface --watch --json --help'
+            vopts='--wait --interface'
             ;;
         'isrsync login')
             opts='-u --user --token --cacert --insecure --json --help'
@@ -37,7 +46,7 @@ _isrsync_spec() {
             opts='--help'
             ;;
         'isrsync init')
-            opts='--image --memory --cpus --machine --kernel --initrd --append --json --help'
+            opts='--image --memory --cpus --machine --kernel --initrd --append --free-page-reporting --no-free-page-reporting --json --help'
             vopts='--image --memory --cpus --machine --kernel --initrd --append'
             args=1
             ;;
@@ -90,30 +99,44 @@ _isrsync_spec() {
             opts='--json --help'
             ;;
         'isrsync server')
-            subs='add-user remove-user list-users check prune'
+            subs='add-user remove-user list-users check prune migrate export import'
             opts='--help'
             ;;
         'isrsync server add-user')
-            opts='--data --json --help'
-            vopts='--data'
+            opts='--data --metadata --packs --json --help'
+            vopts='--data --metadata --packs'
             args=1
             ;;
         'isrsync server remove-user')
-            opts='--data --help'
-            vopts='--data'
+            opts='--data --metadata --packs --help'
+            vopts='--data --metadata --packs'
             args=1
             ;;
         'isrsync server list-users')
-            opts='--data --json --help'
-            vopts='--data'
+            opts='--data --metadata --packs --json --help'
+            vopts='--data --metadata --packs'
             ;;
         'isrsync server check')
-            opts='--data --quick --json --help'
-            vopts='--data'
+            opts='--data --metadata --packs --quick --json --help'
+            vopts='--data --metadata --packs'
             ;;
         'isrsync server prune')
-            opts='--keep --data --json --help'
-            vopts='--keep --data'
+            opts='--keep --data --metadata --packs --json --help'
+            vopts='--keep --data --metadata --packs'
+            args=1
+            ;;
+        'isrsync server migrate')
+            opts='--metadata --json --help'
+            vopts='--metadata'
+            ;;
+        'isrsync server export')
+            opts='--data --metadata --packs --json --help'
+            vopts='--data --metadata --packs'
+            args=1
+            ;;
+        'isrsync server import')
+            opts='--data --metadata --packs --json --help'
+            vopts='--data --metadata --packs'
             args=1
             ;;
         'isrsync sources')
@@ -143,6 +166,32 @@ _isrsync_spec() {
             opts='--json --help'
             args=1
             ;;
+        'isrsync jukebox')
+            subs='install-unit'
+            opts='--cache-limit --interface --round --json --help'
+            vopts='--cache-limit --interface --round'
+            ;;
+        'isrsync jukebox install-unit')
+            opts='--prefix --user --json --help'
+            vopts='--prefix --user'
+            ;;
+        'isrsync swarm')
+            subs='secret'
+            opts='--help'
+            ;;
+        'isrsync swarm secret')
+            subs='set show clear'
+            opts='--help'
+            ;;
+        'isrsync swarm secret set')
+            opts='--generate --json --help'
+            ;;
+        'isrsync swarm secret show')
+            opts='--json --help'
+            ;;
+        'isrsync swarm secret clear')
+            opts='--json --help'
+            ;;
         'isrsync lock')
             subs='break status'
             opts='--help'
@@ -164,15 +213,23 @@ _isrsync_spec() {
 _isrsync_values() {
     choices='' files=1
     case "$1 $2" in
+        'isrsync serve --max-connections') files=0 ;;
+        'isrsync serve --header-timeout') files=0 ;;
+        'isrsync serve --body-timeout') files=0 ;;
+        'isrsync serve --uploads-per-user') files=0 ;;
+        'isrsync serve --partials-per-user') files=0 ;;
+        'isrsync serve --partial-idle') files=0 ;;
         'isrsync demo --memory') files=0 ;;
+        'isrsync peers --wait') files=0 ;;
         'isrsync init --memory') files=0 ;;
         'isrsync init --cpus') files=0 ;;
         'isrsync resume --policy') choices='auto demand lookaside proactive baseline' ;;
         'isrsync resume --version') files=0 ;;
-        'isrsync resume --display') choices='none gtk sdl vnc' ;;
+        'isrsync resume --display') choices='auto none gtk sdl vnc' ;;
         'isrsync resume --memory') choices='lazy eager' ;;
         'isrsync hoard --interval') files=0 ;;
         'isrsync server prune --keep') files=0 ;;
+        'isrsync jukebox --round') files=0 ;;
     esac
 }
 

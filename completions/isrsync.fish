@@ -7,15 +7,21 @@
 function __fish_isrsync_subcommands --description 'Subcommands of a command path of isrsync'
     switch $argv[1]
         case 'isrsync'
-            printf '%s\n' 'serve' 'demo' 'console' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'site' 'lock'
+            printf '%s\n' 'serve' 'demo' 'console' 'view' 'peers' 'login' 'logout' 'init' 'resume' 'suspend' 'sync' 'hoard' 'discard' 'fork' 'rollback' 'ls' 'status' 'cache' 'server' 'sources' 'site' 'jukebox' 'swarm' 'lock'
         case 'isrsync cache'
             printf '%s\n' 'info' 'verify'
         case 'isrsync server'
-            printf '%s\n' 'add-user' 'remove-user' 'list-users' 'check' 'prune'
+            printf '%s\n' 'add-user' 'remove-user' 'list-users' 'check' 'prune' 'migrate' 'export' 'import'
         case 'isrsync sources'
             printf '%s\n' 'list' 'add' 'withdraw'
         case 'isrsync site'
             printf '%s\n' 'name'
+        case 'isrsync jukebox'
+            printf '%s\n' 'install-unit'
+        case 'isrsync swarm'
+            printf '%s\n' 'secret'
+        case 'isrsync swarm secret'
+            printf '%s\n' 'set' 'show' 'clear'
         case 'isrsync lock'
             printf '%s\n' 'break' 'status'
     end
@@ -26,9 +32,13 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
         case 'isrsync'
             printf '%s\n' '--cache-dir'
         case 'isrsync serve'
-            printf '%s\n' '--data' '--listen' '--tls-cert' '--tls-key'
+            printf '%s\n' '--data' '--metadata' '--packs' '--listen' '--tls-cert' '--tls-key' '--max-connections' '--header-timeout' '--body-timeout' '--uploads-per-user' '--partials-per-user' '--partial-idle'
         case 'isrsync demo'
             printf '%s\n' '--memory' '--workdir'
+        case 'isrsync view'
+            printf '%s\n' '--listen' '--screenshot'
+        case 'isrsync peers'
+            printf '%s\n' '--wait' '--interface'
         case 'isrsync login'
             printf '%s\n' '-u' '--user' '--token' '--cacert'
         case 'isrsync init'
@@ -40,21 +50,31 @@ function __fish_isrsync_value_options --description 'Options taking a value, of 
         case 'isrsync hoard'
             printf '%s\n' '--interval' '--lookaside'
         case 'isrsync server add-user'
-            printf '%s\n' '--data'
+            printf '%s\n' '--data' '--metadata' '--packs'
         case 'isrsync server remove-user'
-            printf '%s\n' '--data'
+            printf '%s\n' '--data' '--metadata' '--packs'
         case 'isrsync server list-users'
-            printf '%s\n' '--data'
+            printf '%s\n' '--data' '--metadata' '--packs'
         case 'isrsync server check'
-            printf '%s\n' '--data'
+            printf '%s\n' '--data' '--metadata' '--packs'
         case 'isrsync server prune'
-            printf '%s\n' '--keep' '--data'
+            printf '%s\n' '--keep' '--data' '--metadata' '--packs'
+        case 'isrsync server migrate'
+            printf '%s\n' '--metadata'
+        case 'isrsync server export'
+            printf '%s\n' '--data' '--metadata' '--packs'
+        case 'isrsync server import'
+            printf '%s\n' '--data' '--metadata' '--packs'
         case 'isrsync sources'
             printf '%s\n' '-p' '--parcel'
         case 'isrsync sources add'
             printf '%s\n' '-p' '--parcel'
         case 'isrsync sources withdraw'
             printf '%s\n' '-p' '--parcel'
+        case 'isrsync jukebox'
+            printf '%s\n' '--cache-limit' '--interface' '--round'
+        case 'isrsync jukebox install-unit'
+            printf '%s\n' '--prefix' '--user'
         case 'isrsync lock break'
             printf '%s\n' '--reason'
     end
@@ -92,6 +112,8 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'serve' -d 'Run the home server until SIGTERM or Ctrl-C'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'demo' -d 'Run the complete ISR cycle locally: a home server, two sites, a guest moving between them'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'console' -d 'Attach to the serial console of a parcel running here; Ctrl-] detaches'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'view' -d 'Show the screen of a parcel running here: in a VNC viewer when there is one and a $DISPLAY, else print where a VNC client can connect'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'peers' -d 'List the isrsync sites on this LAN (found by mDNS, checked alive by a TCP probe)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'login' -d 'Log in to a home server and unlock your keys with your passphrase'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'logout' -d 'Forget the unlocked keys and the token of this session'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'init' -d 'Create a parcel from a disk image: encode, upload, commit version 1'
@@ -108,18 +130,29 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'cache' -d 'Inspect
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'server' -d 'Administer a home server\'s data directory'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'sources' -d 'List, add and withdraw the lookaside sources of a running parcel'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'site' -d 'This site\'s name and id'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'jukebox' -d 'Seed this site cache to the LAN (an idle site as the paper\'s jukebox)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'swarm' -d 'The LAN swarm\'s settings for this site'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -f -a 'lock' -d 'Inspect and break parcel locks'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'debug' -d 'Show tracebacks and debug logging'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'cache-dir' -r -F -d 'Site cache directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'no-swarm' -d 'Keep this site out of the LAN swarm (no mDNS, no BitTorrent): resume and hoard fetch from media and the home server only'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'version' -d 'Print the version and exit'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync serve
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'listen' -r -F -d 'HOST:PORT to listen on (port 0: any free port)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'tls-cert' -r -F -d 'PEM certificate chain for HTTPS'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'tls-key' -r -F -d 'PEM private key for HTTPS'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'max-connections' -x -d 'Open connections at most; past it, idle ones are closed or 503'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'header-timeout' -x -d 'Seconds a connection may take to send a request\'s headers'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'body-timeout' -x -d 'Seconds a request body may pause before it is dropped'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'uploads-per-user' -x -d 'Pack uploads one user may have in progress at once'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'partials-per-user' -x -d 'Unfinished uploads kept per user; the oldest go first'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'partial-idle' -x -d 'Seconds an unfinished upload is kept after its last byte, for its client to resume it'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync serve\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync demo
@@ -132,6 +165,21 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync demo\'' -l 'help' -d 'Show t
 # isrsync console
 complete -c isrsync -n '__fish_isrsync_is \'isrsync console\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync console\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync view
+complete -c isrsync -n '__fish_isrsync_is \'isrsync view\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync view\'' -l 'listen' -r -F -d 'Serve the screen on this loopback TCP port (0: any free one) until Ctrl-C or the run ends, for a VNC client that takes no unix socket (or an ssh tunnel)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync view\'' -l 'screenshot' -r -F -d 'Write the screen as it is now to FILE (PNG) and end'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync view\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync view\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync peers
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -l 'wait' -x -d 'Seconds to listen before answering'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -l 'interface' -r -F -d 'IPv4 address of an interface to use (repeatable; default: all)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -l 'watch' -d 'Keep the table on screen and update it live (Ctrl-C ends)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync peers\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync login
 complete -c isrsync -n '__fish_isrsync_is \'isrsync login\'' -F
@@ -155,6 +203,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'machine' -r -F -
 complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'kernel' -r -F -d 'Boot this kernel (kept inside the parcel)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'initrd' -r -F -d 'Initial ramdisk for --kernel'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'append' -r -F -d 'Kernel command line for --kernel'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'free-page-reporting' -l 'no-free-page-reporting' -d 'Give the guest a virtio-balloon that reports its free memory, so that memory is never saved or sent (the guest needs the virtio_balloon driver)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'help' -d 'Show this message and exit'
 
@@ -162,7 +211,7 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync init\'' -l 'help' -d 'Show t
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'policy' -x -a 'auto demand lookaside proactive baseline' -d 'Transfer policy (paper section 6)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'version' -x -d 'Resume this version (default: latest)'
-complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -x -a 'none gtk sdl vnc' -d 'Show the guest\'s screen this way'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'display' -x -a 'auto none gtk sdl vnc' -d 'Show the guest\'s screen this way; auto: a window when $DISPLAY is set, else none (`isrsync view` shows it later)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'serial' -r -F -d 'Expose the guest\'s serial console on this unix socket'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'memory' -x -a 'lazy eager' -d 'Restore guest RAM lazily (the guest runs at once, RAM follows as it is touched) or eagerly (all of it first)'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync resume\'' -l 'lookaside' -r -F -d 'A medium (USB key, any tree with .isrsync/) or another site\'s cache directory to read chunks from before the server (read-only, every chunk verified); repeatable'
@@ -242,28 +291,39 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'remove-user
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'list-users' -d 'List users and how many parcels each has'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'check' -d 'Verify every pack against its id and every version\'s references'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'prune' -d 'Drop old versions and compact packs whose live fraction is low'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'migrate' -d 'Create or upgrade the isrsync schema in a PostgreSQL metadata database'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'export' -d 'Copy this server\'s whole repository into a new data directory, verifying every pack'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -f -a 'import' -d 'Copy a whole repository from a data directory into this server, verifying every pack'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync server add-user
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server add-user\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync server remove-user
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server remove-user\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server remove-user\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server remove-user\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server remove-user\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server remove-user\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync server list-users
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server list-users\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync server check
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -f
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'quick' -d 'Skip hashing every pack'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'help' -d 'Show this message and exit'
@@ -272,8 +332,32 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync server check\'' -l 'help' -d
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'keep' -x -d 'How many newest versions to keep'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync server prune\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync server migrate
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server migrate\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server migrate\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database to bring up to this isrsync\'s schema'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server migrate\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server migrate\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync server export
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server export\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync server import
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -F
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -l 'data' -r -F -d 'Server data directory'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -l 'metadata' -r -F -d 'postgresql://… address of the metadata database (users, parcels, locks, pack index); packs stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -l 'packs' -r -F -d 's3://BUCKET[/PREFIX][?endpoint=URL&region=R] for the packs (credentials from AWS_* variables); partial uploads stay in --data'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync server import\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync sources
 complete -c isrsync -n '__fish_isrsync_is \'isrsync sources\'' -f
@@ -310,6 +394,50 @@ complete -c isrsync -n '__fish_isrsync_is \'isrsync site\'' -l 'help' -d 'Show t
 complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -F
 complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -l 'json' -d 'Print machine-readable JSON'
 complete -c isrsync -n '__fish_isrsync_is \'isrsync site name\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync jukebox
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -f -a 'install-unit' -d 'Install the systemd unit that runs `isrsync jukebox` (then: systemctl enable --now isrsync-jukebox)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -l 'cache-limit' -r -F -d 'Keep at most SIZE of cached chunks (e.g'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -l 'interface' -r -F -d 'IPv4 address of the LAN interface to announce on (repeatable; default: all)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -l 'round' -x -d 'Seconds between two looks at the cache (new chunks, the limit)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync jukebox install-unit
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox install-unit\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox install-unit\'' -l 'prefix' -r -F -d 'Write under this root instead of / (for packaging; no systemctl reload)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox install-unit\'' -l 'user' -r -F -d 'The user the jukebox runs as (default: you)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox install-unit\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync jukebox install-unit\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync swarm
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm\'' -f -a 'secret' -d 'A shared secret that limits the swarm to your organisation\'s sites'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync swarm secret
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret\'' -f -a 'set' -d 'Set the swarm secret: from then on this site swaps packs only with sites that have the same one'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret\'' -f -a 'show' -d 'Say whether the swarm is restricted, with the CA fingerprint to compare between sites (never the secret)'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret\'' -f -a 'clear' -d 'Forget the swarm secret: the swarm is open to every isrsync site on the LAN again'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync swarm secret set
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret set\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret set\'' -l 'generate' -d 'Make a new random secret and print it once, to set on the organisation\'s other sites'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret set\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret set\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync swarm secret show
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret show\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret show\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret show\'' -l 'help' -d 'Show this message and exit'
+
+# isrsync swarm secret clear
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret clear\'' -f
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret clear\'' -l 'json' -d 'Print machine-readable JSON'
+complete -c isrsync -n '__fish_isrsync_is \'isrsync swarm secret clear\'' -l 'help' -d 'Show this message and exit'
 
 # isrsync lock
 complete -c isrsync -n '__fish_isrsync_is \'isrsync lock\'' -f

@@ -96,10 +96,69 @@ class Unreachable(IsrError):
     hint = "check the network and the server address; local state is kept"
 
 
+class Busy(Unreachable):
+    """The server is at one of its limits (open connections, concurrent uploads):
+    the request was not served, and nothing was changed."""
+
+    hint = "try again in a moment; nothing was changed"
+
+
+class TooManyUploads(Busy):
+    """This user already has as many uploads in progress as the server allows."""
+
+    hint = "wait for an upload to finish, then send this one; nothing was changed"
+
+
+class RequestTimeout(Unreachable):
+    """A request's headers or body stopped arriving and the server gave up on it."""
+
+    hint = "send it again; an upload resumes from the offset the server reports"
+
+
+class BodyCut(Unreachable):
+    """The client's connection closed before the request body it declared had all arrived."""
+
+    hint = "send it again; an upload resumes from the offset the server reports"
+
+
+class PeerUnreachable(Unreachable):
+    """A LAN peer did not answer a direct chunk request: gone, stalled, busy, or
+    answering nonsense. Never fatal: the miss falls through to the next source."""
+
+    hint = "nothing to do: the chunk is fetched from another peer or the home server"
+
+
 class ChunkUnavailable(Unreachable):
     """No source (cache, medium, peer, home server) could supply a chunk the guest needs."""
 
     hint = "reconnect to the home server or plug in a medium that holds the parcel"
+
+
+class ChunkSlow(ChunkUnavailable):
+    """A chunk was not had in time because a source that may hold it did not answer
+    in time (a slow link, a busy server), not because no source holds it."""
+
+    hint = "the link is slow or the server busy; isrsync keeps asking"
+
+
+class ChunkLate(ChunkSlow):
+    """A chunk's request is past its deadline but still running: asking again waits
+    on the same request (nothing is fetched twice)."""
+
+
+class DamagedChunk(ChunkUnavailable):
+    """The home server sent a chunk that failed its tag check, and no source had a good copy.
+
+    Not a network problem: the server's copy is damaged (``isrsync server check`` finds it)."""
+
+    hint = ("run `isrsync server check` on the home server: it finds the damaged pack; "
+            "no damaged byte reached the guest")
+
+
+class UnsupportedEncoding(UsageError):
+    """A request body sent compressed (``Content-Encoding``): the API takes bodies as they are."""
+
+    hint = "send the body without Content-Encoding; packs are already compressed and encrypted"
 
 
 class StorageFull(IsrError):
@@ -142,3 +201,14 @@ class MediumError(IsrError):
     """
 
     exit_code = 14
+
+
+class DiscoveryError(IsrError):
+    """LAN discovery (mDNS) cannot start: no such interface address, or the mDNS port is unusable.
+
+    Never fatal to a guest: LAN peers are only ever lookaside sources; this is what
+    `isrsync peers` (or a site that wanted to announce) reports.
+    """
+
+    exit_code = 15
+    hint = "check --interface (an IPv4 address of this host) and that UDP port 5353 is free to join"

@@ -14,7 +14,10 @@ otherwise it holds a delta against the parent, and ``keyring base`` names the
 nearest version with a full keyring, so a reader knows which manifests to fetch
 to rebuild the keyring. A commit writes a delta of the dirty chunks, so its cost
 grows with what changed, not with the disk; every ``full_every`` versions (or
-when the delta would not be smaller) it writes the full keyring.
+when the delta would not be smaller) it writes the full keyring. A full keyring
+of a disk over 252 MiB is written as segments, chunks of their own that a
+resume fetches as it needs them (:mod:`isrsync.keyring`), with the keyring
+entries of the trace in the manifest itself.
 """
 
 from __future__ import annotations
@@ -25,24 +28,26 @@ import struct
 import uuid as uuidlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import nacl.utils
 import zstandard
 from nacl import bindings as sodium
 from nacl.exceptions import CryptoError
 
-from .chunk import (
-    CHUNK_SIZE,
-    CODEC_VERSION,
-    FLAG_ZERO,
-    FLAG_ZSTD,
-    KEY_SIZE,
-    TAG_SIZE,
-    ChunkRef,
-    chunk_count,
-)
+from .chunk import CHUNK_SIZE, CODEC_VERSION, ChunkRef, Encoded, chunk_count
 from .errors import FormatError, IntegrityError, UnsupportedVersion
+from .keyring import (
+    ENTRY_SIZE as _REC,
+    SEGMENT_ENTRIES,
+    Keyring,
+    LazyKeyring,
+    check_entries as _check_records,
+    encode_segments,
+    entry_bytes as _record,
+    refs_from_bytes,
+    segment_count,
+)
 from .vmspec import VmSpec
 
 MAGIC = b"ISRMANI\x00"
@@ -53,12 +58,13 @@ _HEADER = struct.Struct("<8sHHI16sQQ32sQ")
 HEADER_SIZE = _HEADER.size
 _SECTION = struct.Struct("<BQ")
 _NONCE = 24
-_REC = TAG_SIZE + KEY_SIZE + 1
 _DELTA_REC = 4 + _REC
-_ZERO_REC = bytes(TAG_SIZE + KEY_SIZE) + bytes((FLAG_ZERO,))
 # A 2 TiB disk has a 1 GiB keyring; anything larger is damage or hostility.
 MAX_INNER = 2 << 30
 DEFAULT_FULL_EVERY = 32
+# Keyring entries of the trace a manifest carries (section 8) at most: about what a
+# boot touches, 69 KB; the rest of a long session's trace costs a segment fetch.
+MAX_HOT_ENTRIES = 1024
 
 S_KEYRING_FULL = 1
 S_KEYRING_DELTA = 2
@@ -66,123 +72,14 @@ S_MEMORY = 3
 S_TRACE = 4
 S_RAM = 5
 S_RAM_TRACE = 6
+S_KEYRING_SEGMENTS = 7
+S_KEYRING_HOT = 8
 
 NO_PARENT = bytes(32)
 
 
 def manifest_hash(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=32).digest()
-
-
-class Keyring:
-    """Per chunk index: tag, key and flags, in one flat bytearray (65 bytes each).
-
-    A 16 GiB disk has 131072 entries, about 8.5 MB: compact enough to copy,
-    serialize and diff without per-entry Python objects.
-    """
-
-    __slots__ = ("size", "_buf")
-
-    def __init__(self, size: int, buf: bytearray | None = None) -> None:
-        n = chunk_count(size)
-        if buf is None:
-            buf = bytearray(_ZERO_REC * n)  # a fresh disk reads as zeros
-        elif len(buf) != _REC * n:
-            raise FormatError("keyring length does not match its size")
-        self.size = size
-        self._buf = buf
-
-    def __len__(self) -> int:
-        return len(self._buf) // _REC
-
-    def __getitem__(self, i: int) -> ChunkRef:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        o = i * _REC
-        b = self._buf
-        return ChunkRef(bytes(b[o : o + 32]), bytes(b[o + 32 : o + 64]), b[o + 64])
-
-    def __setitem__(self, i: int, ref: ChunkRef) -> None:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        o = i * _REC
-        self._buf[o : o + _REC] = _record(ref)
-
-    def __iter__(self) -> Iterator[ChunkRef]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Keyring) and self.size == other.size and self._buf == other._buf
-
-    def tag_at(self, i: int) -> bytes:
-        o = i * _REC
-        return bytes(self._buf[o : o + 32])
-
-    def tags(self) -> set[bytes]:
-        """Distinct tags of stored (non-ZERO) chunks."""
-        b = self._buf
-        return {
-            bytes(b[o : o + 32]) for o in range(0, len(b), _REC) if not b[o + 64] & FLAG_ZERO
-        }
-
-    def copy(self) -> "Keyring":
-        return Keyring(self.size, bytearray(self._buf))
-
-    def overlay(self, changes: Mapping[int, ChunkRef]) -> "Keyring":
-        """A copy with ``changes`` (index -> ref) applied; indices past the end are ignored."""
-        ring = self.copy()
-        n = len(ring)
-        for i, r in changes.items():
-            if i < n:
-                ring[i] = r
-        return ring
-
-    def resize(self, size: int) -> None:
-        old = len(self)
-        new = chunk_count(size)
-        if new < old:
-            del self._buf[new * _REC :]
-        else:
-            self._buf.extend(_ZERO_REC * (new - old))
-        self.size = size
-
-    def to_bytes(self) -> bytes:
-        return bytes(self._buf)
-
-    @classmethod
-    def from_bytes(cls, size: int, raw: bytes) -> "Keyring":
-        ring = cls(size, bytearray(raw))
-        _check_records(raw)
-        return ring
-
-    @classmethod
-    def from_refs(cls, size: int, refs: Sequence[ChunkRef]) -> "Keyring":
-        if len(refs) != chunk_count(size):
-            raise ValueError("ref count does not match size")
-        return cls(size, bytearray(b"".join(_record(r) for r in refs)))
-
-
-def _record(ref: ChunkRef) -> bytes:
-    # Refuse here what a reader would refuse, so no version is sealed unreadable.
-    if len(ref.tag) != TAG_SIZE or len(ref.key) != KEY_SIZE:
-        raise ValueError("bad chunk ref")
-    if ref.flags & FLAG_ZERO:
-        if ref.flags != FLAG_ZERO or any(ref.tag) or any(ref.key):
-            raise ValueError("malformed ZERO chunk ref")
-    elif ref.flags & ~FLAG_ZSTD:
-        raise ValueError(f"unknown chunk flags {ref.flags:#x}")
-    return ref.tag + ref.key + bytes((ref.flags,))
-
-
-def _check_records(raw: bytes | memoryview, stride: int = _REC, skip: int = 0) -> None:
-    for o in range(skip, len(raw), stride):
-        flags = raw[o + 64]
-        if flags & FLAG_ZERO:
-            if flags != FLAG_ZERO or any(raw[o : o + 64]):
-                raise FormatError("keyring holds a malformed ZERO entry")
-        elif flags & ~FLAG_ZSTD:
-            raise FormatError(f"keyring holds unknown chunk flags {flags:#x}")
 
 
 @dataclass
@@ -277,6 +174,12 @@ class Manifest:
     codec: int
     keyring: Keyring | None = None  # set when the body held a full keyring
     delta: dict[int, ChunkRef] | None = None  # set when it held a delta
+    # The keyring base's segments, when it holds its keyring as segments: set on the
+    # base as decoded and on a resolved target (whose ``keyring`` is then lazy).
+    segments: list[ChunkRef] | None = None
+    # This version's keyring entries of the chunks in its trace (set only over segments):
+    # what the next resume touches first, named without fetching a segment.
+    hot: dict[int, ChunkRef] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -286,6 +189,23 @@ class Manifest:
     @property
     def parcel(self) -> uuidlib.UUID:
         return self.header.parcel
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A sealed manifest and the keyring segments it names (to store and upload with it)."""
+
+    raw: bytes
+    segments: list[Encoded]
+
+
+def full_due(version: int, parent: "Manifest | None", dirty: Iterable[int] | None, entries: int,
+             full_every: int = DEFAULT_FULL_EVERY) -> bool:
+    """Whether version ``version`` gets a full keyring rather than a delta (docs/manifest.md)."""
+    if parent is None or dirty is None or version - parent.header.keyring_base >= full_every:
+        return True
+    n = len({i for i in dirty if i < entries})
+    return n * _DELTA_REC * 2 >= entries * _REC  # a delta this large saves nothing
 
 
 def encode(
@@ -304,8 +224,34 @@ def encode(
     full_every: int = DEFAULT_FULL_EVERY,
     extra: Mapping[str, Any] | None = None,
 ) -> bytes:
+    """Seal a version with any full keyring inline, as before segments (see :func:`seal`):
+    what a parcel of its own (a fork) or a tool writes when it uploads no segment."""
+    return seal(parcel=parcel, version=version, master_key=master_key, vm=vm, keyring=keyring, parent=parent,
+                dirty=dirty, memory=memory, trace=trace, site=site, time=time, full_every=full_every,
+                extra=extra, segmented=False).raw
+
+
+def seal(
+    *,
+    parcel: uuidlib.UUID,
+    version: int,
+    master_key: bytes,
+    vm: VmSpec,
+    keyring: Keyring,
+    parent: Manifest | None = None,
+    dirty: Iterable[int] | None = None,
+    memory: MemoryImage | None = None,
+    trace: Sequence[int] = (),
+    site: str = "",
+    time: float = 0.0,
+    full_every: int = DEFAULT_FULL_EVERY,
+    extra: Mapping[str, Any] | None = None,
+    segmented: bool = True,
+) -> Sealed:
     """Seal a version. With ``parent`` and ``dirty`` (indices changed since the
     parent, plus any past a shrink), writes a delta unless a full keyring is due.
+    A full keyring of more than one segment is written as segments when
+    ``segmented`` (their chunks are returned, to be uploaded before the commit).
     """
     if version < 1 or (parent is None) != (version == 1):
         raise ValueError("version 1 has no parent; every later version has one")
@@ -314,18 +260,20 @@ def encode(
     if any(not 0 <= i < len(keyring) for i in trace):
         raise ValueError("trace names a chunk past the disk")
     sections: list[tuple[int, bytes]] = []
-    full = parent is None or dirty is None or version - parent.header.keyring_base >= full_every
-    if not full:
-        assert dirty is not None and parent is not None
-        idx = sorted(i for i in set(dirty) if i < len(keyring))
-        if len(idx) * _DELTA_REC * 2 >= len(keyring) * _REC:
-            full = True  # a delta this large saves nothing
+    segs: list[Encoded] = []
+    full = full_due(version, parent, dirty, len(keyring), full_every)
     if full:
         raw_ring = keyring.to_bytes()
         _check_records(raw_ring)  # a keyring built from raw bytes skipped _record
-        sections.append((S_KEYRING_FULL, raw_ring))
+        if segmented and len(keyring) > SEGMENT_ENTRIES:
+            segs = encode_segments(keyring, master_key)
+            sections.append((S_KEYRING_SEGMENTS, b"".join(_record(e.ref) for e in segs)))
+        else:
+            sections.append((S_KEYRING_FULL, raw_ring))
         base = version
     else:
+        assert dirty is not None and parent is not None
+        idx = sorted(i for i in set(dirty) if i < len(keyring))
         buf = bytearray(struct.pack("<Q", keyring.size))
         for i in idx:
             buf += struct.pack("<I", i) + _record(keyring[i])
@@ -345,6 +293,11 @@ def encode(
             raise ValueError("a RAM trace needs RAM kept apart")
     if trace:
         sections.append((S_TRACE, array("I", trace).tobytes()))
+        if segs or (not full and parent is not None and parent.segments is not None):
+            buf = bytearray(struct.pack("<Q", keyring.size))
+            for i in sorted(set(list(dict.fromkeys(trace))[:MAX_HOT_ENTRIES])):
+                buf += struct.pack("<I", i) + _record(keyring[i])
+            sections.append((S_KEYRING_HOT, bytes(buf)))
     meta = {
         "vm": vm.to_json(),
         "disk_size": keyring.size,
@@ -368,7 +321,7 @@ def encode(
     ).pack()
     nonce = nacl.utils.random(_NONCE)
     ct = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(packed, header, nonce, master_key)
-    return header + nonce + ct
+    return Sealed(header + nonce + ct, segs)
 
 
 def decode(raw: bytes, master_key: bytes, parcel: uuidlib.UUID | None = None) -> Manifest:
@@ -425,11 +378,17 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
         pos += n
     m = Manifest(header, mhash, vm, disk_size, None, array("I"), site, when, codec, extra=extra)
     if header.full_keyring:
-        if S_KEYRING_FULL not in sections or S_KEYRING_DELTA in sections:
+        if (S_KEYRING_FULL in sections) == (S_KEYRING_SEGMENTS in sections) or S_KEYRING_DELTA in sections:
             raise FormatError("manifest lacks its full keyring")
-        m.keyring = Keyring.from_bytes(disk_size, bytes(sections[S_KEYRING_FULL]))
+        if S_KEYRING_FULL in sections:
+            m.keyring = Keyring.from_bytes(disk_size, bytes(sections[S_KEYRING_FULL]))
+        else:
+            raw_segs = sections[S_KEYRING_SEGMENTS]
+            if len(raw_segs) != _REC * segment_count(chunk_count(disk_size)):
+                raise FormatError("manifest keyring segments do not match the disk size")
+            m.segments = refs_from_bytes(raw_segs)
     else:
-        if S_KEYRING_DELTA not in sections or S_KEYRING_FULL in sections:
+        if S_KEYRING_DELTA not in sections or S_KEYRING_FULL in sections or S_KEYRING_SEGMENTS in sections:
             raise FormatError("manifest lacks its keyring delta")
         m.delta = _parse_delta(sections[S_KEYRING_DELTA], disk_size)
     if mem_len is not None:
@@ -448,6 +407,8 @@ def _parse_inner(header: Header, mhash: bytes, inner: bytes) -> Manifest:
         raise FormatError("manifest has a RAM image without a memory image")
     if S_TRACE in sections:
         m.trace = _indices(sections[S_TRACE], chunk_count(disk_size), "trace")
+    if S_KEYRING_HOT in sections:
+        m.hot = _parse_delta(sections[S_KEYRING_HOT], disk_size)
     return m
 
 
@@ -520,9 +481,12 @@ def resolve(chain: Sequence[Manifest]) -> Manifest:
     if target.keyring is not None:
         return target
     first = chain[0]
-    if first.keyring is None or first.version != target.header.keyring_base:
+    if first.version != target.header.keyring_base or (first.keyring is None and first.segments is None):
         raise IntegrityError("manifest chain does not start at the keyring base")
-    ring = first.keyring.copy()
+    # Segments are not fetched here: the entries come as the site asks for them,
+    # and the deltas below overrule them.
+    ring: Keyring = LazyKeyring(first.disk_size, first.segments) if first.segments is not None else (
+        first.keyring.copy() if first.keyring is not None else Keyring(first.disk_size))
     prev = first
     for m in chain[1:]:
         if m.version != prev.version + 1 or m.header.parent != prev.hash or m.parcel != prev.parcel:
@@ -536,7 +500,11 @@ def resolve(chain: Sequence[Manifest]) -> Manifest:
             for i, ref in m.delta.items():
                 ring[i] = ref
         prev = m
+    if isinstance(ring, LazyKeyring) and target.hot:
+        for i, ref in target.hot.items():  # the target's own entries: they spare a segment fetch
+            ring[i] = ref
     target.keyring = ring
+    target.segments = first.segments
     return target
 
 
@@ -548,6 +516,7 @@ def dirty_since(old: Keyring, new: Keyring) -> list[int]:
 
 
 __all__ = [
-    "CHUNK_SIZE", "Keyring", "Manifest", "MemoryImage", "Header", "encode", "decode",
+    "CHUNK_SIZE", "Keyring", "LazyKeyring", "Manifest", "MemoryImage", "Header", "Sealed", "encode", "seal",
+    "full_due", "decode",
     "parse_header", "resolve", "manifest_hash", "dirty_since", "NO_PARENT",
 ]

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import accesslog
 import pytest
+
+# Resumes and hoards join the LAN swarm by default (mDNS on every interface).
+# Tests send traffic only to loopback or namespaces they make: the swarm is off
+# unless a test turns it on inside its own network namespaces (tests/lan).
+os.environ.setdefault("ISRSYNC_SWARM", "off")
 
 
 def isrsync_cmd() -> list[str]:
@@ -68,30 +74,13 @@ class LiveServer:
 
     def pack_bytes_sent(self) -> int:
         """Bytes of pack data the server has sent so far (GETs of packs, from its access log)."""
-        total = 0
         assert self.log is not None
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("method") == "GET" and "/packs/" in str(rec.get("path")) \
-                    and rec.get("status") in (200, 206):
-                total += int(rec.get("bytes") or 0)
-        return total
+        return accesslog.pack_bytes_sent(self.log)
 
     def requests(self, method: str, path_part: str) -> int:
         """How many requests of ``method`` to a path containing ``path_part`` the access log holds."""
-        n = 0
         assert self.log is not None
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("method") == method and path_part in str(rec.get("path")):
-                n += 1
-        return n
+        return accesslog.requests(self.log, method, path_part)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -118,6 +107,26 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         yield srv
     finally:
         srv.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Servers kept for the whole run, one per key: ``get(key, extra)``.
+
+    For suites whose tests each need a fresh home but not a fresh process
+    (the Store conformance suite): a test there is a fresh user of the shared
+    server, and starting a server per test cost about 200 s of the run.
+    """
+    made: dict[str, LiveServer] = {}
+
+    def get(key: str, extra: list[str] | None = None) -> LiveServer:
+        if key not in made:
+            made[key] = LiveServer(tmp_path_factory.mktemp(f"shared-{key}") / "server-data", extra=extra or []).start()
+        return made[key]
+
+    yield get
+    for s in made.values():
+        s.kill()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("isrsync", "sneakernet")
 
-FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.vmspec", "isrsync.keys",
+FORMATS = {"isrsync.chunk", "isrsync.pack", "isrsync.manifest", "isrsync.keyring", "isrsync.vmspec", "isrsync.keys",
            "isrsync.locktoken"}
 ERRORS = "isrsync.errors"
 SOURCE_PROTOCOL = "isrsync.site.sources"

@@ -12,7 +12,8 @@ import typer
 from .. import __version__
 from ..errors import IsrError
 from ..site.cache import ENV_CACHE
-from . import account, cache, console, demo, parcel, server, site, sources
+from ..swarm.join import ENV_SWARM
+from . import account, cache, console, demo, jukebox, lock, parcel, peers, server, site, sources, status, swarm, view
 from .render import error_line, out
 from .state import state
 
@@ -28,11 +29,17 @@ app.add_typer(cache.app, name="cache")
 app.add_typer(server.app, name="server")
 app.add_typer(sources.app, name="sources")
 app.add_typer(site.app, name="site")
+app.add_typer(jukebox.app, name="jukebox")
+app.add_typer(swarm.app, name="swarm")
 app.command("serve")(server.serve_cmd)
 app.command("demo")(demo.demo)
 app.command("console")(console.console)
+app.command("view")(view.view)
+app.command("peers")(peers.peers_cmd)
 account.register(app)
 parcel.register(app)
+status.register(app)
+lock.register(app)
 
 
 def _version(value: bool) -> None:
@@ -51,6 +58,11 @@ def root(
         Optional[str],
         typer.Option("--cache-dir", envvar=ENV_CACHE, help="Site cache directory.", show_envvar=True),
     ] = None,
+    no_swarm: Annotated[
+        bool,
+        typer.Option("--no-swarm", help="Keep this site out of the LAN swarm (no mDNS, no BitTorrent): "
+                     "resume and hoard fetch from media and the home server only.", show_envvar=False),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
@@ -58,6 +70,10 @@ def root(
 ) -> None:
     state.debug = debug
     state.cache_dir = cache_dir
+    if no_swarm:
+        # An environment switch, so the resume's long-running side (and anything it
+        # starts) sees it without every command passing it down.
+        os.environ[ENV_SWARM] = "off"
 
 
 def run(argv: list[str] | None = None) -> int:

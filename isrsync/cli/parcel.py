@@ -1,80 +1,37 @@
-"""Parcel commands: init, resume, suspend, sync, hoard, discard, rollback, ls, status, lock."""
+"""Parcel commands that move a parcel: init, resume, suspend, sync, hoard, discard, fork, rollback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-import time
+import os
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..errors import NotFound, Unreachable, UsageError
-from ..site import account, carry
+from ..errors import NotFound, UsageError
+from ..site import carry
 from ..site.cache import open_cache
-from ..site.cache import CacheStats
 from ..site.media import open_lookaside, open_seeds, pick_medium
-from ..site.control import ask_status, ask_suspend, ask_sync, running
+from ..site.control import ask_suspend, ask_sync, running
 from ..site.fork import ForkResult, fork_parcel
-from ..site.parcel import DiscardResult, Site, discard, hoard, init_parcel, open_site, rollback
+from ..site.create import init_parcel
+from ..site.parcel import DiscardResult, Site, discard, hoard, rollback
 from ..site.policy import Display, MemoryMode, Policy
-from ..site.results import RunStatus, SuspendResult, SyncResult
+from ..site.results import SuspendResult, SyncResult
 from ..site.run import run_parcel
 from ..site.session import commit_offline_suspend
 from ..site.sources import Source
-from ..site.state import LocalStatus, LocalSummary, ParcelState, local_summaries
+from ..site.view import choose_display
 from .account import ask_passphrase
+from .bars import ResumeBars, transfer_progress
+from .common import OptParcel, ParcelArg, YesOpt, resolve_parcel, site_session
 from .render import emit_json, err, human_bytes, out, resume_rows, sources_table
 from .state import JsonOpt, state
-
-ParcelArg = Annotated[str, typer.Argument(help="Parcel name or id.")]
-OptParcel = Annotated[Optional[str], typer.Argument(help="Parcel name or id (default: the one running here).")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-
-lock_app = typer.Typer(help="Inspect and break parcel locks.", no_args_is_help=True)
-
-
-@contextlib.asynccontextmanager
-async def _site() -> AsyncIterator[Site]:
-    acct = account.load_account()
-    site = await open_site(open_cache(state.cache_dir), acct)
-    try:
-        yield site
-    finally:
-        await site.close()
-
-
-async def _resolve(site: Site, ref: str) -> uuid.UUID:
-    try:
-        pid = (await site.store.parcel(ref)).parcel
-        await site.ensure_key(pid)
-        return pid
-    except Unreachable:
-        # Offline: parcels this site has local state for can still be named.
-        for d in (site.cache.path / "parcels").glob("*"):
-            with contextlib.suppress(ValueError):
-                pid = uuid.UUID(d.name)
-                st = ParcelState(site.cache, pid, site.master_key(pid)) if str(pid) in site.bundle.parcels else None
-                if st is not None:
-                    name = st.info().name
-                    st.close()
-                    if ref in (str(pid), name):
-                        return pid
-        raise
-
-
-def _progress(json_out: bool) -> Progress:
-    return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err, transient=True, disable=json_out,
-    )
-
 
 # -- parcels -----------------------------------------------------------------------------
 
@@ -88,18 +45,22 @@ def init(
     kernel: Annotated[Optional[Path], typer.Option("--kernel", exists=True, help="Boot this kernel (kept inside the parcel).")] = None,
     initrd: Annotated[Optional[Path], typer.Option("--initrd", exists=True, help="Initial ramdisk for --kernel.")] = None,
     append: Annotated[Optional[str], typer.Option("--append", help="Kernel command line for --kernel.")] = None,
+    free_page_reporting: Annotated[bool, typer.Option(
+        "--free-page-reporting/--no-free-page-reporting",
+        help="Give the guest a virtio-balloon that reports its free memory, so that memory is never saved "
+        "or sent (the guest needs the virtio_balloon driver).")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a parcel from a disk image: encode, upload, commit version 1."""
 
     async def go() -> tuple[uuid.UUID, Any]:
-        async with _site() as site:
-            with _progress(json_out) as prog:
+        async with site_session() as site:
+            with transfer_progress(json_out) as prog:
                 enc = prog.add_task("encoding", total=None)
                 up = prog.add_task("uploading", total=None, visible=False)
                 return await init_parcel(
                     site, name, image, memory_mib=memory, cpus=cpus, machine=machine, kernel=kernel,
-                    initrd=initrd, append=append,
+                    initrd=initrd, append=append, free_page_reporting=free_page_reporting,
                     encode_progress=lambda d, t: prog.update(enc, completed=d, total=t),
                     upload_progress=lambda d, t: prog.update(up, completed=d, total=t, visible=True),
                 )
@@ -129,7 +90,8 @@ def resume(
     parcel: ParcelArg,
     policy: Annotated[Policy, typer.Option("--policy", help="Transfer policy (paper section 6).")] = Policy.AUTO,
     version: Annotated[Optional[int], typer.Option("--version", min=1, help="Resume this version (default: latest).")] = None,
-    display: Annotated[Display, typer.Option("--display", help="Show the guest's screen this way.")] = Display.NONE,
+    display: Annotated[Display, typer.Option("--display", help="Show the guest's screen this way; auto: a window "
+                                             "when $DISPLAY is set, else none (`isrsync view` shows it later).")] = Display.AUTO,
     serial: Annotated[Optional[Path], typer.Option("--serial", help="Expose the guest's serial console on this unix socket.")] = None,
     memory: Annotated[MemoryMode, typer.Option("--memory", help="Restore guest RAM lazily (the guest runs at once, RAM "
                                                "follows as it is touched) or eagerly (all of it first).")] = MemoryMode.LAZY,
@@ -146,27 +108,24 @@ def resume(
         raise UsageError(f"the {policy.value} policy asks no lookaside source",
                          hint="drop --lookaside, or use --policy lookaside or auto")
 
-    # Until the guest runs, long steps (the baseline policy's fetch) show a bar;
-    # it goes when the resume is done, before the run's own messages.
-    prog = _progress(json_out)
-    bars: dict[str, Any] = {}
-
-    def progress(stream: str, done: int, total: int | None) -> None:
-        if stream not in bars:
-            if not bars:
-                prog.start()
-            bars[stream] = prog.add_task({"fetch": "fetching the parcel"}.get(stream, stream), total=total)
-        prog.update(bars[stream], completed=done, total=total)
+    display, why = choose_display(display, os.environ)
+    if why is not None:
+        err.print(why, markup=False)
+    bars = ResumeBars(json_out)
 
     def events(kind: str, data: dict[str, Any]) -> None:
         if kind == "resumed":
-            prog.stop()
+            bars.resumed()
         if json_out:
             print(json.dumps({"event": kind, **data}, default=str), flush=True)
         elif kind == "resumed":
             _render_resume(data)
         else:
-            err.print(f"{kind}: {data.get('message', data)}")
+            # One event, one line: a warning wrapped at the terminal's width reads as
+            # several, and its paths and names are text, never rich markup.
+            err.print(f"{kind}: {data.get('message', data)}", markup=False, soft_wrap=True)
+        if kind == "resumed":
+            bars.guest_running()
 
     if from_usb is not None and not policy.uses_lookaside:
         raise UsageError(f"the {policy.value} policy reads no medium", hint="use --policy lookaside or auto")
@@ -174,8 +133,8 @@ def resume(
     @contextlib.asynccontextmanager
     async def opened() -> AsyncIterator[tuple[Site, uuid.UUID, list[Source]]]:
         if from_usb is None:
-            async with _site() as site:
-                yield site, await _resolve(site, parcel), []
+            async with site_session() as site:
+                yield site, await resolve_parcel(site, parcel), []
             return
         carried = await carry.take(from_usb, parcel, open_cache(state.cache_dir), ask_passphrase)
         try:
@@ -192,12 +151,12 @@ def resume(
                 st.close()
             return await run_parcel(site, pid, policy=policy, version=version, display=display,
                                     serial=serial, events=events, memory=memory, lookaside=sources,
-                                    watch_media=watch_media, progress=progress)
+                                    watch_media=watch_media, progress=bars.update)
 
     try:
         res = asyncio.run(go())
     finally:
-        prog.stop()
+        bars.stop()
     if json_out:
         print(json.dumps({"event": "ended", **res}, default=str), flush=True)
     else:
@@ -242,7 +201,7 @@ async def _control(site: Site, ref: str | None) -> Path:
         if not runs:
             raise NotFound("no parcel is running at this site")
         raise UsageError("several parcels run here", hint="name the one you mean")
-    pid = await _resolve(site, ref)
+    pid = await resolve_parcel(site, ref)
     for prefix, sock in runs:
         if str(pid).startswith(prefix):
             return sock
@@ -270,9 +229,9 @@ def suspend(
     medium = str(pick_medium(to_usb)) if to_usb is not None else ""
 
     async def go() -> SuspendResult:
-        async with _site() as site:
+        async with site_session() as site:
             sock = await _control(site, parcel)
-            with _progress(json_out) as prog:
+            with transfer_progress(json_out) as prog:
                 names = {"upload": "uploading", "medium": "to the medium"}
                 tasks: dict[str, Any] = {}
 
@@ -310,8 +269,8 @@ def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
     """Commit now: a running parcel pauses briefly; a locally suspended one is committed."""
 
     async def go() -> SyncResult:
-        async with _site() as site:
-            with _progress(json_out) as prog:
+        async with site_session() as site:
+            with transfer_progress(json_out) as prog:
                 up = prog.add_task("uploading", total=None, visible=False)
 
                 def step(done: int, total: int | None) -> None:
@@ -322,7 +281,7 @@ def sync(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
                 except NotFound:
                     if parcel is None:
                         raise
-                    return SyncResult(await commit_offline_suspend(site, await _resolve(site, parcel), step))
+                    return SyncResult(await commit_offline_suspend(site, await resolve_parcel(site, parcel), step))
                 return await ask_sync(sock, lambda stream, done, total: step(done, total))
 
     res = asyncio.run(go())
@@ -342,13 +301,13 @@ def hoard_cmd(
     """Fetch every chunk of the latest version into this site's cache (lookaside sources first)."""
 
     async def go() -> None:
-        async with _site() as site:
-            pid = await _resolve(site, parcel)
+        async with site_session() as site:
+            pid = await resolve_parcel(site, parcel)
             last = -1
             while True:
                 info = await site.store.parcel(pid)
                 if info.version != last:
-                    with _progress(json_out) as prog:
+                    with transfer_progress(json_out) as prog:
                         task = prog.add_task(f"hoarding version {info.version}", total=None)
                         res = await hoard(site, pid, info.version,
                                           lambda d, t: prog.update(task, completed=d, total=t),
@@ -373,8 +332,8 @@ def discard_cmd(parcel: ParcelArg, yes: YesOpt = False, json_out: JsonOpt = Fals
         typer.confirm(f"drop the uncommitted changes to {parcel} at this site?", abort=True, err=True)
 
     async def go() -> DiscardResult:
-        async with _site() as site:
-            return await discard(site, await _resolve(site, parcel))
+        async with site_session() as site:
+            return await discard(site, await resolve_parcel(site, parcel))
 
     res = asyncio.run(go())
     if json_out:
@@ -396,9 +355,9 @@ def fork_cmd(
     """
 
     async def go() -> ForkResult:
-        async with _site() as site:
-            pid = await _resolve(site, parcel)
-            with _progress(json_out) as prog:
+        async with site_session() as site:
+            pid = await resolve_parcel(site, parcel)
+            with transfer_progress(json_out) as prog:
                 fetch = prog.add_task("fetching what this site lacks", total=None)
                 up = prog.add_task("uploading the new parcel", total=None, visible=False)
                 return await fork_parcel(
@@ -422,158 +381,14 @@ def rollback_cmd(parcel: ParcelArg, version: Annotated[int, typer.Argument(min=1
     """Commit a new version equal to an older one (history is kept)."""
 
     async def go() -> Any:
-        async with _site() as site:
-            return await rollback(site, await _resolve(site, parcel), version)
+        async with site_session() as site:
+            return await rollback(site, await resolve_parcel(site, parcel), version)
 
     v = asyncio.run(go())
     if json_out:
         emit_json({"version": v.version, "equal_to": version})
     else:
         out.print(f"version {v.version} committed, equal to version {version}")
-
-
-def ls(json_out: JsonOpt = False) -> None:
-    """List your parcels with their versions and lock holders."""
-
-    async def go() -> list[Any]:
-        async with _site() as site:
-            return await site.store.list_parcels()
-
-    parcels = asyncio.run(go())
-    if json_out:
-        emit_json([{"parcel": str(p.parcel), "name": p.name, "version": p.version,
-                    "holder": p.lock.holder.__dict__ if p.lock.holder else None, "epoch": p.lock.epoch}
-                   for p in parcels])
-        return
-    if not parcels:
-        out.print("no parcels yet; `isrsync init NAME --image DISK` makes one from a disk image")
-        return
-    t = Table("name", "version", "held by", "since", "id")
-    for p in parcels:
-        h = p.lock.holder
-        held = "-" if h is None else f"medium {h.host} (carried)" if h.medium else f"{h.host} ({h.site[:8]})"
-        t.add_row(p.name, str(p.version), held,
-                  time.strftime("%Y-%m-%d %H:%M", time.localtime(h.since)) if h else "-", str(p.parcel))
-    out.print(t)
-
-
-def status(parcel: OptParcel = None, json_out: JsonOpt = False) -> None:
-    """What runs here: dirty and trickled chunks, and which source served what.
-
-    Needs no login: it reads this site's cache and asks its running parcels.
-    """
-
-    async def go() -> tuple[CacheStats, list[RunStatus], list[LocalSummary]]:
-        with open_cache(state.cache_dir) as cache:
-            runs = []
-            for _, sock in running(cache.site_id):
-                with contextlib.suppress(NotFound):
-                    runs.append(await ask_status(sock))
-            local = await asyncio.to_thread(local_summaries, cache.path)
-            return await asyncio.to_thread(cache.stats), runs, local
-
-    cache, runs, local = asyncio.run(go())
-    live = {r.parcel for r in runs}
-    kept = [s for s in local if s.parcel not in live]
-    if parcel is not None:
-        runs = [r for r in runs if parcel in (r.parcel, r.name)]
-        kept = [s for s in kept if parcel in (s.parcel, s.name)]
-    if json_out:
-        emit_json({"cache": dataclasses.asdict(cache), "running": [r.to_json() for r in runs],
-                   "local": [{**s.to_json(), "next": _next_step(s)} for s in kept]})
-        return
-    out.print(f"cache {cache.path}: {cache.chunks} chunks, {human_bytes(cache.chunk_bytes)}")
-    for s in kept:
-        out.print(f"parcel {s.name or s.parcel}: {_local_line(s)}; next: {_next_step(s)}", markup=False)
-    if not runs:
-        out.print(f"parcel {parcel} is not running here" if parcel else "no parcel is running here")
-        if not kept:
-            out.print("`isrsync ls` lists your parcels; `isrsync resume PARCEL` runs one here")
-    for r in runs:
-        out.print(f"parcel {r.name or r.parcel} (base version {r.base}, policy {r.policy}): {r.dirty_chunks} dirty,"
-                  f" {r.trickled_chunks} trickled, residue {r.residue_chunks}")
-        mem = r.memory
-        if mem.get("mode") == "lazy":
-            left = "all in" if mem.get("completed_seconds") is not None else "still coming in"
-            out.print(f"guest memory restored lazily, {left}: {mem['hot_chunks']} chunks in place at the start, "
-                      f"{mem['requests']} page faults served (median {mem['fault_ms_median'] or 0:.2f} ms), "
-                      f"{mem['pushed_chunks']} chunks pushed")
-        out.print(sources_table(r.sources))
-
-
-def _local_line(s: LocalSummary) -> str:
-    changed = f"{s.dirty_chunks} changed chunk{'s' if s.dirty_chunks != 1 else ''} on top of version {s.base}"
-    if s.status is LocalStatus.RUNNING:
-        return f"its run ended without a suspend (killed or crashed); {changed} kept, its memory is lost"
-    if s.status is LocalStatus.SUSPENDED_LOCAL:
-        return f"suspended here but not committed (the server was unreachable); {changed} and its memory image kept"
-    if s.status is LocalStatus.HELD:
-        return f"committed as version {s.base}, the lock kept at this site"
-    return f"fenced: the lock was broken or taken elsewhere; {changed} kept here, never merged"
-
-
-def _next_step(s: LocalSummary) -> str:
-    name = s.name or s.parcel
-    if s.status in (LocalStatus.RUNNING, LocalStatus.SUSPENDED_LOCAL):
-        return f"`isrsync sync {name}` commits it, or `isrsync resume {name}` goes on with it"
-    if s.status is LocalStatus.HELD:
-        return f"`isrsync resume {name}` goes on here"
-    return f"`isrsync fork {name} NEW-NAME` makes them a parcel of their own; `isrsync discard {name}` drops them"
-
-
-@lock_app.command("break")
-def lock_break(
-    parcel: ParcelArg,
-    reason: Annotated[str, typer.Option("--reason", help="Recorded in the server's audit log.")] = "",
-    yes: YesOpt = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Break a parcel's lock held by a lost or stolen site.
-
-    The old site is fenced off: its later commits are refused and whatever it
-    did not commit stays there, never merged.
-    """
-
-    async def go() -> Any:
-        async with _site() as site:
-            pid = await _resolve(site, parcel)
-            lock = await site.store.lock_status(pid)
-            if lock.holder is None:
-                raise UsageError(f"parcel {parcel} is not locked")
-            if not yes:
-                who = "that medium's copies" if lock.holder.medium else "that site"
-                err.print(f"parcel {parcel} is held by {lock.holder.describe()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}. Breaking the lock "
-                          f"fences {who} off: anything not committed stays there and is never merged.")
-                if not typer.confirm("break the lock?", err=True):
-                    raise typer.Abort()
-            return await site.store.break_lock(pid, reason or f"broken from {site.host}")
-
-    lock = asyncio.run(go())
-    if json_out:
-        emit_json({"parcel": str(lock.parcel), "epoch": lock.epoch})
-    else:
-        out.print(f"lock broken; epoch is now {lock.epoch}")
-
-
-@lock_app.command("status")
-def lock_status(parcel: ParcelArg, json_out: JsonOpt = False) -> None:
-    """Show who holds a parcel's lock."""
-
-    async def go() -> Any:
-        async with _site() as site:
-            return await site.store.lock_status(await _resolve(site, parcel))
-
-    lock = asyncio.run(go())
-    if json_out:
-        emit_json({"parcel": str(lock.parcel), "epoch": lock.epoch, "version": lock.version,
-                   "holder": lock.holder.__dict__ if lock.holder else None})
-    elif lock.holder is None:
-        out.print(f"free (epoch {lock.epoch}, version {lock.version})")
-    else:
-        out.print(f"held by {lock.holder.describe()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(lock.holder.since))}; epoch {lock.epoch}"
-                  + ("; take it with `isrsync resume --from-usb`" if lock.holder.medium else ""))
 
 
 def register(app: typer.Typer) -> None:
@@ -585,7 +400,4 @@ def register(app: typer.Typer) -> None:
     app.command("discard")(discard_cmd)
     app.command("fork")(fork_cmd)
     app.command("rollback")(rollback_cmd)
-    app.command("ls")(ls)
-    app.command("status")(status)
-    app.add_typer(lock_app, name="lock")
 

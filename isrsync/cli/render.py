@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -11,9 +12,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from ..errors import IsrError
 from ..site.sources import SourceInfo
 
-out = Console(highlight=False)
+# Into a pipe or a file, rich would wrap at 80 columns: a table of sources (ten columns)
+# then folds its numbers mid-value and cuts its kinds. A reader of a log or a grep is
+# better served by long lines. A terminal, or $COLUMNS, still decides its own width.
+out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err = Console(stderr=True, highlight=False)
 
 
@@ -23,6 +28,12 @@ def emit_json(obj: Any) -> None:
         obj = dataclasses.asdict(obj)
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def error_json(e: IsrError) -> None:
+    """An error as the one JSON document of a ``--json`` command (the exit code still says it failed)."""
+    emit_json({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
+                         "exit_code": e.exit_code, "details": e.details}})
 
 
 def human_bytes(n: float) -> str:
@@ -57,10 +68,16 @@ def resume_rows(seconds: dict[str, float]) -> list[tuple[str, str]]:
 
 def sources_table(rows: list[SourceInfo]) -> Table:
     """Who served what: the cache, then every source in the order it is asked."""
-    t = Table("kind", "hits", "bytes", "bad", "errors", "mean latency ms")
+    t = Table(*(Column(h, no_wrap=True) for h in ("kind", "hits", "bytes", "bad", "errors", "late", "wasted",
+                                                  "rate", "mean latency ms")))
     # A source's name is its path or address: fold it, never cut it.
     t.columns.insert(0, Column("source", overflow="fold", ratio=1))
     for s in rows:
+        # Late answers are slow, not failed; wasted bytes crossed the link for nothing.
+        wasted = "-" if s.kind == "cache" else \
+            f"{human_bytes(s.wasted_bytes)} ({100 * s.wasted_bytes / max(1, s.bytes + s.wasted_bytes):.1f}%)"
+        rate = "-" if s.rate_kib_s is None else f"{human_bytes(int(s.rate_kib_s * 1024))}/s"
         t.add_row(s.name, s.kind, str(s.hits), human_bytes(s.bytes), str(s.bad), str(s.errors),
+                  "-" if s.kind == "cache" else str(s.late), wasted, rate,
                   f"{s.mean_latency_ms:.2f}" if s.hits and s.kind != "cache" else "-")
     return t

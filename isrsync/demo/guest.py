@@ -33,6 +33,12 @@ The guest's ``/init`` is a contract other tests rely on:
    ``sha <name>``           ``GUEST: SHA <sha256 hex>`` or ``GUEST: MISSING``
    ``sync``                 ``GUEST: OK``
    ``echo <x>``             ``GUEST: ECHO <x>``
+   ``hog <mib>``            <mib> MiB of /dev/urandom into a tmpfs (RAM),
+                            then freed again: free memory that is not zero
+                            (unless the kernel zeroes freed pages);
+                            ``GUEST: OK``
+   ``mem``                  ``GUEST: MEM <used KiB> <total KiB>``, the
+                            guest's own ``free`` (used = total - available)
    ``poweroff``             sync, umount, ``GUEST: BYE``, ``poweroff -f``
    ``reboot``               sync, umount, ``GUEST: BYE``, ``reboot -f``
    =======================  ==============================================
@@ -89,7 +95,8 @@ CMDLINE = (
 )
 # Modules the guest cannot work without (skipped when built in), then nice-to-haves.
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-OPTIONAL_MODULES = ("crc32c_generic",)
+# virtio_balloon: free page reporting (a parcel's VmSpec.free_page_reporting).
+OPTIONAL_MODULES = ("crc32c_generic", "virtio_balloon")
 DISK_WAIT_S = 30
 MANIFEST = "guest.json"
 FORMAT = 1
@@ -151,10 +158,24 @@ while :; do
     case "$cmd" in
     '') continue ;;
     counter)
+        # One read(2) by cat: ash's read builtin takes a byte per syscall, and
+        # the counter's truncate-and-rewrite between two of them left "1"
+        # of "15" (seen right after a lazy resume, when guest faults are slow).
         c=""
-        while [ -z "$c" ]; do read -r c < /run/counter; done
+        while [ -z "$c" ]; do c=$(cat /run/counter); done
         reply "COUNTER $c" ;;
     echo) reply "ECHO $rest" ;;
+    hog)
+        case "$name" in ''|*[!0-9]*) reply "ERR bad size"; continue ;; esac
+        mkdir -p /tmp/hog
+        if mount -t tmpfs -o "size=$((name + 1))m" tmpfs /tmp/hog &&
+           dd if=/dev/urandom of=/tmp/hog/x bs=1048576 count="$name" 2>/dev/null; then r=OK; else r="ERR hog"; fi
+        rm -f /tmp/hog/x; umount /tmp/hog 2>/dev/null
+        reply "$r" ;;
+    mem)
+        t=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)
+        a=$(sed -n 's/^MemAvailable: *\([0-9]*\).*/\1/p' /proc/meminfo)
+        reply "MEM $((t - a)) $t" ;;
     sync) sync; reply OK ;;
     poweroff)
         sync

@@ -30,7 +30,8 @@ from ..server.app import make_app
 from ..server.repo import Repository
 from ..site import account
 from ..site.cache import SiteCache
-from ..site.parcel import Site, init_parcel, open_site
+from ..site.create import init_parcel
+from ..site.parcel import Site, open_site
 from ..site.policy import Policy
 from ..site.runtime import Runtime
 from .console import GuestConsole

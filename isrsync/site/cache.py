@@ -147,6 +147,8 @@ class SiteCache:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        # Reads whose stored bytes failed their check, since this cache was opened.
+        self.damaged_reads = 0
         self._files: dict[tuple[str, str], BinaryIO] = {}
         self._unsynced: set[str] = set()  # segments written since the last sync()
         if self.path.exists() and not self.path.is_dir():
@@ -297,13 +299,23 @@ class SiteCache:
             data = b""
         if len(data) == n and (not verify or tag_of(data) == tag):
             return data
-        self.forget(tag)
+        self.forget(tag, damaged=True)
         return None
 
-    def forget(self, tag: bytes) -> None:
-        """Drop a damaged or lost chunk from the index so the next source is asked."""
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self._db.execute("DELETE FROM chunks WHERE tag=?", (tag,))
+    def forget(self, tag: bytes, *, damaged: bool = False) -> None:
+        """Drop a damaged or lost chunk from the index so the next source is asked.
+
+        ``damaged``: its bytes failed their check (counted in :attr:`damaged_reads`,
+        which the source statistics and their one warning come from), once per copy:
+        another thread that read it before it went (one tag at two offsets) counts nothing.
+        """
+        with self._lock:
+            try:
+                gone = self._db.execute("DELETE FROM chunks WHERE tag=?", (tag,)).rowcount
+            except sqlite3.Error:
+                gone = 1  # not dropped, but still damaged: it is said all the same
+            if damaged and gone:
+                self.damaged_reads += 1
 
     def _fd(self, kind: str, name: str) -> int:
         f = self._files.get((kind, name))
@@ -484,6 +496,17 @@ class SiteCache:
         with self._lock:
             tags = [r[0] for r in self._db.execute("SELECT tag FROM chunks")]
         return [t for t in tags if self.get(t) is None]
+
+    def stored_bytes(self, tags: Iterable[bytes]) -> int:
+        """Encoded bytes the cache holds for ``tags`` (each distinct tag once)."""
+        with self._lock:
+            return sum(r[0] for t in set(tags) if (r := self._db.execute(
+                "SELECT length FROM chunks WHERE tag=?", (t,)).fetchone()) is not None)
+
+    def lru(self) -> list[tuple[bytes, int]]:
+        """Every cached chunk as (tag, length), least recently used first (for eviction)."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self._db.execute("SELECT tag, length FROM chunks ORDER BY atime, tag")]
 
     def tags(self) -> list[bytes]:
         with self._lock:

@@ -32,7 +32,10 @@ from ..locktoken import CarriedKeys, LockToken
 from . import account, media
 from .media import MediumReader
 from .cache import SiteCache
+from ..keyring import LazyKeyring
 from .parcel import Site, boot_tags, load_version, open_site
+from .segments import whole
+from .registry import SourceRegistry
 from .state import LocalStatus
 
 
@@ -153,11 +156,22 @@ async def _check_complete(site: Site, pid: uuid.UUID, version: int, source: Medi
     """Offline: every chunk of ``version`` must be here or on the medium, or nothing runs."""
     state = site.state(pid)
     try:
-        m = await load_version(site, pid, version, state)
+        m = await load_version(site, pid, version, state, lazy=True)
     finally:
         state.close()
     assert m.keyring is not None
-    tags = set(m.keyring.tags()) | boot_tags(m.vm) | (m.memory.tags() if m.memory is not None else set())
+    segs = {r.tag for r in m.segments or () if not r.is_zero}
+    if isinstance(m.keyring, LazyKeyring):
+        # Its segments from the cache or the medium (never closed here: the resume reads it next).
+        reg = SourceRegistry(site.cache)
+        reg.add(source)
+        try:
+            await whole(m.keyring, reg)
+        except ChunkUnavailable:
+            pass  # counted below, among what is missing
+    have_ring = not isinstance(m.keyring, LazyKeyring) or m.keyring.complete
+    tags = (set(m.keyring.tags()) if have_ring else set()) | segs | boot_tags(m.vm) | (
+        m.memory.tags() if m.memory is not None else set())
     missing = await asyncio.to_thread(site.cache.missing, tags)
     if missing:
         have = await source.holds(missing)

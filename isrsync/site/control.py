@@ -71,9 +71,17 @@ class WithdrawSource:
     name: str
 
 
-Request = Union[StatusRequest, SyncRequest, SuspendRequest, ListSources, AddSource, WithdrawSource]
+@dataclass(frozen=True)
+class Screendump:
+    """Write the guest's screen as it is now to ``path`` (absolute), a PNG (`isrsync view --screenshot`)."""
+
+    cmd = "screendump"
+    path: str
+
+
+Request = Union[StatusRequest, SyncRequest, SuspendRequest, ListSources, AddSource, WithdrawSource, Screendump]
 _REQUESTS: dict[str, type] = {c.cmd: c for c in (StatusRequest, SyncRequest, SuspendRequest, ListSources,
-                                                  AddSource, WithdrawSource)}
+                                                  AddSource, WithdrawSource, Screendump)}
 # Requests that only read: answered at once, even while a suspend or sync runs.
 READ_ONLY = (StatusRequest, ListSources)
 
@@ -364,3 +372,7 @@ async def find_run(site_id: str, ref: str | None) -> tuple[Path, RunStatus]:
     if len(runs) > 1:
         raise UsageError("several parcels run here", hint="name the one you mean")
     return runs[0]
+
+
+async def ask_screendump(path: Path, png: Path) -> None:
+    await call(path, Screendump(str(png)), timeout=60)

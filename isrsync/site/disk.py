@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,11 +31,13 @@ from ..chunk import (
     default_pool,
     encode,
 )
-from ..errors import ChunkUnavailable, IntegrityError, IsrError
-from ..manifest import Keyring
+from ..errors import ChunkSlow, ChunkUnavailable, IntegrityError, IsrError
+from ..keyring import Keyring, LazyKeyring
 from ..vm.nbd import NbdError
+from ..vm.waits import Waits
 from .cache import SiteCache
-from .sources import SourceRegistry
+from .pacing import Priority
+from .registry import SourceRegistry
 from .state import ParcelState
 
 log = logging.getLogger("isrsync.disk")
@@ -51,6 +53,8 @@ class DiskStats:
     cache_hits: int = 0
     misses: int = 0
     miss_seconds: float = 0.0
+    # Seconds each demand miss kept the guest waiting (the latest ones): fault service times.
+    miss_times: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     first_access: list[int] = field(default_factory=list)
 
 
@@ -67,7 +71,7 @@ def decode_cached(cache: SiteCache, ref: ChunkRef, length: int) -> bytes | None:
     try:
         return decode(ref, data, length, check_tag=False)
     except IntegrityError:
-        cache.forget(ref.tag)
+        cache.forget(ref.tag, damaged=True)
         return None
 
 
@@ -108,6 +112,7 @@ class ParcelDisk:
         self.fetch_timeout = fetch_timeout
         # Hooks for policies: called with chunk indices the guest just missed.
         self.on_miss: Callable[[list[int]], None] | None = None
+        self._waits = Waits(log.warning, "disk chunk(s)", first_after=0.0)
 
     # -- refs ------------------------------------------------------------------------
 
@@ -115,9 +120,45 @@ class ParcelDisk:
         r = self.dirty.get(i)
         return r if r is not None else self.keyring[i]
 
-    def current_keyring(self) -> Keyring:
-        """The keyring of the disk as the guest sees it now (base + dirty)."""
+    async def current_keyring(self) -> Keyring:
+        """The keyring of the disk as the guest sees it now (base + dirty); a lazy base
+        fetches the segments it still lacks first."""
+        await self.whole_keyring()
         return self.keyring.overlay(self.dirty)
+
+    async def whole_keyring(self, group: int = 16) -> None:
+        """Every segment of a lazy base (``group`` at a time: small in the background, so a
+        guest's demand for one segment never waits behind many)."""
+        ring = self.keyring
+        if isinstance(ring, LazyKeyring) and not ring.complete:
+            try:
+                await ring.loader.load_all(group=group)
+            except ChunkUnavailable as e:
+                # Said as what it is: a suspend or sync lacking these stays local and says so.
+                raise type(e)(f"{len(ring.missing())} segment(s) of the disk's keyring could not be fetched "
+                              f"({e.message})", details=e.details) from None
+
+    async def _entries(self, idxs: list[int]) -> None:
+        """Fetch the keyring segments of chunks ``idxs`` this disk cannot name yet (a lazy
+        base): the guest waits as on a miss, with the same patience."""
+        ring = self.keyring
+        if not isinstance(ring, LazyKeyring) or ring.complete:
+            return
+        want = [i for i in idxs if i not in self.dirty]
+        if not ring.wanted(want):
+            return
+        deadline = time.monotonic() + self.fetch_timeout
+        delay = 0.25
+        while True:
+            try:
+                await ring.loader.ensure(want)
+                return
+            except ChunkUnavailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
 
     def _note(self, idxs: range) -> None:
         for i in idxs:
@@ -140,6 +181,7 @@ class ParcelDisk:
 
     async def plains(self, idxs: list[int]) -> list[bytes]:
         loop = asyncio.get_running_loop()
+        await self._entries(idxs)
         refs = [(i, self.ref(i)) for i in idxs]
         gens = [self._gen.get(i, 0) for i in idxs]
         result: list[bytes | None] = [None] * len(refs)
@@ -178,23 +220,31 @@ class ParcelDisk:
         self.stats.misses += len(refs)
         if self.on_miss is not None:
             self.on_miss([i for i, _ in refs])
-        deadline = time.monotonic() + self.fetch_timeout
+        since = time.monotonic()
+        deadline = since + self.fetch_timeout
         self.chain.source_timeout = min(self.chain.source_timeout, self.fetch_timeout)
         delay = 0.25
         while True:
             try:
-                got = await self.chain.fetch_many([r.tag for _, r in refs])
+                got = await self.chain.fetch_many([r.tag for _, r in refs], priority=Priority.FAULT)
                 break
-            except ChunkUnavailable:
+            except ChunkUnavailable as e:
                 # The guest blocks, as on a slow disk, while sources may come back
                 # (the server reconnects, a USB key is plugged in); one last try
                 # is made at the deadline itself.
+                for i, _ in refs:
+                    self._waits.failed(i, since, e)
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    for i, _ in refs:
+                        self._waits.arrived(i)  # given up on: the error says so
                     raise
-                log.warning("waiting for %d chunk(s) no source has yet", len(refs))
+                if isinstance(e, ChunkSlow):
+                    continue  # still coming: asking again waits on the same request, at once
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, 5.0)
+        for i, _ in refs:
+            self._waits.arrived(i)
         loop = asyncio.get_running_loop()
         plains = await loop.run_in_executor(
             self._pool,
@@ -202,7 +252,9 @@ class ParcelDisk:
         )
         for k, plain in zip(slots, plains):
             result[k] = plain
-        self.stats.miss_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.stats.miss_seconds += took
+        self.stats.miss_times.append(took)
 
     def _remember(self, i: int, plain: bytes) -> None:
         self._hot[i] = plain
@@ -313,10 +365,13 @@ class ParcelDisk:
         first, last = offset // CHUNK_SIZE, (offset + max(length, 1) - 1) // CHUNK_SIZE
         await self.prefetch(list(range(first, last + 1)))
 
-    async def prefetch(self, idxs: list[int]) -> int:
-        """Bring chunks into the cache without decoding them; returns how many were fetched."""
+    async def prefetch(self, idxs: list[int], priority: Priority = Priority.BULK) -> int:
+        """Bring chunks into the cache without decoding them; returns how many were fetched.
+
+        Bulk by default: nobody waits on it, so it goes behind the guest's misses."""
+        await self._entries(idxs)
         tags = [r.tag for r in (self.ref(i) for i in idxs) if not r.is_zero]
         missing = await asyncio.get_running_loop().run_in_executor(self._pool, self._cache.missing, tags)
         if missing:
-            await self.chain.fetch_many(missing, required=False)
+            await self.chain.fetch_many(missing, required=False, priority=priority)
         return len(missing)

@@ -13,12 +13,14 @@ user is done with it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from .. import manifest
+from ..chunk import VerifiedChunk
 from ..errors import UsageError
 from ..keys import new_master_key
 from ..store.base import CommitRequest
@@ -71,12 +73,19 @@ async def fork_parcel(site: Site, parcel: uuid.UUID, name: str, *, fetch_progres
     new = uuid.uuid4()
     site.bundle = await add_parcel_key(site.store, site.acct, str(new), new_master_key())
     await site.store.create_parcel(new, name, base.vm.hardware_tag)
+    # A big disk's keyring goes up as segments of the new parcel (under its own key).
+    sealed = await asyncio.to_thread(manifest.seal, parcel=new, version=1, master_key=site.master_key(new),
+                                     vm=base.vm, keyring=ring, memory=memory, site=site.host, time=time.time())
+    segs = [VerifiedChunk(e.tag, e.data) for e in sealed.segments if e.data]
+    if segs:
+        await asyncio.to_thread(site.cache.put_verified, segs)
+        disk_and_boot |= {c.tag for c in segs}
+        needed |= {c.tag for c in segs}
     packs = await upload_cached(site, new, sorted(needed), strict=True, progress=upload_progress)
     lock = await site.store.acquire(new, site.holder())
-    raw = manifest.encode(parcel=new, version=1, master_key=site.master_key(new), vm=base.vm, keyring=ring,
-                          memory=memory, site=site.host, time=time.time())
     v = await site.store.commit(new, CommitRequest(
-        epoch=lock.epoch, parent=0, manifest=raw, packs=[p.pack_id for p in packs], added=sorted(disk_and_boot),
+        epoch=lock.epoch, parent=0, manifest=sealed.raw, packs=[p.pack_id for p in packs],
+        added=sorted(disk_and_boot),
         memory=sorted(memory.tags()) if memory is not None else [], release=True, site=site.site_id,
     ))
     return ForkResult(str(new), name, v.version, here.base, len(dirty), memory is not None,

@@ -35,7 +35,7 @@ from ..vmspec import VmSpec
 from .memimage import Feeder, RamFetcher, ram_chunks, read_stream, save_ram, save_stream, write_all
 from .parcel import Site, blob_image, write_blob
 from .policy import MemoryMode
-from .sources import SourceRegistry
+from .registry import SourceRegistry
 
 log = logging.getLogger("isrsync.machine")
 
@@ -54,6 +54,7 @@ class SavedMemory:
     bytes: int  # device state plus the RAM chunks in use
     new_chunks: int  # RAM chunks encoded afresh
     kept_chunks: int  # RAM chunks unchanged since the resume (one hash each)
+    stored_bytes: int = 0  # the image encoded (compressed, encrypted): what crosses a link
 
 
 class Machine:
@@ -65,7 +66,7 @@ class Machine:
 
     def __init__(self, site: Site, chain: SourceRegistry, rundir: Path, nbd_sock: Path, *,
                  display: str, serial: Path | None, memory_mode: MemoryMode,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], progress: Callable[[str, int, int | None], None] | None = None) -> None:
         self.site = site
         self.chain = chain
         self.rundir = rundir
@@ -74,6 +75,9 @@ class Machine:
         self.serial = serial
         self.memory_mode = memory_mode
         self.say = say
+        # Streams "memory" (lazy: RAM coming in while the guest runs) and
+        # "restore" (eager: RAM decoded before it runs), in bytes.
+        self.progress = progress or (lambda stream, done, total: None)
         self.qemu: Qemu | None = None
         self.postcopy: PostcopySource | None = None
         self._memfds: list[int] = []
@@ -105,7 +109,8 @@ class Machine:
 
         async def ram_in() -> None:
             assert ram is not None and cfg.ram_fd is not None
-            await write_blob(MemoryImage(ram.size, ram), cfg.ram_fd, site.cache, chain)
+            await write_blob(MemoryImage(ram.size, ram), cfg.ram_fd, site.cache, chain,
+                             progress=lambda done, total: self.progress("restore", done, total))
             marks["ram"] = time.perf_counter() - t_start
 
         async def board() -> None:
@@ -153,6 +158,9 @@ class Machine:
                 assert ram is not None
                 stream = await stream_task
                 lazy = source is not None and await q.enable_postcopy()
+                if source is not None and not lazy:
+                    self.say("guest memory is restored eagerly (all of it before the guest runs): "
+                             "QEMU refused post-copy here")
                 if lazy:
                     assert source is not None
                     self.postcopy = source
@@ -178,10 +186,13 @@ class Machine:
         try:
             saved = migstream.parse(stream)
             return PostcopySource(
-                saved, RAM_BLOCK, ram_chunks(memory.ram), RamFetcher(memory.ram, self.site.cache, self.chain),
-                ram_fd=ram_fd, hot=memory.hot, say=self.say)
+                saved, RAM_BLOCK, ram_chunks(memory.ram), RamFetcher(memory.ram, self.site.cache, self.chain, memory.hot),
+                ram_fd=ram_fd, hot=memory.hot, say=self.say,
+                progress=lambda done, total: self.progress("memory", done * CHUNK_SIZE, total * CHUNK_SIZE))
         except migstream.StreamError as e:
-            log.info("memory image restored eagerly: %s", e)
+            # Said, not only logged: the guest then starts only once all of RAM is in.
+            self.say(f"guest memory is restored eagerly (all of it before the guest runs): "
+                     f"its saved device state could not be taken apart for post-copy ({e})")
             return None
 
     async def memory_arrives(self) -> PostcopyStats | None:
@@ -203,7 +214,8 @@ class Machine:
         keeps fetching and decoding 16 MB of boot files off every resume.
         """
         cfg = VmConfig(memory_mib=spec.memory_mib, cpus=spec.cpus, machine=spec.machine,
-                       cpu_model=spec.cpu_model, accel=accel, display=self.display)
+                       cpu_model=spec.cpu_model, accel=accel, display=self.display,
+                       free_page_reporting=spec.free_page_reporting)
         cfg.ram_fd = os.memfd_create("isrsync-ram")
         self._memfds.append(cfg.ram_fd)
         os.ftruncate(cfg.ram_fd, cfg.memory_mib << 20)
@@ -245,7 +257,8 @@ class Machine:
         stream = saved[0].memory
         image = MemoryImage(stream.length, stream.refs, ram.ram, hot=self._next_hot(ram.ram))
         in_use = sum(CHUNK_SIZE for r in ram.ram if not r.is_zero)
-        return SavedMemory(image, stream.length + in_use, ram.new_chunks, ram.kept_chunks)
+        stored = await asyncio.to_thread(cache.stored_bytes, image.tags())
+        return SavedMemory(image, stream.length + in_use, ram.new_chunks, ram.kept_chunks, stored)
 
     def _next_hot(self, ram: Keyring) -> list[int]:
         """What the guest touched first since its resume, then what was hot before, a few MiB of it.

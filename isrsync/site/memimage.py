@@ -34,7 +34,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..chunk import (
     BATCH, CHUNK_SIZE, ZERO_REF, ChunkRef, Encoded, background_pool, chunk_length, convergent_key,
@@ -45,7 +45,8 @@ from ..manifest import Keyring, MemoryImage
 from .cache import SiteCache
 from .disk import decode_cached
 from .packer import PackSink, fd_chunks, pack_chunks
-from .sources import SourceRegistry
+from .pacing import Priority
+from .registry import SourceRegistry
 
 WINDOW = 16  # chunks per fetch batch
 AHEAD = 4  # batches in flight ahead of the writer
@@ -184,13 +185,22 @@ class RamFetcher:
     set) and a request per chunk would cost a round trip each on a real
     link. Chunks a fault waits for decode on the full-priority pool; the
     background push decodes on the niced one, so that the guest keeps its core.
+
+    On the link, the background push is bulk, but for the ``hot`` chunks: the
+    guest's start waits for those, and with one bandwidth-delay product of bulk
+    in flight they would come one at a time (measured at 10 Mb/s: the guest ran
+    after 8.5 s against 4.3 s).
     """
 
-    def __init__(self, ram: Keyring, cache: SiteCache, chain: SourceRegistry) -> None:
+    def __init__(self, ram: Keyring, cache: SiteCache, chain: SourceRegistry, hot: Iterable[int] = ()) -> None:
         self.ram = ram
         self.cache = cache
         self.chain = chain
-        self._queued: dict[bool, list[tuple[int, asyncio.Future[bytes | None]]]] = {True: [], False: []}
+        self.hot = set(hot)
+        self._queued: dict[tuple[bool, Priority], list[tuple[int, asyncio.Future[bytes | None]]]] = {}
+        # The loop holds tasks only weakly: a batch nobody else referred to could be
+        # collected mid-fetch, and the guest's fault would never be answered.
+        self._serving: set[asyncio.Task[None]] = set()
 
     def __call__(self, index: int, urgent: bool) -> asyncio.Future[bytes | None]:
         loop = asyncio.get_running_loop()
@@ -199,21 +209,25 @@ class RamFetcher:
         if ref.is_zero:
             fut.set_result(None)
             return fut
-        queue = self._queued[urgent]
+        key = (urgent, Priority.FAULT if urgent or index in self.hot else Priority.BULK)
+        queue = self._queued.setdefault(key, [])
         if not queue:
-            loop.call_soon(self._flush, urgent)
+            loop.call_soon(self._flush, key)
         queue.append((index, fut))
         return fut
 
-    def _flush(self, urgent: bool) -> None:
-        queue, self._queued[urgent] = self._queued[urgent], []
+    def _flush(self, key: tuple[bool, Priority]) -> None:
+        queue, self._queued[key] = self._queued[key], []
         for k in range(0, len(queue), BATCH):
-            asyncio.ensure_future(self._serve(queue[k : k + BATCH], urgent))
+            task = asyncio.ensure_future(self._serve(queue[k : k + BATCH], *key))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, items: list[tuple[int, asyncio.Future[bytes | None]]], urgent: bool) -> None:
+    async def _serve(self, items: list[tuple[int, asyncio.Future[bytes | None]]], urgent: bool,
+                     priority: Priority) -> None:
         pool = default_pool() if urgent else background_pool()
         try:
-            plains = await decode_chunks(self.ram, [i for i, _ in items], self.cache, self.chain, pool)
+            plains = await decode_chunks(self.ram, [i for i, _ in items], self.cache, self.chain, pool, priority)
         except BaseException as e:
             for _, fut in items:
                 if not fut.done():
@@ -241,7 +255,7 @@ async def read_stream(mem: MemoryImage, cache: SiteCache, chain: SourceRegistry)
 
 
 async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain: SourceRegistry,
-                        pool: Executor) -> list[bytes | None]:
+                        pool: Executor, priority: Priority = Priority.FAULT) -> list[bytes | None]:
     """Chunks ``idxs`` of ``ring`` decoded on ``pool``: from the cache, the misses in one source request.
 
     A zero chunk is zeros; a chunk no source has is None.
@@ -259,7 +273,7 @@ async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain:
     if hits:
         chain.note_cache_hits(len(hits), sum(lengths[k] for k in hits))
     if miss:
-        got = await chain.fetch_many([refs[k].tag for k in miss], required=False)
+        got = await chain.fetch_many([refs[k].tag for k in miss], required=False, priority=priority)
         found = [k for k in miss if refs[k].tag in got]
         decoded = await loop.run_in_executor(
             pool, lambda: [decode(refs[k], got[refs[k].tag], lengths[k]) for k in found])

@@ -1,5 +1,5 @@
-"""Parcel operations that need no running VM: init, version lookup, commit, hoard,
-discard, rollback.
+"""Parcel operations that need no running VM: version lookup, boot files, commit,
+hoard, discard, rollback (making a parcel is :mod:`isrsync.site.create`).
 
 A commit sends only what the server lacks: the tags the new version adds (disk
 chunks the guest wrote, the memory image) are looked up on the server, the
@@ -12,37 +12,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
 from concurrent.futures import Executor
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import manifest
-from ..chunk import BATCH, CHUNK_SIZE, chunk_length, decode, default_pool
-from ..errors import AuthError, IntegrityError, NotFound, Unreachable, UsageError, WrongPassphrase
-from ..keys import KeyBundle, SealKey, new_master_key
-from ..manifest import Keyring, Manifest, MemoryImage
+from ..chunk import BATCH, CHUNK_SIZE, VerifiedChunk, chunk_length, decode, default_pool
+from ..errors import AuthError, IntegrityError, NotFound, Unreachable, WrongPassphrase
+from ..keys import KeyBundle, SealKey
+from ..manifest import Keyring, LazyKeyring, Manifest, MemoryImage
 from ..pack import PackInfo
 from ..store.base import CommitRequest, Holder, Store, VersionInfo
-from ..vmspec import Accel, BootBlob, BootSpec, VmSpec
-from .account import Account, add_parcel_key, open_store, remember, session_keys
+from ..vmspec import Accel, BootBlob, VmSpec
+from .account import Account, open_store, remember, session_keys
 from .cache import SiteCache
 from .identity import site_name
 from .disk import decode_cached
-from .packer import DEFAULT_PACK_LIMIT, pack_cached, pack_stream
+from .packer import pack_cached
 from .results import HoardResult
-from .sources import ServerSource, Source, SourceRegistry
-from .state import ParcelState
+from .upload import upload_packs
+from .segments import whole
+from .serversource import ServerSource
+from .sources import Source
+from .registry import SourceRegistry
+from .state import ParcelState, local_summaries
 
 Progress = Callable[[int], None]
+log = logging.getLogger("isrsync.parcel")
 
 
 @dataclass
@@ -87,6 +90,34 @@ class Site:
             raise IntegrityError(f"no key for parcel {parcel} in your key bundle, even as the server has it now",
                                  hint="the parcel belongs to another user, or was made with keys since lost")
 
+    async def resolve(self, ref: str) -> uuid.UUID:
+        """A parcel named by name or id, its key in this site's bundle (refreshed if missing).
+
+        A parcel this site holds local state for (running, kept, suspended here)
+        is named without the server: offline, a suspend or a sync used to wait
+        out the client's retries (about 6 s) before it could even start.
+        """
+        mine = [s for s in await asyncio.to_thread(local_summaries, self.cache.path)
+                if ref in (s.parcel, s.name) and s.parcel in self.bundle.parcels]
+        if len(mine) == 1:
+            return uuid.UUID(mine[0].parcel)
+        try:
+            pid = (await self.store.parcel(ref)).parcel
+        except Unreachable:
+            # Offline: a parcel this site has any local state for can still be named.
+            for d in (self.cache.path / "parcels").glob("*"):
+                with contextlib.suppress(ValueError):
+                    pid = uuid.UUID(d.name)
+                    if str(pid) in self.bundle.parcels:
+                        st = ParcelState(self.cache, pid, self.master_key(pid))
+                        name = st.info().name
+                        st.close()
+                        if ref in (str(pid), name):
+                            return pid
+            raise
+        await self.ensure_key(pid)
+        return pid
+
     def holder(self) -> Holder:
         return Holder(self.site_id, self.host, self.acct.user)
 
@@ -120,11 +151,15 @@ async def open_site(cache: SiteCache, acct: Account) -> Site:
 # -- versions ------------------------------------------------------------------------
 
 
-async def load_version(site: Site, parcel: uuid.UUID, version: int, state: ParcelState | None = None) -> Manifest:
+async def load_version(site: Site, parcel: uuid.UUID, version: int, state: ParcelState | None = None, *,
+                       lazy: bool = False) -> Manifest:
     """Fetch, authenticate and resolve a version (keyring rebuilt from its base).
 
     Manifests are kept in the parcel's local state, so a site that has seen a
-    version can open it again while the server is unreachable.
+    version can open it again while the server is unreachable. A keyring held
+    as segments is fetched whole (from the cache or the server), unless
+    ``lazy``: then the version's keyring is a LazyKeyring whose segments the
+    caller fetches as it needs them (a resume: see :mod:`.segments`).
     """
     mk = site.master_key(parcel)
 
@@ -145,7 +180,14 @@ async def load_version(site: Site, parcel: uuid.UUID, version: int, state: Parce
             state.put_manifests({base + i: r for i, r in enumerate(chain_raw)})
         return manifest.resolve([manifest.decode(r, mk, parcel) for r in chain_raw])
 
-    return await asyncio.to_thread(resolve)
+    m = await asyncio.to_thread(resolve)
+    if not lazy and isinstance(m.keyring, LazyKeyring):
+        reg = site.registry(parcel)
+        try:
+            m.keyring = (await whole(m.keyring, reg)).copy()
+        finally:
+            await reg.close()
+    return m
 
 
 # -- boot files kept inside the parcel ------------------------------------------------
@@ -164,7 +206,8 @@ def boot_tags(vm: VmSpec) -> set[bytes]:
 
 
 async def write_blob(
-    blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceRegistry, pool: Executor | None = None
+    blob: MemoryImage, fd: int, cache: SiteCache, chain: SourceRegistry, pool: Executor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Decode an object (a kernel, an initrd, guest RAM) into ``fd``, fetching as needed.
 
@@ -177,7 +220,7 @@ async def write_blob(
     todo = [i for i, r in enumerate(blob.refs) if not r.is_zero]
     missing = await asyncio.to_thread(cache.missing, [blob.refs[i].tag for i in todo])
     if missing:
-        await chain.fetch_many(missing)
+        await chain.fetch_patiently(missing)
 
     def put(i: int, plain: bytes) -> None:
         view = memoryview(plain)
@@ -198,11 +241,22 @@ async def write_blob(
 
     loop = asyncio.get_running_loop()
     pool = pool or default_pool()
-    lost = [i for part in await asyncio.gather(*(
-        loop.run_in_executor(pool, batch, todo[k : k + BATCH]) for k in range(0, len(todo), BATCH)
-    )) for i in part]
+    total, done = len(todo) * CHUNK_SIZE, 0
+    lost: list[int] = []
+    for fut in asyncio.as_completed([loop.run_in_executor(pool, batch, todo[k : k + BATCH])
+                                     for k in range(0, len(todo), BATCH)]):
+        part = await fut
+        lost += part
+        done += min(BATCH, len(todo)) * CHUNK_SIZE
+        if progress is not None:
+            progress(min(done, total), total)
+    # What the sources just fetched into the cache is theirs, not the cache's; the
+    # bytes are each chunk's own length (the last one of an object is short).
+    fetched, again = set(missing), set(lost)
+    served = [i for i in todo if i not in again and blob.refs[i].tag not in fetched]
+    chain.note_cache_hits(len(served), sum(chunk_length(blob.length, i) for i in served))
     if lost:
-        got = await chain.fetch_many([blob.refs[i].tag for i in lost])
+        got = await chain.fetch_patiently([blob.refs[i].tag for i in lost])
 
         def refetched() -> None:
             for i in lost:
@@ -210,144 +264,6 @@ async def write_blob(
                 put(i, decode(ref, got[ref.tag], chunk_length(blob.length, i)))
 
         await loop.run_in_executor(pool, refetched)
-
-
-# -- init ----------------------------------------------------------------------------
-
-
-def image_format(path: Path) -> tuple[str, int]:
-    try:
-        out = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
-    except FileNotFoundError:
-        raise UsageError("qemu-img is not installed", hint="run scripts/setup") from None
-    except subprocess.CalledProcessError as e:
-        raise UsageError(f"cannot read the image {path}: {e.stderr.strip()[:200]}") from None
-    info = json.loads(out)
-    fmt = info["format"]
-    if fmt not in ("raw", "qcow2"):
-        raise UsageError(f"the image {path} is {fmt}; isrsync takes raw or qcow2")
-    return fmt, int(info["virtual-size"])
-
-
-@contextlib.contextmanager
-def raw_stream(path: Path, fmt: str):
-    """A readable raw stream of an image; qcow2 is served by qemu-nbd and copied
-    by nbdcopy into a pipe, so its plaintext never lands in a temporary file."""
-    if fmt == "raw":
-        with open(path, "rb") as f:
-            yield f
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="isrsync-img-"))
-    sock = tmp / "nbd.sock"
-    server = subprocess.Popen(
-        ["qemu-nbd", "--read-only", "--format", fmt, "--socket", str(sock), "--shared", "1", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    copy = None
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-        copy = subprocess.Popen(["nbdcopy", f"nbd+unix:///?socket={sock}", "-"], stdout=subprocess.PIPE)
-        assert copy.stdout is not None
-        yield copy.stdout
-    finally:
-        if copy is not None:
-            copy.kill()
-            copy.wait()
-        server.kill()
-        server.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-async def upload_packs(store: Store, parcel: uuid.UUID, packs: list[tuple[PackInfo, Path]], *, parallel: int = 3,
-                       progress: Progress | None = None) -> None:
-    sem = asyncio.Semaphore(parallel)
-
-    async def one(info: PackInfo, path: Path) -> None:
-        async with sem:
-            await store.put_pack(parcel, info.pack_id, path)
-            if progress:
-                progress(info.size)
-
-    await asyncio.gather(*(one(i, p) for i, p in packs))
-
-
-async def init_parcel(
-    site: Site,
-    name: str,
-    image: Path,
-    *,
-    memory_mib: int = 256,
-    cpus: int = 1,
-    machine: str = "q35",
-    cpu_model: str = "max",
-    kernel: Path | None = None,
-    initrd: Path | None = None,
-    append: str | None = None,
-    encode_progress: Callable[[int, int], None] | None = None,
-    upload_progress: Callable[[int, int], None] | None = None,
-) -> tuple[uuid.UUID, VersionInfo]:
-    """Turn an image into a parcel at version 1 (no memory image: it cold-boots)."""
-    fmt, size = image_format(image)
-    parcel = uuid.uuid4()
-    vm = VmSpec(memory_mib=memory_mib, cpus=cpus, machine=machine, cpu_model=cpu_model)
-    # The key is stored (sealed) on the server before anything uses it: a parcel
-    # can never exist whose key was lost.
-    site.bundle = await add_parcel_key(site.store, site.acct, str(parcel), new_master_key())
-    await site.store.create_parcel(parcel, name, vm.hardware_tag)
-    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=site.cache.path / "packs"))
-    try:
-        done = [0]
-
-        def adv(n: int) -> None:
-            done[0] += n
-            if encode_progress:
-                encode_progress(done[0], size)
-
-        with raw_stream(image, fmt) as src:
-            packed = await asyncio.to_thread(
-                pack_stream, src, size, site.secret(), staging, progress=adv, limit=DEFAULT_PACK_LIMIT
-            )
-        packs = list(packed.packs)
-        added = set(packed.keyring.tags())
-        boot: dict[str, BootBlob] = {}
-        for key, path in (("kernel", kernel), ("initrd", initrd)):
-            if path is not None:
-                blob_size = path.stat().st_size
-                with open(path, "rb") as f:
-                    bp = await asyncio.to_thread(pack_stream, f, blob_size, site.secret(), staging)
-                packs += bp.packs
-                added |= bp.keyring.tags()
-                boot[key] = BootBlob(blob_size, bp.keyring.to_bytes())
-        if boot:
-            vm = dataclasses.replace(vm, boot=BootSpec(**boot, cmdline=append or ""))
-        total = sum(i.size for i, _ in packs)
-        sent = [0]
-
-        def up(n: int) -> None:
-            sent[0] += n
-            if upload_progress:
-                upload_progress(sent[0], total)
-
-        await upload_packs(site.store, parcel, packs, progress=up)
-        for info, path in packs:  # the creating site starts fully hoarded
-            await asyncio.to_thread(site.cache.add_pack, path, info.pack_id)
-        lock = await site.store.acquire(parcel, site.holder())
-        raw = manifest.encode(
-            parcel=parcel, version=1, master_key=site.master_key(parcel), vm=vm, keyring=packed.keyring,
-            site=site.host, time=time.time(),
-        )
-        v = await site.store.commit(parcel, CommitRequest(
-            epoch=lock.epoch, parent=0, manifest=raw, packs=[i.pack_id for i, _ in packs],
-            added=sorted(added), release=True, site=site.site_id,
-        ))
-        return parcel, v
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- commit ------------------------------------------------------------------------
@@ -368,9 +284,32 @@ async def commit_version(
     staged_tags: Iterable[bytes] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> VersionInfo:
-    """Upload what the server lacks and commit ``parent.version + 1``."""
+    """Upload what the server lacks and commit ``parent.version + 1``.
+
+    A full keyring is sealed as segments (chunks like any other): the new ones
+    go up with the commit, and the server counts them as the version's until a
+    later full keyring replaces them.
+    """
     assert parent.keyring is not None
+    if isinstance(parent.keyring, LazyKeyring) and not parent.keyring.complete:
+        reg = site.registry(parcel)
+        try:
+            await whole(parent.keyring, reg)
+        finally:
+            await reg.close()
     dirty = sorted(set(dirty))
+    # Encrypting a big disk's keyring takes a while; a sync does it while the
+    # guest runs and keeps extending its trace, hence the copy.
+    sealed = await asyncio.to_thread(
+        manifest.seal,
+        parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
+        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=list(trace),
+        site=site.host, time=time.time(),
+    )
+    seg_added, seg_removed = segment_refs(parent, sealed)
+    if sealed.segments:
+        await asyncio.to_thread(site.cache.put_verified, [VerifiedChunk(e.tag, e.data) for e in sealed.segments
+                                                           if e.data])
     old_tags = parent.keyring.tags()
     new_tags = keyring.tags()
     written = {keyring[i].tag for i in dirty if i < len(keyring) and not keyring[i].is_zero}
@@ -378,7 +317,8 @@ async def commit_version(
     replaced = {parent.keyring[i].tag for i in dirty if i < len(parent.keyring) and not parent.keyring[i].is_zero}
     if keyring.size < parent.keyring.size:
         replaced |= {parent.keyring[i].tag for i in range(len(keyring), len(parent.keyring))}
-    removed = sorted(replaced - new_tags)
+    removed = sorted((replaced - new_tags) | seg_removed)
+    added = sorted(set(added) | seg_added)
     mem_tags = sorted(memory.tags()) if memory is not None else []
     needed = set(added) | set(mem_tags)
     known = set(staged_tags)
@@ -386,19 +326,21 @@ async def commit_version(
     located = await site.store.locate(parcel, ask) if ask else {}
     missing = [t for t in ask if t not in located]
     uploaded = await upload_cached(site, parcel, missing, strict=True, progress=progress)
-    # Encrypting a big disk's keyring takes a while; a sync does it while the
-    # guest runs and keeps extending its trace, hence the copy.
-    raw = await asyncio.to_thread(
-        manifest.encode,
-        parcel=parcel, version=parent.version + 1, master_key=site.master_key(parcel), vm=parent.vm,
-        keyring=keyring, parent=parent, dirty=dirty, memory=memory, trace=list(trace),
-        site=site.host, time=time.time(),
-    )
     return await site.store.commit(parcel, CommitRequest(
-        epoch=epoch, parent=parent.version, manifest=raw,
+        epoch=epoch, parent=parent.version, manifest=sealed.raw,
         packs=[*staged, *(i.pack_id for i in uploaded)],
         added=added, removed=removed, memory=mem_tags, release=release, site=site.site_id,
     ))
+
+
+def segment_refs(parent: Manifest, sealed: manifest.Sealed) -> tuple[set[bytes], set[bytes]]:
+    """The segment tags a commit adds and removes: a full keyring's segments replace
+    those of the parent's keyring base; a delta keeps them."""
+    if not manifest.parse_header(sealed.raw).full_keyring:
+        return set(), set()
+    old = {r.tag for r in parent.segments or () if not r.is_zero}
+    new = {e.tag for e in sealed.segments if e.data}
+    return new - old, old - new
 
 
 async def upload_cached(site: Site, parcel: uuid.UUID, tags: Iterable[bytes], *, strict: bool,
@@ -454,11 +396,26 @@ async def hoard(site: Site, parcel: uuid.UUID, version: int | None = None,
     if m.memory is not None:
         tags |= m.memory.tags()
     reg = site.registry(parcel, lookaside)
+    from ..swarm.join import join  # LAN peers, asked before the server (issue 12)
+
+    lan = await join(site.cache.path, uuid.UUID(site.cache.site_id), site.store, [parcel], log.warning,
+                     cache=site.cache)
+    if lan is not None:
+        reg.add(lan.sources[parcel])
     try:
+        # 4 s: a site hoarding at the same moment registers its announcement in ~2 s, and
+        # both must see each other to agree on who fetches which pack (swarm/bulk.py).
+        if lan is not None and await lan.settle(parcel, 4.0, once_announced=True):
+            # Other sites hoard or hold it: whole packs through the swarm, one copy over the WAN.
+            from ..swarm.bulk import hoard_prefetch
+
+            await hoard_prefetch(lan, site.cache, parcel, tags, progress)
         fetched = await fetch_missing(site.cache, reg, tags, progress)
         served = [s for s in reg.infos() if s.hits or s.bad or s.errors]
     finally:
         await reg.close()
+        if lan is not None:
+            await lan.close()
     return HoardResult(v, fetched, len(tags), served)
 
 
@@ -475,7 +432,7 @@ async def fetch_missing(cache: SiteCache, reg: SourceRegistry, tags: Iterable[by
     done = got = 0
     for i in range(0, len(missing), 64):
         batch = missing[i : i + 64]
-        got += sum(map(len, (await reg.fetch_many(batch)).values()))
+        got += sum(map(len, (await reg.fetch_patiently(batch)).values()))
         done += len(batch)
         if progress:
             # In bytes, for a rate and a time left: the sizes of chunks not yet

@@ -39,6 +39,10 @@ class MemoryMode(str, enum.Enum):
 
 
 class Display(str, enum.Enum):
+    """How the guest's screen is shown by `resume`; auto is a window when there is a
+    display to open one on (site/view.py, choose_display), none otherwise."""
+
+    AUTO = "auto"
     NONE = "none"
     GTK = "gtk"
     SDL = "sdl"

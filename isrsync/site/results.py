@@ -92,6 +92,7 @@ class SuspendResult(_Json):
     memory_new_chunks: int
     memory_kept_chunks: int
     dirty_chunks: int
+    memory_stored_bytes: int = 0  # the image encoded (compressed, encrypted): what crosses a link
     version: int | None = None  # when committed
     seconds: float | None = None
     kept_lock: bool = False
@@ -131,14 +132,22 @@ class RunStatus(_Json):
     dirty_chunks: int
     trickled_chunks: int
     residue_chunks: int
+    # The guest disk's own counters (NBD requests, chunks missed and served by the cache).
     reads: int
     writes: int
     misses: int
     cache_hits: int
     qemu: str
+    # Who served what: the table of `status` and `sources` and their --json are this one
+    # list. Its cache row also counts boot files and guest RAM, so its hits are at least
+    # ``cache_hits``; its ``bad`` are the damaged copies the cache dropped.
     sources: list[SourceInfo] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)  # the lazy restore's counters
     report: ResumeReport | None = None
+    # Chunks the home server answered with bytes that failed their tag (its copy is
+    # damaged: `isrsync server check` finds it), and the packs they are in (hex ids).
+    damaged_from_server: int = 0
+    damaged_packs: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, d: Any) -> "RunStatus":

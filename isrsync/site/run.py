@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from ..errors import IsrError, UsageError
+from ..longlived import settle
 from . import media
 from .control import (
     READ_ONLY,
@@ -24,6 +25,7 @@ from .control import (
     ControlServer,
     ListSources,
     Progress,
+    Screendump,
     Request,
     StatusRequest,
     SuspendRequest,
@@ -40,6 +42,7 @@ from .console import ConsoleHub
 from .runtime import Events, Runtime
 from .tomedium import StreamProgress
 from .sources import Source
+from ..swarm.join import enabled as swarm_enabled
 
 
 async def run_parcel(
@@ -101,6 +104,13 @@ async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy,
             await rt.withdraw_source(req.name)
             say("source", {"message": f"lookaside source {req.name} withdrawn", "name": req.name})
             return {"withdrawn": req.name}
+        if isinstance(req, Screendump):
+            qemu = rt.qemu
+            if qemu is None or not qemu.alive:
+                raise UsageError("the guest is not running now (starting, rebooting or suspended)")
+            # QEMU writes the file itself (same user as us); PNG rather than its default PPM.
+            await qemu.cmd("screendump", {"filename": req.path, "format": "png"})
+            return {"path": req.path}
         assert not isinstance(req, READ_ONLY)
         async with busy:
             if ended.done():
@@ -134,7 +144,16 @@ async def _serve(site: Site, parcel: uuid.UUID, rundir: Path, *, policy: Policy,
         if watch_media and rt.policy.uses_lookaside and media.available():
             # Before the resume: a key already plugged in helps restore memory.
             await feeders.enter_async_context(_media_feeder(rt, site, say))
+        if rt.policy.uses_lookaside and swarm_enabled():
+            # LAN peers (mDNS + BitTorrent) join like media do; off by --no-swarm or on failure.
+            from ..swarm.feed import swarm_feeder  # libtorrent and zeroconf load only here
+
+            await feeders.enter_async_context(swarm_feeder(rt, parcel, say))
+        settle()  # no guest yet: a full collection here pauses nobody
         report = await rt.resume(version)
+        # The guest runs: what the resume built (sources, indexes, QEMU's link) is kept
+        # out of later collections without one more full pass now.
+        settle(collect=False)
         await ctl.start()
         say("resumed", report.to_json())
         for sig in (signal.SIGINT, signal.SIGTERM):

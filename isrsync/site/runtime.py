@@ -28,7 +28,8 @@ from typing import Sequence
 
 from ..errors import Conflict, IsrError, QemuError, Unreachable, UsageError
 from ..locktoken import CarriedKeys, LockToken
-from ..manifest import Manifest, MemoryImage
+from ..manifest import LazyKeyring, Manifest, MemoryImage
+from ..manifest import decode as manifest_decode
 from ..store.base import Holder
 from ..vm.nbd import NbdServer
 from ..vm.postcopy import PostcopySource
@@ -41,8 +42,10 @@ from .media import MediumSink, manifests_from_media, open_lookaside
 from .parcel import Site, boot_tags, fetch_missing, hardware_problems, load_version
 from .policy import Display, MemoryMode, Policy
 from .results import MediumCopyResult, PowerOffResult, ResumeReport, RunStatus, SuspendResult, SyncResult
+from .segments import SegmentLoader
 from .session import ParcelSession
-from .sources import Source, SourceInfo, SourceRegistry
+from .sources import Source, SourceInfo
+from .registry import SourceRegistry
 from .state import LocalStatus, ParcelState
 from .tomedium import MediumCopy, StreamProgress
 
@@ -132,8 +135,9 @@ class Runtime:
                 carried = await manifests_from_media(self.lookaside, parcel, base_v, info.head_hash)
                 if carried:
                     await asyncio.to_thread(state.put_manifests, carried)
-        base = await load_version(site, parcel, base_v, state)
-        head: Manifest | None = None
+        # Only what the start needs: a keyring held as segments comes as the guest asks.
+        base = await load_version(site, parcel, base_v, state, lazy=True)
+        head_version: int | None = None
         marks["manifest"] = time.perf_counter() - t0
         accel = accelerator("kvm" if base.vm.accel is Accel.KVM else "auto")
         problems = hardware_problems(base.vm, accel)
@@ -151,15 +155,17 @@ class Runtime:
                 state.start_running(base_v, lock.epoch, site.host)  # refused: says fenced, and what to do
             self.epoch = lock.epoch
             if base_v != info.version:
-                # An older version resumed: its next commit goes on top of the head.
-                head = await load_version(site, parcel, info.version, state)
+                # An older version resumed: its next commit goes on top of the head, whose
+                # manifests that commit loads (ParcelSession._parent), not the guest's start.
+                head_version = info.version
         else:
             assert here.epoch is not None
             self.epoch = here.epoch
         marks["lock"] = time.perf_counter() - t0
         try:
             staged, staged_tags = state.staged() if local else ([], set())
-            self.session = ParcelSession(site, parcel, state, base, self.epoch, head, staged, staged_tags)
+            self.session = ParcelSession(site, parcel, state, base, self.epoch, None, staged, staged_tags,
+                                         head_version=head_version)
             return await self._start(base, base_v, memory_from_local=local, here=here.status, accel=accel,
                                      marks=marks, t_all=t_all, online=online)
         except BaseException:
@@ -185,7 +191,11 @@ class Runtime:
         # Lookaside sources count only under the policies that use them; the
         # others measure the server alone (paper section 6).
         self.chain = chain = site.registry(parcel, self.lookaside if self.policy.uses_lookaside else ())
+        chain.warn = lambda msg: self.events("warning", {"message": msg})
         assert base.keyring is not None
+        lazy = isinstance(base.keyring, LazyKeyring) and not base.keyring.complete
+        if lazy:
+            SegmentLoader(base.keyring, chain)
         self.disk = disk = ParcelDisk(base.keyring, site.secret(), site.cache, chain, state)
 
         t0 = time.perf_counter()
@@ -201,7 +211,7 @@ class Runtime:
         await self.nbd.start_unix(sock)
         self.machine = machine = Machine(
             site, chain, self.rundir, sock, display=self.display.value, serial=self.serial, memory_mode=self.memory,
-            say=lambda msg: self.events("warning", {"message": msg}))
+            say=lambda msg: self.events("warning", {"message": msg}), progress=self.progress)
         restored = await machine.start(base.vm, accel, memory, marks)
         marks["total"] = time.perf_counter() - t_all
 
@@ -218,7 +228,23 @@ class Runtime:
         )
         if machine.postcopy is not None:
             self.tasks.start(self._memory_arrives(t_all))
+        if lazy:
+            self.tasks.start(self._keyring_arrives(t_all))
         return self.report
+
+    async def _keyring_arrives(self, t_all: float) -> None:
+        """While the guest runs: the rest of the keyring (a commit needs all of it)."""
+        assert self.disk is not None
+        try:
+            await self.disk.whole_keyring(group=2)
+        except IsrError as e:
+            log.info("the rest of the keyring did not come yet: %s", e)  # a commit asks again
+            return
+        at = time.perf_counter() - t_all
+        if self.report is not None:
+            self.report.seconds["keyring_complete"] = at
+        self.events("keyring", {"message": f"the whole keyring is in, {at:.2f} s after the resume began",
+                                "seconds": round(at, 3)})
 
     async def _memory_arrives(self, t_all: float) -> None:
         """While the guest runs: until all of its RAM is in (a suspend hurries it)."""
@@ -239,7 +265,8 @@ class Runtime:
     async def _fetch_everything(self, memory: MemoryImage | None) -> int:
         assert self.session is not None and self.chain is not None
         base = self.session.base
-        assert base.keyring is not None
+        assert base.keyring is not None and self.disk is not None
+        await self.disk.whole_keyring()
         tags = set(base.keyring.tags()) | boot_tags(base.vm)
         if memory is not None:
             tags |= memory.tags()
@@ -261,6 +288,8 @@ class Runtime:
             memory={"mode": self.report.memory if self.report else None,
                     **(self.postcopy.stats.summary() if self.postcopy is not None else {})},
             report=self.report,
+            damaged_from_server=len(self.chain.server_damaged),
+            damaged_packs=sorted({p.hex() for p in self.chain.server_damaged.values() if p is not None}),
         )
 
     # -- lookaside sources -------------------------------------------------------------------
@@ -321,14 +350,15 @@ class Runtime:
         await self.nbd.close()
         await session.save_locally(disk, saved.image)
         done = dict(memory_bytes=saved.bytes, memory_seconds=round(t_mem, 3), memory_new_chunks=saved.new_chunks,
-                    memory_kept_chunks=saved.kept_chunks, dirty_chunks=len(disk.dirty))
+                    memory_kept_chunks=saved.kept_chunks, dirty_chunks=len(disk.dirty),
+                    memory_stored_bytes=saved.stored_bytes)
         if carry_lock and (medium is None or keep_lock):
             raise UsageError("--carry-lock hands the lock to a medium", hint="use it with --to-usb, without --keep-lock")
         copy = MediumCopy(medium, self.site.cache, say) if medium is not None else None
         copying = asyncio.create_task(self._to_medium(copy, saved.image, full)) if copy is not None else None
         try:
-            v = await session.commit(disk.current_keyring(), list(disk.dirty), saved.image, disk.stats.first_access,
-                                     release=not (keep_lock or carry_lock),
+            v = await session.commit(await disk.current_keyring(), list(disk.dirty), saved.image,
+                                     disk.stats.first_access, release=not (keep_lock or carry_lock),
                                      progress=lambda n, total: say("upload", n, total))
         except Unreachable as e:
             self.events("offline", {"message": "suspended locally; the server could not be reached"})
@@ -340,7 +370,7 @@ class Runtime:
                 assert copy is not None
                 await copy.drop("the suspend failed")
             raise
-        copied = await self._finish_medium(copy, copying, v.version, carry=carry_lock)
+        copied = await self._finish_medium(copy, copying, v.version, carry=carry_lock, full=full)
         return SuspendResult(committed=True, version=v.version, seconds=round(time.perf_counter() - t0, 3),
                              kept_lock=keep_lock, medium=copied, **done)
 
@@ -349,7 +379,7 @@ class Runtime:
         assert disk is not None and session is not None and self.chain is not None
         tags = [*memory.tags(), *(r.tag for r in disk.dirty.values() if not r.is_zero)]
         if full:
-            ring = disk.current_keyring()
+            ring = await disk.current_keyring()
             base_tags = [t for t in ring.tags() if t not in set(tags)] + sorted(boot_tags(session.base.vm))
             # Everything the parcel is, so a site with no link can run it: fetch what is not cached yet.
             await fetch_missing(self.site.cache, self.chain, set(base_tags))
@@ -357,7 +387,7 @@ class Runtime:
         await copy.chunks(tags)
 
     async def _finish_medium(self, copy: MediumCopy | None, copying: asyncio.Task | None,
-                             version: int | None, carry: bool = False) -> MediumCopyResult | None:
+                             version: int | None, carry: bool = False, full: bool = False) -> MediumCopyResult | None:
         if copy is None or copying is None:
             return None
         try:
@@ -369,6 +399,14 @@ class Runtime:
         if version is not None and copy.problem is None:
             try:
                 manifests = await self.session.chain(version) if self.session is not None else []
+                if full and manifests:
+                    # A site with no link names the disk through the keyring base's segments.
+                    mk = self.site.master_key(self.parcel)
+                    base = await asyncio.to_thread(manifest_decode, manifests[0], mk, self.parcel)
+                    segs = [r.tag for r in base.segments or () if not r.is_zero]
+                    if segs:
+                        await fetch_missing(self.site.cache, self.chain, set(segs))
+                        await copy.chunks(segs)
                 sealed = await self.site.store.get_key_bundle()
                 if sealed is not None:
                     bundle = CarriedKeys(self.site.acct.server, self.site.acct.user, sealed).encode()
@@ -408,6 +446,8 @@ class Runtime:
         """Commit now and keep running: a brief pause while the memory image is saved."""
         machine, disk, session = self.machine, self.disk, self.session
         assert machine is not None and machine.qemu is not None and disk is not None and session is not None
+        # Before the pause: the commit needs the whole keyring, not the guest's time.
+        await disk.whole_keyring()
         t0 = time.perf_counter()
         try:
             saved = await machine.save()
@@ -416,7 +456,7 @@ class Runtime:
             raise
         await disk.flush()
         snapshot = dict(disk.dirty)
-        ring = disk.current_keyring()
+        ring = await disk.current_keyring()
         await machine.qemu.cont()  # the guest runs on; later writes stay dirty for the next commit
         paused = time.perf_counter() - t0
         # Chunks rewritten since the snapshot stay dirty for the next commit.
@@ -440,7 +480,7 @@ class Runtime:
         await self.nbd.close()
         await session.save_locally(disk, None)
         try:
-            v = await session.commit(disk.current_keyring(), list(disk.dirty), None, disk.stats.first_access,
+            v = await session.commit(await disk.current_keyring(), list(disk.dirty), None, disk.stats.first_access,
                                      release=True)
         except Unreachable as e:
             return PowerOffResult(committed=False, reason=e.message)

@@ -6,6 +6,15 @@ or a raw file for tests and benchmarks). Requests are served concurrently, one
 task each, and replies may go out of order as the protocol allows; the backend
 is responsible for ordering overlapping writes.
 
+Backpressure: per connection, at most :data:`MAX_INFLIGHT` requests are in
+flight and at most :data:`MAX_QUEUED` bytes of read data and write payloads are
+held (being read, or waiting for the client to take the reply); past either
+bound the server stops reading requests until replies have gone out, so a
+client that sends without reading cannot grow the server. Both bounds are above
+what QEMU's NBD client keeps in flight (16 requests), so a guest never meets
+them (benchmarks/nbd_depth.py). Failed requests are logged at most once a second
+per connection, with a count of the rest.
+
 Implemented: handshake flags FIXED_NEWSTYLE and NO_ZEROES; options EXPORT_NAME,
 ABORT, LIST, INFO, GO (with EXPORT and BLOCK_SIZE info); commands READ, WRITE,
 DISC, FLUSH, TRIM, WRITE_ZEROES and CACHE, with the FUA flag. Structured replies
@@ -20,6 +29,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +82,9 @@ CMD_WRITE_ZEROES = 6
 CMD_FLAG_FUA = 1
 
 MAX_REQUEST = 32 << 20  # what we advertise as the maximum block size
+MAX_INFLIGHT = 64  # requests per connection (QEMU keeps at most 16; nbdcopy 64)
+MAX_QUEUED = 64 << 20  # bytes of data per connection (one MAX_REQUEST always fits)
+WARN_INTERVAL = 1.0  # seconds between failure lines of one connection
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 _OPT = struct.Struct(">QII")
@@ -109,6 +122,57 @@ class NbdError(Exception):
 
 class _ProtocolError(Exception):
     pass
+
+
+class _Budget:
+    """Requests and bytes a connection holds; :meth:`take` waits while either is spent."""
+
+    def __init__(self, requests: int, nbytes: int) -> None:
+        self._requests, self._bytes = requests, nbytes
+        self.inflight = 0
+        self.held = 0
+        self._freed = asyncio.Event()
+
+    def full(self, nbytes: int) -> bool:
+        # A request larger than what is left still goes once nothing is held,
+        # or it could never be served.
+        return self.inflight >= self._requests or bool(self.held and self.held + nbytes > self._bytes)
+
+    async def take(self, nbytes: int) -> None:
+        while self.full(nbytes):
+            self._freed.clear()
+            await self._freed.wait()
+        self.inflight += 1
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.inflight -= 1
+        self.held -= nbytes
+        self._freed.set()
+
+
+class _Warnings:
+    """Failure lines of one connection, at most one per WARN_INTERVAL; the rest are counted."""
+
+    def __init__(self) -> None:
+        self._last = -WARN_INTERVAL
+        self._quiet = 0
+
+    def __call__(self, msg: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last < WARN_INTERVAL:
+            self._quiet += 1
+            return
+        if self._quiet:
+            msg += " (and %d more failed request(s) not logged)"
+            args = (*args, self._quiet)
+        self._last, self._quiet = now, 0
+        log.warning(msg, *args, exc_info=exc_info)
+
+    def flush(self) -> None:
+        if self._quiet:
+            log.warning("%d more failed nbd request(s) not logged", self._quiet)
+            self._quiet = 0
 
 
 class NbdServer:
@@ -249,66 +313,89 @@ class NbdServer:
     async def _transmission(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         wlock = asyncio.Lock()
         inflight: set[asyncio.Task] = set()
+        budget = _Budget(MAX_INFLIGHT, MAX_QUEUED)
+        warn = _Warnings()
         try:
             while True:
                 magic, flags, cmd, handle, offset, length = _REQ.unpack(await reader.readexactly(_REQ.size))
                 if magic != REQUEST_MAGIC:
                     raise _ProtocolError("bad request magic")
                 self.requests += 1
-                if cmd == CMD_DISC:
+                if cmd == CMD_DISC or writer.is_closing():
+                    # (Closing: requests still buffered here would be answered into a dead socket.)
                     break
-                payload = b""
-                if cmd == CMD_WRITE:
-                    if length > MAX_REQUEST:
-                        raise _ProtocolError("write larger than the advertised maximum")
-                    payload = await reader.readexactly(length)
-                t = asyncio.create_task(self._do(writer, wlock, flags, cmd, handle, offset, length, payload))
+                if cmd == CMD_WRITE and length > MAX_REQUEST:
+                    raise _ProtocolError("write larger than the advertised maximum")
+                # What this request will hold until its reply is out: its payload,
+                # or the data it reads (a read too large is refused, holding nothing).
+                held = length if cmd == CMD_WRITE or (cmd == CMD_READ and length <= MAX_REQUEST) else 0
+                # Past the bounds, stop reading requests: the client's writes then
+                # back up in its own socket, not in this process.
+                if budget.full(held):
+                    await budget.take(held)
+                else:  # the common case, without a coroutine per request
+                    budget.inflight += 1
+                    budget.held += held
+                try:
+                    payload = await reader.readexactly(length) if cmd == CMD_WRITE else b""
+                except BaseException:
+                    budget.give(held)
+                    raise
+                t = asyncio.create_task(
+                    self._do(writer, wlock, flags, cmd, handle, offset, length, payload, budget, held, warn))
                 inflight.add(t)
                 t.add_done_callback(inflight.discard)
         finally:
             # DISC: finish what is in flight (and make it durable) before closing.
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+            warn.flush()
             with contextlib.suppress(Exception):
                 await self.backend.flush()
 
     async def _do(
         self, writer: asyncio.StreamWriter, wlock: asyncio.Lock, flags: int, cmd: int, handle: int,
-        offset: int, length: int, payload: bytes,
+        offset: int, length: int, payload: bytes, budget: _Budget, held: int, warn: _Warnings,
     ) -> None:
+        """One request, answered; what it holds goes back to the budget once its reply is out."""
         data = b""
         err = 0
         try:
-            err = self._check(cmd, offset, length)
-            if not err:
-                b = self.backend
-                if cmd == CMD_READ:
-                    data = await b.read(offset, length)
-                elif cmd == CMD_WRITE:
-                    await b.write(offset, payload)
-                elif cmd == CMD_FLUSH:
-                    await b.flush()
-                elif cmd == CMD_TRIM:
-                    await b.trim(offset, length)
-                elif cmd == CMD_WRITE_ZEROES:
-                    await b.write_zeroes(offset, length)
-                elif cmd == CMD_CACHE:
-                    await b.cache(offset, length)
-                else:
-                    err = errno.EINVAL
-                if not err and flags & CMD_FLAG_FUA and cmd in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM):
-                    await b.flush()
-        except NbdError as e:
-            log.warning("nbd request %d at %d+%d failed: %s", cmd, offset, length, e)
-            err, data = e.errno, b""
-        except Exception:  # noqa: BLE001 - one bad request must not kill the disk
-            log.exception("nbd request %d at %d+%d failed", cmd, offset, length)
-            err, data = errno.EIO, b""
-        header = _REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle)
-        async with wlock:
-            # One send per reply: header and data together.
-            writer.writelines([header, data] if cmd == CMD_READ and not err else [header])
-            await writer.drain()
+            try:
+                err = self._check(cmd, offset, length)
+                if not err:
+                    b = self.backend
+                    if cmd == CMD_READ:
+                        data = await b.read(offset, length)
+                    elif cmd == CMD_WRITE:
+                        await b.write(offset, payload)
+                    elif cmd == CMD_FLUSH:
+                        await b.flush()
+                    elif cmd == CMD_TRIM:
+                        await b.trim(offset, length)
+                    elif cmd == CMD_WRITE_ZEROES:
+                        await b.write_zeroes(offset, length)
+                    elif cmd == CMD_CACHE:
+                        await b.cache(offset, length)
+                    else:
+                        err = errno.EINVAL
+                    if not err and flags & CMD_FLAG_FUA and cmd in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM):
+                        await b.flush()
+            except NbdError as e:
+                warn("nbd request %d at %d+%d failed: %s", cmd, offset, length, e)
+                err, data = e.errno, b""
+            except Exception:  # noqa: BLE001 - one bad request must not kill the disk
+                warn("nbd request %d at %d+%d failed", cmd, offset, length, exc_info=True)
+                err, data = errno.EIO, b""
+            header = _REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle)
+            if writer.is_closing():
+                return  # the client is gone (or the server is closing): nobody to answer
+            async with wlock:
+                # One send per reply: header and data together.
+                writer.writelines([header, data] if cmd == CMD_READ and not err else [header])
+                await writer.drain()
+        finally:
+            budget.give(held)
 
     def _check(self, cmd: int, offset: int, length: int) -> int:
         if cmd in (CMD_FLUSH,):

@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 from ..chunk import CHUNK_SIZE
-from ..errors import ChunkUnavailable, IsrError, QemuError
+from ..errors import ChunkSlow, ChunkUnavailable, IsrError, QemuError
 from . import migstream as ms
 from .migstream import PAGE, PageRequest, SavedState
+from .waits import Waits
 
 log = logging.getLogger("isrsync.postcopy")
 
 # fetch(chunk index, urgent) -> the chunk's plaintext, or None if it is all zeros.
 Fetch = Callable[[int, bool], Awaitable["bytes | None"]]
 Say = Callable[[str], None]
+Progress = Callable[[int, int], None]  # chunks of RAM in place, chunks with data in all
 
 _ZERO_PAGE = bytes(PAGE)
 _RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds between tries of a chunk that could not be had
@@ -66,10 +68,17 @@ class PostcopyStats:
             "hot_chunks": self.hot_chunks, "requests": self.requests, "requested_chunks": self.requested_chunks,
             "pushed_chunks": self.pushed_chunks, "pages": self.pages, "zero_pages": self.zero_pages,
             "fault_ms_median": round(statistics.median(f) * 1000, 3) if f else None,
+            "fault_ms_p99": round(percentile(f, 0.99) * 1000, 3) if f else None,
             "fault_ms_max": round(max(f) * 1000, 3) if f else None,
             "resident_seconds": None if self.resident is None else round(self.resident, 3),
             "completed_seconds": None if self.completed is None else round(self.completed, 3),
         }
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank; ``xs`` not empty)."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 1)) - 1))]
 
 
 class PostcopySource:
@@ -93,7 +102,7 @@ class PostcopySource:
 
     def __init__(self, saved: SavedState, ram_block: str, chunks: Sequence[int], fetch: Fetch, *,
                  ram_fd: int | None = None, hot: Sequence[int] = (), window: int = 8,
-                 say: Say | None = None) -> None:
+                 say: Say | None = None, progress: Progress | None = None) -> None:
         block = saved.block(ram_block)
         if CHUNK_SIZE % PAGE or block.length % PAGE:
             raise ms.StreamError("RAM does not split into whole pages")
@@ -104,10 +113,15 @@ class PostcopySource:
         self.fetch = fetch
         self.window = max(1, window)
         self.say = say or (lambda msg: None)
+        self._waits = Waits(self.say, "chunk(s) of guest memory", first_after=_STALL_NOTE)
+        self.progress = progress or (lambda done, total: None)
+        self._in_place = 0
+        self._listed = set(chunks)
         self.stats = PostcopyStats()
         self._sent = {b.name: bytearray(b.length // PAGE) for b in saved.blocks}
         self._chunk_done = bytearray((block.length + CHUNK_SIZE - 1) // CHUNK_SIZE)
         self._fetching: dict[int, asyncio.Task[bytes | None]] = {}
+        self._faulting: dict[int, asyncio.Task[bytes | None]] = {}  # urgent fetches, by chunk
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task] = set()
         self._push: asyncio.Task | None = None
@@ -174,6 +188,8 @@ class PostcopySource:
                 self._chunk_done[i] = 1
                 sent[i * per : (i + 1) * per] = b"\x01" * len(sent[i * per : (i + 1) * per])
             self.stats.hot_chunks = len(ready)
+            self._in_place += len(ready)
+        self.progress(self._in_place, len(self.order))
         writer.write(ms.postcopy_discard(*self._unsent_page()) + ms.package(st))
         self.stats.started = time.perf_counter()
         await writer.drain()
@@ -220,7 +236,12 @@ class PostcopySource:
                 if (base + off) // PAGE not in wanted and (data := self._page(plain, off)) is not None:
                     pages.append((base + off, data))
         self._write(self.ram_block, pages)
-        self._chunk_done[index] = 1
+        if not self._chunk_done[index]:
+            self._chunk_done[index] = 1
+            # Only chunks with data count: a zero chunk a fault asked for is no part of the total.
+            if index in self._listed:
+                self._in_place += 1
+                self.progress(self._in_place, len(self.order))
 
     @staticmethod
     def _page(plain: bytes | None, off: int) -> bytes | None:
@@ -235,32 +256,39 @@ class PostcopySource:
     # -- fetching --------------------------------------------------------------------------
 
     def _chunk(self, index: int, urgent: bool) -> asyncio.Task[bytes | None]:
-        """One fetch per chunk at a time, shared by a fault and the push."""
-        task = self._fetching.get(index)
+        """One fetch per chunk and kind at a time, shared by faults and the push.
+
+        A fault on a chunk the push is fetching asks again, urgently: the fetch
+        below joins the push's request and raises it ahead of the bulk it
+        queues with, instead of waiting its turn behind it.
+        """
+        own = self._faulting if urgent else self._fetching
+        task = own.get(index) or (None if urgent else self._faulting.get(index))
         if task is None:
             task = asyncio.create_task(self._fetch_retrying(index, urgent))
-            self._fetching[index] = task
-            task.add_done_callback(lambda t, i=index: self._fetching.pop(i, None))
+            own[index] = task
+            task.add_done_callback(lambda t, i=index: own.pop(i, None))
         return task
 
     async def _fetch_retrying(self, index: int, urgent: bool) -> bytes | None:
         """A chunk, however long it takes: a guest waiting on it has nothing else to do."""
         t0 = time.monotonic()
         tries = 0
-        noted = False
         while True:
             try:
                 plain = await self.fetch(index, urgent or self._hurry)
                 self.failure = None
-                if noted:
-                    self.say(f"guest memory chunk {index} arrived after {time.monotonic() - t0:.0f} s")
+                self._waits.arrived(index)
                 return plain
-            except IsrError as e:
+            except Exception as raw:  # noqa: BLE001 - any error ending this task would freeze the guest
+                e = raw if isinstance(raw, IsrError) else ChunkUnavailable(
+                    f"reading guest memory chunk {index} failed: {type(raw).__name__}: {raw}")
+                if not isinstance(raw, IsrError) and tries == 0:
+                    log.warning("%s; trying again", e.message)
                 self.failure = e
-                if not noted and time.monotonic() - t0 >= _STALL_NOTE:
-                    noted = True
-                    self.say(f"guest memory chunk {index} cannot be fetched ({e.message}); "
-                             f"the guest waits for it, retrying")
+                self._waits.failed(index, t0, e)
+                if isinstance(e, ChunkSlow):
+                    continue  # still coming: asking again waits on the request in flight
                 await asyncio.sleep(_RETRY[min(tries, len(_RETRY) - 1)])
                 tries += 1
 
@@ -409,7 +437,8 @@ class PostcopySource:
             log.warning("post-copy task failed: %s", task.exception())
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *self._fetching.values()] + ([self._push] if self._push else [])
+        tasks = [*self._tasks, *self._fetching.values(), *self._faulting.values()] + \
+            ([self._push] if self._push else [])
         for t in tasks:
             t.cancel()
         for t in tasks:

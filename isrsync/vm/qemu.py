@@ -35,6 +35,7 @@ from qemu.qmp.error import QMPError
 
 from ..errors import QemuError
 from .postcopy import PostcopySource
+from .screen import VNC_SOCK, screen_args
 
 log = logging.getLogger("isrsync.qemu")
 PIPE_BUF = 1 << 20
@@ -126,6 +127,7 @@ class VmConfig:
     # A memfd of memory_mib MiB that holds guest RAM (shared with QEMU), so that
     # RAM is saved and restored in place rather than through the stream.
     ram_fd: int | None = None
+    free_page_reporting: bool = False  # a virtio-balloon the guest reports free pages to
     extra: list[str] = field(default_factory=list)
 
 
@@ -170,12 +172,11 @@ class Qemu:
                 f"mem-path=/proc/self/fd/{c.ram_fd},share=on",
                 "-machine", f"memory-backend={RAM_BLOCK}",
             ]
-        if c.display == "none":
-            a += ["-display", "none", "-vga", "none"]
-        elif c.display == "vnc":
-            a += ["-display", f"vnc=unix:{self.rundir / 'vnc.sock'}", "-vga", "std"]
-        else:
-            a += ["-display", c.display, "-vga", "std"]
+        if c.free_page_reporting:
+            # Reported pages are discarded: punched out of the shared RAM memfd, so they
+            # read as holes and a save skips them. No deflate/inflate is ever asked.
+            a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+        a += screen_args(c.display, self.rundir / VNC_SOCK)
         if c.kernel:
             a += ["-kernel", c.kernel]
         if c.initrd:

@@ -138,6 +138,7 @@ def test_resume_refuses_an_unknown_memory_mode_before_doing_anything(isrsync: An
 EXIT_CODES: dict[type[errors.IsrError], int] = {
     errors.IsrError: 1,
     errors.UsageError: 2,
+    errors.UnsupportedEncoding: 2,
     errors.IntegrityError: 3,
     errors.FormatError: 3,
     errors.UnsupportedVersion: 3,
@@ -146,13 +147,22 @@ EXIT_CODES: dict[type[errors.IsrError], int] = {
     errors.LockHeld: 6,
     errors.Conflict: 7,
     errors.Unreachable: 8,
+    errors.Busy: 8,
+    errors.TooManyUploads: 8,
+    errors.RequestTimeout: 8,
+    errors.BodyCut: 8,
+    errors.PeerUnreachable: 8,
     errors.ChunkUnavailable: 8,
+    errors.DamagedChunk: 8,
+    errors.ChunkSlow: 8,
+    errors.ChunkLate: 8,
     errors.StorageFull: 9,
     errors.CacheError: 10,
     errors.QemuError: 11,
     errors.AuthError: 12,
     errors.StateError: 13,
     errors.MediumError: 14,
+    errors.DiscoveryError: 15,
 }
 
 

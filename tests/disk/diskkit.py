@@ -27,7 +27,8 @@ from isrsync.pack import PackInfo, PackReader
 from isrsync.site.cache import SiteCache
 from isrsync.site.disk import ParcelDisk
 from isrsync.site.packer import pack_stream
-from isrsync.site.sources import ServerSource, SourceRegistry
+from isrsync.site.serversource import ServerSource
+from isrsync.site.registry import SourceRegistry
 from isrsync.site.state import ParcelState
 from isrsync.store.base import CommitRequest, Holder, Store
 from isrsync.vmspec import VmSpec

@@ -112,3 +112,32 @@ async def test_the_policy_decides_what_runs(make_parcel, make_site) -> None:
     assert names(Policy.AUTO, False) == ["hoard"]  # offline: nowhere to trickle to
     for policy in (Policy.DEMAND, Policy.LOOKASIDE, Policy.PROACTIVE, Policy.BASELINE):
         assert names(policy, True) == ["trickle"] and names(policy, False) == []
+
+
+async def test_a_session_on_an_older_version_loads_the_head_at_its_commit_not_at_resume(make_parcel, make_site) -> None:
+    """Resuming an older version must not wait for the head's manifests (a round of fetches over a slow
+    link before the guest starts); the commit that goes on top of the head loads them."""
+    p = await make_parcel()
+    site = await make_site(p)
+    base = await _base(p)
+    asked: list[tuple[int, int]] = []
+    real = p.store.get_manifests
+
+    async def counting(parcel, first: int, last: int):
+        asked.append((first, last))
+        return await real(parcel, first, last)
+
+    p.store.get_manifests = counting  # type: ignore[method-assign]
+    from isrsync.keys import KeyBundle
+
+    lock = await p.store.acquire(p.id, Holder("test-site", "test-host"))
+    keyed = parcel_mod.Site(site.cache, p.store, acct=None, host="test-host",  # type: ignore[arg-type]
+                            bundle=KeyBundle(os.urandom(32), {str(p.id): p.master_key}))
+    site.state.start_running(1, lock.epoch, "test-host")
+    session = ParcelSession(keyed, p.id, site.state, base, lock.epoch)
+    session.head_version = 1  # as Runtime.resume sets it when the head is newer than the version resumed
+    assert asked == [] and session.head is None
+    assert base.keyring is not None
+    v = await session.commit(base.keyring, [], None, [], release=True)
+    assert v.version == 2 and (1, 1) in asked, asked
+    assert session.head is None and session.head_version is None

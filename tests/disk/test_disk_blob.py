@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from diskkit import CH
 
+from isrsync.chunk import chunk_length
 from isrsync.errors import ChunkUnavailable
 from isrsync.manifest import MemoryImage
 from isrsync.site.parcel import write_blob
@@ -60,11 +61,18 @@ async def test_fetches_decodes_in_place_and_leaves_zero_chunks_as_holes(make_par
     assert z in range(len(parcel.keyring) - 1) and z + 1 not in parcel.zero()
     assert os.lseek(fd, z * CH, os.SEEK_DATA) == (z + 1) * CH
 
-    # From the cache alone, a second time: nothing asked of the server.
+    # The first time all came from the server: the cache row counts none of it.
+    assert site.chain.stats()["cache"].hits == 0
+
+    # From the cache alone, a second time: nothing asked of the server, every
+    # chunk and byte counted as the cache's (the last chunk is short).
     asked = len(site.server.asked)
     again = memfds()
     await write_blob(blob, again, site.cache, site.chain)
     assert contents(again) == parcel.image and len(site.server.asked) == asked
+    served = parcel.nonzero()
+    c = site.chain.stats()["cache"]
+    assert (c.hits, c.bytes, c.bad) == (len(served), sum(chunk_length(blob.length, i) for i in served), 0)
 
 
 async def cached_then_damaged(make_parcel, make_site, memfds, cache_dir: Path, k: int):
@@ -87,6 +95,10 @@ async def test_a_chunk_damaged_in_the_cache_is_fetched_again(make_parcel, make_s
     assert contents(fd) == parcel.image  # no damaged byte got through
     assert site.server.asked[asked:] == [victim.tag]
     assert site.cache.get(victim.tag) == parcel.blobs[victim.tag]  # healed
+    c = site.chain.stats()["cache"]
+    # One damaged copy, however many offsets share its tag; those offsets are the server's.
+    shared = [i for i in parcel.nonzero() if parcel.keyring[i].tag == victim.tag]
+    assert c.bad == 1 and c.hits == len(parcel.nonzero()) - len(shared), (c, shared)
 
 
 async def test_damaged_in_the_cache_and_no_source_left_fails_clearly(make_parcel, make_site, memfds, tmp_path) -> None:

@@ -41,7 +41,7 @@ from sneakernet import seedfmt
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 DOC_FILES = ["README.md", "chunk.md", "pack.md", "manifest.md", "keys.md", "medium.md", "cache.md", "http.md",
-             "control.md", "locktoken.md", "seed.md"]
+             "control.md", "locktoken.md", "seed.md", "mdns.md", "direct.md"]
 FORMAT_MODULES = [
     "isrsync.chunk",
     "isrsync.pack",
@@ -53,6 +53,8 @@ FORMAT_MODULES = [
     "isrsync.store.wire",
     "sneakernet.format",
     "sneakernet.seedfmt",
+    "isrsync.swarm.announce",
+    "isrsync.swarm.directfmt",
 ]
 # Module-level constants a reader of the formats needs: they must be in a constants table.
 REQUIRED = re.compile(r"MAGIC|(^|_)(VERSION|FORMAT)$|^_?(FLAG|S)_[A-Z0-9_]+$|_SIZE$|^_?(MAX|MIN|DEFAULT)_|LEVEL$|^API$")

@@ -65,3 +65,14 @@ def test_a_manifest_with_a_malformed_machine_is_refused() -> None:
     inner += struct.pack("<BQ", mf.S_KEYRING_FULL, len(Keyring(CHUNK_SIZE).to_bytes())) + Keyring(CHUNK_SIZE).to_bytes()
     with pytest.raises(FormatError, match="wrong type"):
         mf._parse_inner(m.header, m.hash, inner)
+
+
+def test_free_page_reporting_is_a_machine_field_off_for_older_parcels() -> None:
+    on = VmSpec(free_page_reporting=True)
+    assert on.to_json()["free_page_reporting"] is True
+    assert VmSpec.from_json(json.loads(json.dumps(on.to_json()))) == on
+    # Written only when on: an older parcel's machine stays byte for byte what it was.
+    assert "free_page_reporting" not in VmSpec().to_json()
+    assert VmSpec.from_json({}).free_page_reporting is False
+    with pytest.raises(FormatError):
+        VmSpec.from_json({"free_page_reporting": "yes"})

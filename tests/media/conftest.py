@@ -17,7 +17,7 @@ import pytest
 from mediakit import make_chunks
 
 from isrsync.site.cache import SiteCache
-from isrsync.site.sources import SourceRegistry
+from isrsync.site.registry import SourceRegistry
 
 
 def _run(*cmd: str) -> None:

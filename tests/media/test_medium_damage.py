@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from mediakit import DictSource, flip, make_chunks, read_index, rewrite_index, where
 
-from isrsync.site.sources import ServerSource, SourceRegistry
+from isrsync.site.serversource import ServerSource
+from isrsync.site.registry import SourceRegistry
 from isrsync.store.memory import MemoryStore
 from sneakernet import format as fmt
 from sneakernet.indexer import index_tree

@@ -24,7 +24,8 @@ from isrsync.keys import KdfLimits, new_convergence_secret
 from isrsync.server.local import LocalStore
 from isrsync.site import account
 from isrsync.site.cache import SiteCache
-from isrsync.site.sources import SourceKind, SourceRegistry
+from isrsync.site.sources import SourceKind
+from isrsync.site.registry import SourceRegistry
 from sneakernet import cli as sncli
 from sneakernet import seed as seeds
 from sneakernet import seedfmt as sf

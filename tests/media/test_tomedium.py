@@ -13,7 +13,7 @@ from mediakit import make_chunks, make_manifest
 
 from isrsync.site import media
 from isrsync.site.cache import SiteCache
-from isrsync.site.sources import SourceRegistry
+from isrsync.site.registry import SourceRegistry
 from isrsync.site.tomedium import MediumCopy
 from sneakernet.medium import format_medium, open_medium
 from sneakernet.plugin import Sink

@@ -552,9 +552,30 @@ def test_damaged_pack_chunk_is_dropped(open_cache, tmp_path, make_chunks):
     info = c.add_pack(src, pack_id)
     entry = info.entries[1]
     flip_byte(c.path / "packs" / pack_id.hex(), entry.offset + 5)
+    assert c.damaged_reads == 0
     assert c.verify() == [entry.tag]
+    assert c.damaged_reads == 1  # counted once: dropped, the next read is a plain miss
     assert c.get(entry.tag) is None
     assert sum(c.get(e.tag) is not None for e in chunks) == 3
+    assert c.damaged_reads == 1
+
+
+def test_a_damaged_copy_read_by_two_readers_is_counted_once(open_cache, tmp_path, make_chunks):
+    # Two codec threads decode one tag (it sits at two disk offsets) before either
+    # drops it: both fail the check, both drop it, the cache counts one damaged copy.
+    c = open_cache(tmp_path / "c")
+    chunks = make_chunks(4, 7000)
+    src = c.path / "incoming.pack"
+    pack_id = _write_pack(src, chunks)
+    entry = c.add_pack(src, pack_id).entries[2]
+    flip_byte(c.path / "packs" / pack_id.hex(), entry.offset + 5)
+    seen = [c.get(entry.tag, verify=False) for _ in range(2)]
+    assert all(s is not None and tag_of(s) != entry.tag for s in seen)
+    c.forget(entry.tag, damaged=True)
+    c.forget(entry.tag, damaged=True)
+    assert c.damaged_reads == 1
+    c.forget(chunks[0].tag)  # lost, not damaged: dropped, not counted
+    assert c.damaged_reads == 1 and c.get(chunks[0].tag) is None
 
 
 # -- where the cache lives -----------------------------------------------------------------

@@ -28,6 +28,19 @@ Backends (``BACKENDS``):
   bind mount, as a DVD or a write-protected key), its chunks half in packs and
   half in loose one-chunk files, indexed by :func:`index_tree` into a
   directory beside it (a site cache's ``media/<id>/``).
+* ``peer``: :class:`isrsync.swarm.peer.PeerSource` over real libtorrent sessions on
+  loopback (peerkit.py): a seeder session seeds the packs of the chunks, whose
+  torrents and pack index live on a :class:`MemoryStore` home; the source's own
+  session fetches pieces with deadlines. ``truncate`` makes the home's index claim
+  half the chunk; ``vanish`` closes the seeder's session. It has ``IO``: a
+  300-chunk batch over 43 packs (2,443 piece deadlines) comes back whole with the
+  loop never held (the "91 of 300 missing" bug was libtorrent's connection rate
+  and listen backlog, docs/notes/NOTES-torrent.md).
+* ``peer-direct``: the same, and the seeder also runs the direct path
+  (:class:`isrsync.swarm.direct.DirectServer` over its verified pieces), announced
+  to the source as the peer's direct port: every read here goes over it, checked
+  by tag. ``vanish`` closes the seeder's direct server and session; ``hang`` blocks
+  the seeder's cache reads on a worker (its loop, and the test's, run on).
 * ``seed``: :class:`sneakernet.seed.SeedSource` over a raw image file in the
   clear whose 128 KiB chunks are the chunks' plaintexts, seeded by
   :func:`seed_image` into a site cache; the source encodes each chunk as it
@@ -72,6 +85,19 @@ Capability flags (``Caps``) and who lacks which, with the reason:
 * ``CLOSE_ENDS``: after ``close()`` a read fails (cleanly). The server backends
   lack it by design: ``ServerSource.close()`` leaves the Store open because the
   store belongs to the site, so a closed ServerSource still answers.
+* ``peer`` lacks ``DAMAGE``: libtorrent checks every piece against the torrent's
+  merkle tree, so bytes damaged at the peer never leave the source at all (the
+  suite's damage test needs a source that answers wrong bytes; tests/swarm checks
+  that corrupted pieces are refused). It lacks ``VANISH_FAILS_MID_USE``: pieces
+  fetched before the peer went stay in the site's own torrent storage and are
+  still answered, correctly. It lacks ``HANG``: its seeder is a session in the
+  test process, which cannot stall without stalling the test (tests/swarm stops
+  a seeder process with SIGSTOP instead: a peer that vanishes mid-piece).
+* ``peer-direct`` lacks ``DAMAGE`` for the same reason one step earlier: a peer's
+  direct server checks each chunk's tag before sending it, so a damaged copy is
+  answered as not held (tests/swarm/test_direct.py has a lying peer, which is
+  banned). It has ``VANISH_FAILS_MID_USE``: its reads never went into the site's
+  torrent storage, and a peer whose direct path failed is not asked for 5 s.
 * ``IO``: the backing does real file or socket I/O, which ``get_many`` must keep
   off the event loop (the ticker test). ``server`` lacks it: the in-memory store
   answers without ever suspending, so there is no I/O to keep off the loop.
@@ -96,6 +122,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from peerkit import PeerDirectHeld, PeerHeld
 from sourcekit import (
     CacheDirHeld,
     DictSource,
@@ -115,7 +142,7 @@ from sourcekit import (
 
 from isrsync.chunk import CHUNK_SIZE
 from isrsync.site.cache import SiteCache
-from isrsync.site.sources import SourceRegistry
+from isrsync.site.registry import SourceRegistry
 from isrsync.store.memory import MemoryStore
 
 
@@ -157,6 +184,14 @@ BACKENDS = [
     BackendSpec("medium", _ALL),
     BackendSpec("medium-beside", _ALL),
     BackendSpec("seed", _ALL, full_chunks=True),
+    BackendSpec("peer", _ALL - {Caps.DAMAGE, Caps.VANISH_FAILS_MID_USE, Caps.HANG}, {
+        Caps.DAMAGE: "libtorrent checks each piece against the torrent's merkle tree: damaged bytes never get out",
+        Caps.VANISH_FAILS_MID_USE: "pieces fetched before the peer went stay in the site's own storage, correct",
+        Caps.HANG: "the seeder is a session in the test process (tests/swarm SIGSTOPs a seeder process instead)",
+    }),
+    BackendSpec("peer-direct", _ALL - {Caps.DAMAGE}, {
+        Caps.DAMAGE: "the peer's direct server checks each tag before sending: a damaged copy is answered as absent",
+    }),
 ]
 BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -235,6 +270,10 @@ async def make_source(backend: BackendSpec, request: pytest.FixtureRequest, tmp_
             path = tmp_path / f"medium-{n}"
             await asyncio.to_thread(write_medium, path, chunks)
             held = MediumHeld(path, chunks)
+        elif backend.name == "peer":
+            held = await PeerHeld.make(chunks, tmp_path / f"peer-{n}")
+        elif backend.name == "peer-direct":
+            held = await PeerDirectHeld.make(chunks, tmp_path / f"peer-direct-{n}")
         elif backend.name == "seed":
             held = await asyncio.to_thread(SeedHeld, tmp_path / f"image-{n}.raw", tmp_path / f"site-{n}", chunks)
         elif backend.name == "medium-beside":

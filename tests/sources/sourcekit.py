@@ -26,7 +26,8 @@ from isrsync.manifest import Keyring
 from isrsync.pack import PackEntry, PackInfo, PackWriter
 from isrsync.site.cache import SiteCache
 from isrsync.site.cachedir import CacheDirSource
-from isrsync.site.sources import ServerSource, Source, SourceKind
+from isrsync.site.serversource import ServerSource
+from isrsync.site.sources import Source, SourceKind
 from isrsync.store.base import CommitRequest, Holder, Store
 from isrsync.store.http import HttpStore
 from isrsync.store.memory import MemoryStore
@@ -206,13 +207,13 @@ class MemoryServerHeld(Held):
     async def truncate(self, tag: bytes) -> None:
         e = _where(self.packs, tag)
         with self.store.home.lock:
-            self.store.home.parcels[self.parcel].index[tag] = PackEntry(tag, e.pack_id, e.offset, e.length // 2)
+            self.store.home.parcels[(self.store.user, self.parcel)].index[tag] = PackEntry(tag, e.pack_id, e.offset, e.length // 2)
 
     async def vanish(self) -> None:
         # The in-memory home goes away: its parcel and packs are forgotten.
         home = self.store.home
         with home.lock:
-            home.parcels.pop(self.parcel, None)
+            home.parcels.pop((self.store.user, self.parcel), None)
             home.packs.clear()
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import queue
 import shutil
@@ -310,6 +311,15 @@ def vm_factory(guest: Guest, accel: str, tmp_path: Path) -> Iterator[Callable[..
 # killing the resume process alone can leave it behind).
 
 
+_PROGRESS_LINE = re.compile(r"^[a-z][^:]*: (starting|[\d.]+ (B|KiB|MiB|GiB|TiB)( of [\d.]+ \w+ \(\d+%\))?(, .*)?)$")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of a command's stderr that are not its plain progress lines (which
+    long steps print when stderr is no terminal)."""
+    return [ln for ln in stderr.strip().splitlines() if not _PROGRESS_LINE.match(ln)]
+
+
 def isrsync_argv() -> list[str]:
     exe = Path(sys.executable).parent / "isrsync"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "isrsync.cli.main"]
@@ -402,6 +412,9 @@ class SiteEnv:
             "ISRSYNC_RUNTIME": str(self.runtime),
             "ISRSYNC_PASSPHRASE": "correct horse battery",
         }
+        # A developer's desktop must not get a window per resume (`--display auto`):
+        # the display tests set $DISPLAY to their own Xvfb.
+        self.env.pop("DISPLAY", None)
         self.procs: list[subprocess.Popen] = []
         self.consoles: list[SerialConsole] = []
 
@@ -546,7 +559,8 @@ async def api_parcel(guest: Guest, live_server, tmp_path: Path, monkeypatch: pyt
     from isrsync.keys import KdfLimits
     from isrsync.site import account
     from isrsync.site.cache import SiteCache
-    from isrsync.site.parcel import init_parcel, open_site
+    from isrsync.site.create import init_parcel
+    from isrsync.site.parcel import open_site
 
     short = Path(tempfile.mkdtemp(prefix="isr-api-", dir="/tmp"))
     monkeypatch.setenv(account.ENV_CONFIG, str(tmp_path / "config.json"))

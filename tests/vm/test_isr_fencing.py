@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from conftest import message_lines
+
 
 def _counter(con) -> int:
     reply = con.command("counter")
@@ -36,7 +38,7 @@ def _fence_a(sites, parcel):
     r = a.run("suspend", name, check=False, timeout=180)
     assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
     msg = r.stderr.strip()
-    assert len(msg.splitlines()) == 1, msg
+    assert len(message_lines(msg)) == 1, msg
     assert "Traceback" not in msg and "kept" in msg, msg
     # The resume process ends (QEMU was stopped for the suspend) without a traceback.
     _, _, err = proc_a.finish(120)
@@ -91,7 +93,7 @@ def test_fenced_site_cannot_resume_its_changes_until_it_discards_them(sites, par
     r = a.run("resume", name, check=False, timeout=180)
     assert r.returncode == 7, (r.returncode, r.stderr)
     msg = r.stderr.strip()
-    assert len(msg.splitlines()) == 1 and "Traceback" not in msg and "fenced" in msg, msg
+    assert len(message_lines(msg)) == 1 and "Traceback" not in msg and "fenced" in msg, msg
     lock = a.lock(name)
     assert lock["holder"] is None, f"a refused resume left the lock held: {lock}"
     assert state_of(a, pid)["dirty"] > 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from isrsync.demo.guest import make_disk_image
 
+from conftest import message_lines
+
 
 def _total_ram_mib() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -29,7 +31,7 @@ def test_resume_refuses_a_machine_larger_than_this_site_before_locking(sites, gu
         r = site.run("resume", "big", "--json", check=False, timeout=120)
         assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
         msg = r.stderr.strip()
-        assert len(msg.splitlines()) == 1 and "Traceback" not in msg, msg
+        assert len(message_lines(msg)) == 1 and "Traceback" not in msg, msg
         assert "cannot run" in msg and f"{memory} MiB" in msg, msg
         assert "resumed" not in r.stdout
         assert site.qemu_pids() == []

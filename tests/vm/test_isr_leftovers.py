@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+from conftest import message_lines
+
 
 def _gone(pids: list[int], within: float) -> bool:
     deadline = time.monotonic() + within
@@ -62,7 +64,7 @@ def test_a_second_resume_of_a_running_parcel_is_one_line(sites, parcel) -> None:
     con.close()
     r = a.run("resume", name, "--serial", str(a.runtime / "other.sock"), check=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert "already running" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "already running" in r.stderr and len(message_lines(r.stderr)) == 1, r.stderr
     assert len(_run_dirs(a)) == 1 and a.json("status")["running"]
     assert a.json("suspend", name)["committed"] is True
     a.ended(proc)

@@ -9,7 +9,7 @@ import os
 import signal
 
 
-def test_a_killed_run_is_listed_and_sync_commits_it_without_a_resume(sites, parcel) -> None:
+def test_a_killed_run_is_listed_and_sync_commits_it_without_a_resume(sites, parcel, live_server) -> None:
     a, name = parcel
     pid = a.parcel_id(name)
     proc, _, con = a.resume(name)
@@ -28,8 +28,11 @@ def test_a_killed_run_is_listed_and_sync_commits_it_without_a_resume(sites, parc
     human = a.run("status").stdout
     assert "ended without a suspend" in human and f"isrsync sync {name}" in human, human
 
+    asked = live_server.requests("GET", f"/v1/parcels/{name}")
     res = a.json("sync", name)
     assert res["version"] == 2, res
+    # The name of a parcel held here is known here: offline, asking would cost the retries.
+    assert live_server.requests("GET", f"/v1/parcels/{name}") == asked
     assert a.json("status")["local"] == []
     assert a.lock(name)["holder"] is None  # released: another site may take it
 

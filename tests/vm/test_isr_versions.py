@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from conftest import message_lines
+
 
 def _counter(con) -> int:
     reply = con.command("counter")
@@ -84,6 +86,6 @@ def test_rollback_commits_a_version_equal_to_an_older_one(sites, parcel) -> None
 
     # Rolling back to a version that does not exist is refused and commits nothing.
     r = a.run("rollback", name, "9", check=False)
-    assert r.returncode == 5 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 5 and "Traceback" not in r.stderr and len(message_lines(r.stderr)) == 1, r.stderr
     (info,) = a.json("ls")
     assert info["version"] == 4 and info["holder"] is None
