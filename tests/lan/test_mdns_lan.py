@@ -159,10 +159,30 @@ def test_the_record_reveals_no_parcel_or_user_name(net: Net) -> None:
         _stop(p, signal.SIGTERM)
 
 
+def _exit_while_draining(pid: int, fd: int, timeout: float) -> int:
+    """Wait, bounded, for the child on the pty to exit, reading its output meanwhile: a
+    terminal nobody reads fills up, and the watcher's redraw would block in write()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        assert time.monotonic() < deadline, f"`isrsync peers --watch` did not exit within {timeout} s of Ctrl-C"
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                os.read(fd, 65536)
+            except OSError:
+                pass
+
+
 def test_watch_redraws_live_on_a_terminal(net: Net) -> None:
     site = net.site(B, "--name", "watched-site")
     pid, fd = pty.fork()
     if pid == 0:  # the child: `isrsync peers --watch` on the pty
+        # As a user's shell would have it. A suite started in the background inherits
+        # SIGINT ignored (shells do that to background jobs); exec keeps it ignored,
+        # and Ctrl-C would then never reach the watcher: the hang this test once had.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.environ.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), ISRSYNC_CACHE=str(net.cache),
                           COLUMNS="160", LINES="30", TERM="xterm")
         os.execvp("ip", ["ip", "netns", "exec", net.ns[OBS], PY, "-m", "isrsync.cli.main", "peers", "--watch",
@@ -180,7 +200,7 @@ def test_watch_redraws_live_on_a_terminal(net: Net) -> None:
         assert b"watched-site" in screen, screen[-2000:]
         assert b"isrsync sites on this LAN: 1" in screen
         os.kill(pid, signal.SIGINT)
-        _, status = os.waitpid(pid, 0)
+        status = _exit_while_draining(pid, fd, timeout=15)
         pid = 0
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
