@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mediakit import make_chunks, make_manifest
 
+from isrsync.chunk import CHUNK_SIZE
 from isrsync.site import media
 from isrsync.site.cache import SiteCache
 from isrsync.site.registry import SourceRegistry
@@ -67,7 +68,8 @@ async def test_a_full_medium_drops_the_copy_and_keeps_what_it_held(tmp_path: Pat
     copy = MediumCopy(Sink(root), cache)
     await copy.chunks(list(first))
     assert (await copy.finish([])).published
-    big = make_chunks(20)  # ~2.5 MiB of incompressible chunks: more than the medium holds
+    # Full-size chunks: with random lengths twenty could fit in 1 MiB (one run drew 675 KB).
+    big = make_chunks(20, size=CHUNK_SIZE)  # 2.5 MiB of incompressible chunks: more than the medium holds
     cache.put_many(big.items())
     copy = MediumCopy(Sink(root), cache)
     await copy.chunks(list(big))
