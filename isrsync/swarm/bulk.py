@@ -9,7 +9,9 @@ every site computes alike from discovery's table with no message exchanged.
 Only the leader reads the pack from the home server (piece-aligned ranges through
 its Store, handed to libtorrent with ``add_piece``, which checks and then serves
 them); the others take the pieces from the LAN as the leader's arrive, so one
-copy crosses the WAN link however many sites hoard. The leader reads through its
+copy crosses the WAN link however many sites hoard. A leader first looks for a
+peer that already holds its pack whole, for up to ``probe`` seconds, and then
+takes it from that peer instead. The leader reads through its
 own Store rather than giving libtorrent the server as web seed: the Store's client
 has the site's TLS settings (a private CA libtorrent would not trust), retries and
 auth, works with any Store, and asks exact piece-aligned ranges.
@@ -64,8 +66,33 @@ def leader(pack_id: bytes, sites: Iterable[uuid.UUID]) -> uuid.UUID:
     return min(sites, key=lambda s: hashlib.blake2b(pack_id + s.bytes, digest_size=16).digest())
 
 
+async def _unless_seeded(session: SwarmSession, lan: LanSwarm, parcel: uuid.UUID, packs: list[PackTorrent],
+                         probe: float) -> list[PackTorrent]:
+    """The packs this site must still lead: a pack some peer already holds whole (a
+    jukebox, a site that hoarded it) comes from that peer, not from the home server.
+    The election alone cannot know that: discovery says who helps with a parcel, not
+    who holds which pack, and a hoarder elected for a jukebox's pack took a whole
+    copy over the WAN."""
+    for t in packs:
+        for p in lan.peers_of(parcel):
+            await session.connect(t.pack_id, p.address, p.port, attempts=1)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + probe
+    lead = list(packs)
+    while lead:
+        seeded = await asyncio.gather(*(session.seeds(t.pack_id) for t in lead))
+        lead = [t for t, n in zip(lead, seeded, strict=True) if not n]
+        if loop.time() >= end:
+            break
+        await asyncio.sleep(0.2)
+    for t in packs:
+        if t not in lead:
+            session.want_all(t.pack_id, 1)
+    return lead
+
+
 async def prefetch(lan: LanSwarm, parcel: uuid.UUID, entries: Iterable[PackEntry], *, stall: float = 5.0,
-                   start: float = 20.0, linger: float = 10.0,
+                   start: float = 20.0, linger: float = 10.0, probe: float = 2.0,
                    progress: Callable[[int, int], None] | None = None) -> PrefetchResult:
     """Fetch whole the packs holding ``entries`` through the LAN swarm (see the module doc).
 
@@ -112,6 +139,9 @@ async def prefetch(lan: LanSwarm, parcel: uuid.UUID, entries: Iterable[PackEntry
         todo.add(pack_id)
     fetched = len(todo)
     loop = asyncio.get_running_loop()
+    if led_packs:
+        led_packs = await _unless_seeded(session, lan, parcel, led_packs, probe)
+        led = len(led_packs)
     last_change, seen, connected_at = loop.time(), -1, -10.0
     have: dict[bytes, int] = {}
     feeder = asyncio.create_task(_lead(session, store, parcel, led_packs))

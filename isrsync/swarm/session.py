@@ -256,6 +256,11 @@ class SwarmSession:
         h = self._get(pack_id).handle
         return bool((await asyncio.to_thread(h.status)).is_seeding)
 
+    async def seeds(self, pack_id: bytes) -> int:
+        """How many connected peers hold the whole pack (a jukebox, a site that hoarded it)."""
+        h = self._get(pack_id).handle
+        return int((await asyncio.to_thread(h.status)).num_seeds)
+
     def want_all(self, pack_id: bytes, priority: int = 1) -> None:
         """Fetch the whole pack in the background, at ``priority`` (1: lowest, under every
         demand deadline): how a hoard or a jukebox fills its copy to seed it whole."""
