@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import accesslog
 import pytest
@@ -25,6 +25,23 @@ def isrsync_cmd() -> list[str]:
     """The installed console script, or the module when run from a bare checkout."""
     exe = shutil.which("isrsync", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     return [exe] if exe else [sys.executable, "-m", "isrsync.cli.main"]
+
+
+def listening_url(proc: subprocess.Popen, log: Path, timeout: float, kill: Callable[[], object]) -> str:
+    """The URL in the ``{"listening": ...}`` line a starting `isrsync serve` prints;
+    ``kill`` and one line with the log's tail if it never comes."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        kill()
+        raise RuntimeError(f"server did not start; log: {log.read_text()[-2000:]}")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"server exited; log: {log.read_text()[-2000:]}")
+    return json.loads(line)["listening"]
 
 
 @dataclass
@@ -45,18 +62,7 @@ class LiveServer:
             stdout=subprocess.PIPE, stderr=errf, start_new_session=True,
         )
         errf.close()
-        assert self.proc.stdout is not None
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.kill()
-            raise RuntimeError(f"server did not start; log: {self.log.read_text()[-2000:]}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited; log: {self.log.read_text()[-2000:]}")
-        self.url = json.loads(line)["listening"]
+        self.url = listening_url(self.proc, self.log, timeout, self.kill)
         return self
 
     @property

@@ -10,7 +10,6 @@ its ``kill``), on error too.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -112,8 +111,6 @@ class NsServer(LiveServer):
     """tests/conftest.py's LiveServer, started inside the namespace on its veth address."""
 
     def start_in(self, link: Link, timeout: float = 30.0) -> NsServer:
-        import selectors
-
         self.log = self.data.parent / f"{self.data.name}-server.log"
         with open(self.log, "ab") as errf:
             self.proc = subprocess.Popen(
@@ -121,14 +118,5 @@ class NsServer(LiveServer):
                  "--listen", f"{link.ns_ip}:0"],
                 stdout=subprocess.PIPE, stderr=errf, start_new_session=True,
             )
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.kill()
-            raise RuntimeError(f"server did not start; log: {self.log.read_text()[-2000:]}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited; log: {self.log.read_text()[-2000:]}")
-        self.url = json.loads(line)["listening"]
+        self.url = _conftest.listening_url(self.proc, self.log, timeout, self.kill)
         return self

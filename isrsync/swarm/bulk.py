@@ -112,7 +112,6 @@ async def prefetch(lan: LanSwarm, parcel: uuid.UUID, entries: Iterable[PackEntry
     todo: set[bytes] = set()
     led_packs: list[PackTorrent] = []
     leaders: set[uuid.UUID] = set()  # the sites this one waits on
-    led = 0
     total = 0
     for pack_id in packs:
         if session.has(pack_id):
@@ -134,14 +133,12 @@ async def prefetch(lan: LanSwarm, parcel: uuid.UUID, entries: Iterable[PackEntry
             led_packs.append(torrent)
         else:
             session.want_all(pack_id, 1)
-        led += mine
         total += torrent.size
         todo.add(pack_id)
     fetched = len(todo)
     loop = asyncio.get_running_loop()
     if led_packs:
         led_packs = await _unless_seeded(session, lan, parcel, led_packs, probe)
-        led = len(led_packs)
     last_change, seen, connected_at = loop.time(), -1, -10.0
     have: dict[bytes, int] = {}
     feeder = asyncio.create_task(_lead(session, store, parcel, led_packs))
@@ -179,7 +176,7 @@ async def prefetch(lan: LanSwarm, parcel: uuid.UUID, entries: Iterable[PackEntry
     end = loop.time() + linger
     while loop.time() < end and await session.uploading():
         await asyncio.sleep(POLL)
-    return PrefetchResult(fetched, led, not todo)
+    return PrefetchResult(fetched, len(led_packs), not todo)
 
 
 
