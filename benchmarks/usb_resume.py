@@ -83,8 +83,7 @@ from vm import (
     RESUME_TARGET,
     Serial,
     _isolate,
-    floor_files,
-    floor_image,
+    floor_from_version,
     floor_qemu_class,
     floor_run,
     med,
@@ -191,7 +190,7 @@ async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[
     from isrsync.site.cache import SiteCache
     from isrsync.site.media import plugin
     from isrsync.site.create import init_parcel
-    from isrsync.site.parcel import load_version, open_site
+    from isrsync.site.parcel import open_site
     from isrsync.site.runtime import Runtime
     from sneakernet.medium import format_medium
 
@@ -245,22 +244,10 @@ async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[
         say(f"  version {version}: {res.medium.chunks} chunks, {res.medium.bytes / 1e6:.1f} MB on the medium")
 
         # The floor's inputs, from A's cache: version V's memory as one migration stream, its disk raw.
-        state = site_a.state(pid)
-        try:
-            m = await load_version(site_a, pid, version, state)
-        finally:
-            state.close()
-        assert m.memory is not None and m.keyring is not None
-        chain = site_a.registry(pid)
         fdir = work / "floor"
-        fdir.mkdir()
-        cfg, memfile, raw, devfile = await floor_files(m, site_a.cache, chain, fdir, str(g.kernel), str(g.initrd),
-                                                       g.cmdline)
+        _, cfg, memfile, raw, _ = await floor_from_version(site_a, pid, version, fdir, str(g.kernel), str(g.initrd),
+                                                           g.cmdline)
         FloorQemu = floor_qemu_class()
-        try:
-            await floor_image(FloorQemu, cfg, m.memory, site_a.cache, chain, fdir, raw, devfile, memfile)
-        finally:
-            await chain.close()
     finally:
         await site_a.close()
     medium_bytes = _tree_bytes(medium / ".isrsync")

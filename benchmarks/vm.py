@@ -290,6 +290,27 @@ async def floor_files(m, cache, chain, fdir: Path, kernel: str, initrd: str, cmd
     return cfg, memfile, raw, devfile
 
 
+async def floor_from_version(site, pid, version: int, fdir: Path, kernel: str, initrd: str, cmdline: str):
+    """Version ``version`` of a parcel, from ``site``'s cache, made into the floor's inputs
+    (:func:`floor_files`, then :func:`floor_image`): ``(manifest, cfg, memfile, raw, devfile)``."""
+    from isrsync.site.parcel import load_version
+
+    state = site.state(pid)
+    try:
+        m = await load_version(site, pid, version, state)
+    finally:
+        state.close()
+    assert m.memory is not None and m.keyring is not None
+    chain = site.registry(pid)
+    fdir.mkdir()
+    try:
+        cfg, memfile, raw, devfile = await floor_files(m, site.cache, chain, fdir, kernel, initrd, cmdline)
+        await floor_image(floor_qemu_class(), cfg, m.memory, site.cache, chain, fdir, raw, devfile, memfile)
+    finally:
+        await chain.close()
+    return m, cfg, memfile, raw, devfile
+
+
 async def floor_image(FloorQemu, cfg, memory, cache, chain, fdir: Path, raw: Path, devfile: Path,
                       memfile: Path) -> None:
     """The floor's input: this version's memory as ONE plain QEMU migration stream.

@@ -279,25 +279,11 @@ async def setup(work: Path, s: Settings, server, token: str, hooks: Hooks, bed=N
 
 async def floor_inputs(work: Path, site, pid, version: int, guest: dict[str, Any]) -> dict[str, Any]:
     """Version ``version``'s memory as one migration stream and its disk as a raw file (benchmarks/vm.py)."""
-    from isrsync.site.parcel import load_version
+    from benchmarks.vm import floor_from_version
 
-    from benchmarks.vm import floor_files, floor_image, floor_qemu_class
-
-    state = site.state(pid)
-    try:
-        m = await load_version(site, pid, version, state)
-    finally:
-        state.close()
-    assert m.memory is not None and m.keyring is not None
-    chain = site.registry(pid)
     fdir = work / "floor"
-    fdir.mkdir()
-    try:
-        cfg, memfile, raw, devfile = await floor_files(m, site.cache, chain, fdir, guest["kernel"], guest["initrd"],
+    m, cfg, memfile, raw, _ = await floor_from_version(site, pid, version, fdir, guest["kernel"], guest["initrd"],
                                                        guest["cmdline"])
-        await floor_image(floor_qemu_class(), cfg, m.memory, site.cache, chain, fdir, raw, devfile, memfile)
-    finally:
-        await chain.close()
     # The disk's distinct stored chunks (all-zero ones are not stored): what a full fetch moves, before zstd.
     stored = len(m.keyring.tags()) * (128 << 10)
     return {"dir": str(fdir), "memfile": str(memfile), "raw": str(raw), "cfg": cfg, "accel": cfg.accel,
