@@ -99,8 +99,9 @@ def resume(
     from_usb: Annotated[Optional[str], typer.Option(
         "--from-usb", metavar="PATH|auto", help="Take the parcel off a medium that carries its lock (`suspend "
         "--to-usb --carry-lock`): works with no network; the next `sync` commits.")] = None,
-    watch_media: Annotated[bool, typer.Option("--watch-media/--no-watch-media", help="Offer media plugged in "
-                                              "while the guest runs as lookaside sources (udev).")] = True,
+    watch_media: Annotated[bool, typer.Option("--watch-media/--no-watch-media", envvar="ISRSYNC_WATCH_MEDIA",
+                                              help="Offer media plugged in while the guest runs as lookaside "
+                                              "sources (udev). ISRSYNC_WATCH_MEDIA=off sets the default.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Resume a parcel here and run it until `isrsync suspend` (or Ctrl-C, which suspends)."""

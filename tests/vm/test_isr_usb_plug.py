@@ -56,7 +56,7 @@ def test_a_plugged_key_is_noticed_used_and_withdrawn_when_yanked(sites, parcel, 
     key = loops.plug_and_settle(key_img)
     at = loops.mount(key)
     _sneakernet("format", str(at), "--label", "travel")
-    proc, _, con = a.resume(name)
+    proc, _, con = a.resume(name, "--watch-media")
     con.wait_for("GUEST: READY", 120)
     assert con.command("write note from-the-key") == "GUEST: OK"
     con.close()
@@ -71,7 +71,7 @@ def test_a_plugged_key_is_noticed_used_and_withdrawn_when_yanked(sites, parcel, 
     at = loops.mount(key)
     b = sites("b")
     before = live_server.pack_bytes_sent()
-    proc, ev, con = b.resume(name, "--policy", "lookaside")
+    proc, ev, con = b.resume(name, "--policy", "lookaside", "--watch-media")
     assert con.command("read note") == "GUEST: DATA from-the-key"
     (medium,) = _until("the key to be registered", lambda: _media(b)).values()
     assert medium["bad"] == 0, medium
