@@ -627,7 +627,9 @@ def test_cache_path_is_a_file(tmp_path):
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"garbage!" * 512, os.urandom(100), b"SQLite format 3\x00" + os.urandom(4080)],
+    # Fixed bytes, and ids: each pytest-xdist worker collects the same tests.
+    [b"garbage!" * 512, random.Random(1).randbytes(100), b"SQLite format 3\x00" + random.Random(2).randbytes(4080)],
+    ids=["text", "random", "sqlite-header"],
 )
 def test_garbage_index_is_a_cache_error(open_cache, tmp_path, make_chunks, garbage):
     c = open_cache(tmp_path / "c")
