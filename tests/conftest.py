@@ -22,6 +22,12 @@ os.environ.setdefault("ISRSYNC_SWARM", "off")
 # Nor does a resume watch udev for media unless its test plugs one: suites run
 # side by side (pytest-xdist), and another test's loop device is not this one's key.
 os.environ.setdefault("ISRSYNC_WATCH_MEDIA", "off")
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 set; the CLIs the
+# tests run would then draw their tables 80 columns wide, as on a small terminal,
+# where a script piping them gets the full width.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 # Tests that share something machine-wide run on one pytest-xdist worker, one

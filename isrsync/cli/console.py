@@ -50,9 +50,13 @@ def console(
         if not path.exists():
             raise UsageError(f"parcel {run.name or run.parcel} runs without a shared console",
                              hint="it was started by an older isrsync: use its --serial socket")
-        err.print(f"attached to the console of {run.name or run.parcel}; Ctrl-] detaches", markup=False)
         try:
             with _raw(sys.stdin.fileno()):
+                # Said once the terminal is raw: a key typed after it reaches the
+                # guest, never the terminal's own echo. Raw output has no newline
+                # translation, hence the carriage return.
+                err.print(f"attached to the console of {run.name or run.parcel}; Ctrl-] detaches", markup=False,
+                          end="\r\n" if sys.stdin.isatty() else "\n")
                 await attach(path, sys.stdin.fileno(), sys.stdout.fileno())
         except OSError as e:
             raise UsageError(str(e)) from None

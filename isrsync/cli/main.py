@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from ..errors import IsrError
+from ..errors import IsrError, UsageError
 from ..site.cache import ENV_CACHE
 from ..swarm.join import ENV_SWARM
 from . import account, cache, console, demo, jukebox, lock, parcel, peers, server, site, sources, status, swarm, view
-from .render import error_line, out
+from .render import error_json, error_line, out
 from .state import state
 
 app = typer.Typer(
@@ -84,6 +84,9 @@ def run(argv: list[str] | None = None) -> int:
 def run_app(typer_app: typer.Typer, prog: str, args: list[str], *, exit_: bool) -> int:
     """Run a typer app the isrsync way (shared by the `sneakernet` command)."""
     debug = "--debug" in args or os.environ.get("ISRSYNC_DEBUG") == "1"
+    # A script that asked for --json reads its error as JSON on stdout too (the
+    # line on stderr is for whoever watches).
+    json_out = "--json" in args
     try:
         result = typer_app(args=args, prog_name=prog, standalone_mode=False)
         code = result if type(result) is int else 0
@@ -91,6 +94,8 @@ def run_app(typer_app: typer.Typer, prog: str, args: list[str], *, exit_: bool) 
         if debug:
             traceback.print_exc()
         error_line(str(e), prog)
+        if json_out:
+            error_json(e)
         code = e.exit_code
     except KeyboardInterrupt:
         error_line("interrupted", prog)
@@ -103,6 +108,8 @@ def run_app(typer_app: typer.Typer, prog: str, args: list[str], *, exit_: bool) 
     except Exception as e:  # noqa: BLE001 - the last line of defence
         usage = _usage_error(e)
         if usage is not None:
+            if json_out:
+                error_json(UsageError(e.format_message() if hasattr(e, "format_message") else str(e)))
             code = usage
         else:
             if debug:

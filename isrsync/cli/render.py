@@ -31,9 +31,15 @@ def emit_json(obj: Any) -> None:
 
 
 def error_json(e: IsrError) -> None:
-    """An error as the one JSON document of a ``--json`` command (the exit code still says it failed)."""
-    emit_json({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
-                         "exit_code": e.exit_code, "details": e.details}})
+    """An error as the last JSON document of a ``--json`` command (the exit code still says it failed).
+
+    One line: commands that stream events (resume, jukebox) write one document
+    per line, and a reader of that stream reads the error the same way.
+    """
+    doc = {"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
+                     "exit_code": e.exit_code, "details": e.details}}
+    sys.stdout.write(json.dumps(doc, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def human_bytes(n: float) -> str:

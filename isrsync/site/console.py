@@ -40,7 +40,10 @@ class ConsoleHub:
         for path in self.listen:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a socket file a killed run left
-            srv = await asyncio.start_unix_server(self._client, path=str(path))
+            try:
+                srv = await asyncio.start_unix_server(self._client, path=str(path))
+            except OSError as e:  # bind's own error names no path ("AF_UNIX path too long")
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
             os.chmod(path, 0o600)  # the console is the guest's root shell for all we know
             self._servers.append(srv)
         self._task = asyncio.create_task(self._pump())

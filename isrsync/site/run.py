@@ -72,8 +72,10 @@ async def run_parcel(
         try:
             await hub.start()
         except OSError as e:
-            raise UsageError(f"cannot make the console socket {serial}: {e.strerror or e}",
-                             hint="name a path in a directory you can write") from None
+            where = e.filename or serial
+            raise UsageError(f"cannot make the console socket {where}: {e.strerror or e}",
+                             hint="a socket's path must be short (107 bytes) and in a directory you can write; "
+                             "the run's own sockets live under ISRSYNC_RUNTIME") from None
         try:
             return await _serve(site, parcel, rundir, policy=policy, version=version, display=display,
                                 serial=rundir / QEMU_SERIAL, events=events, lookaside=lookaside, memory=memory,

@@ -121,6 +121,32 @@ def test_usage_errors(isrsync: Any, args: list[str], complaint: str) -> None:
     assert r.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "kind", "code"),
+    [
+        (["resume", "vm", "--json"], "AuthError", 12),  # no login yet: a real command's IsrError
+        (["status", "--json"], None, None),  # works with no login: nothing to report as an error
+        (["resume", "--json", "--bogus"], "UsageError", 2),  # click's usage error
+    ],
+)
+def test_json_errors_come_as_one_json_line_on_stdout(isrsync: Any, args: list[str], kind: str | None,
+                                                      code: int | None) -> None:
+    import json
+
+    r = isrsync(*args)
+    if kind is None:
+        assert r.returncode == 0, r.stderr
+        assert "error" not in json.loads(r.stdout)
+        return
+    assert r.returncode == code
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    doc = json.loads(lines[0])["error"]
+    assert doc["type"] == kind and doc["exit_code"] == code and doc["message"], doc
+    assert doc["message"] in r.stderr  # the line for whoever watches says the same
+    assert "Traceback" not in r.stderr + r.stdout
+
+
 def test_resume_refuses_an_unknown_memory_mode_before_doing_anything(isrsync: Any) -> None:
     r = isrsync("resume", "vm", "--memory", "sometimes")
     assert r.returncode == 2

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ class World:
     root: Path
     url: str
     log: Path
+    sockets: Path  # short: an AF_UNIX path holds 107 bytes, and tmp_path under xdist is deep
 
     def addr(self, i: int) -> str:
         return self.lan.hosts[self.ns[i]]
@@ -46,7 +49,7 @@ class World:
         d = self.root / f"site{i}"
         d.mkdir(exist_ok=True)
         return {"ISRSYNC_CACHE": str(d / "cache"), "ISRSYNC_CONFIG": str(d / "config.json"),
-                "ISRSYNC_RUNTIME": str(d / "run"), "ISRSYNC_PASSPHRASE": "correct horse battery",
+                "ISRSYNC_RUNTIME": str(self.sockets / f"run{i}"), "ISRSYNC_PASSPHRASE": "correct horse battery",
                 "ISRSYNC_SWARM": "on", **extra}
 
     def isr(self, i: int, *args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -97,17 +100,20 @@ def world(tmp_path: Path) -> Iterator[World]:
                         f"{net.hosts[ns[SERVER]]}:0", stdout=subprocess.PIPE, stderr=errf)
         errf.close()
         url = json.loads(wait_line(srv, "{", 30))["listening"]
-        w = World(net, ns, tmp_path, url, log)
-        from isrsync.server.repo import Repository
-
-        repo = Repository(data)
+        w = World(net, ns, tmp_path, url, log, Path(tempfile.mkdtemp(prefix="isr-lan-")))
         try:
-            token = repo.add_user("alice")
+            from isrsync.server.repo import Repository
+
+            repo = Repository(data)
+            try:
+                token = repo.add_user("alice")
+            finally:
+                repo.close()
+            for i in (A, B, C):
+                w.isr(i, "login", url, "--user", "alice", "--token", token, "--kdf-min", "--insecure")
+            yield w
         finally:
-            repo.close()
-        for i in (A, B, C):
-            w.isr(i, "login", url, "--user", "alice", "--token", token, "--kdf-min", "--insecure")
-        yield w
+            shutil.rmtree(w.sockets, ignore_errors=True)
 
 
 def _stop(p: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int | None:
@@ -287,20 +293,22 @@ def test_a_real_guest_resumes_beside_a_jukebox_and_reads_its_disk_from_the_lan(
           "--initrd", str(guest.initrd), "--append", guest.cmdline, ISRSYNC_SWARM="off")
     w.isr(A, "hoard", "vm", ISRSYNC_SWARM="off")
     box = w.jukebox(A)
-    serial = w.root / "c-ser.sock"
+    serial = w.sockets / "c-ser.sock"
+    errlog = w.root / "c-resume.err"
     resume = None
     try:
         st = _event(box, "state", 90, lambda e: int(e["packs"]) > 0)
         print(f"jukebox A: {st}")
         before = w.pack_bytes_sent()
-        resume = w.lan.spawn(w.ns[C], PY, "-m", "isrsync.cli.main", "resume", "vm", "--json", "--serial",
-                             str(serial), env=w.env(C), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with errlog.open("w") as errf:
+            resume = w.lan.spawn(w.ns[C], PY, "-m", "isrsync.cli.main", "resume", "vm", "--json", "--serial",
+                                 str(serial), env=w.env(C), stdout=subprocess.PIPE, stderr=errf)
         events: list[dict[str, object]] = []
         until = time.monotonic() + 240
         while not any(e.get("event") == "resumed" for e in events):
             line = read_line(resume, until)
             assert line is not None, f"no resumed event within 240 s: {events}"
-            assert line, f"the resume ended (rc {resume.wait(30)}): {events}"
+            assert line, f"the resume ended (rc {resume.wait(30)}): {events} {errlog.read_text()[-2000:]}"
             events.append(json.loads(line))
         con = sk.socket(sk.AF_UNIX)
         con.connect(str(serial))

@@ -404,14 +404,15 @@ class TestEventLoop:
         held = await make_source(chunks)
         tags = list(chunks)
         loop = asyncio.get_running_loop()
-        gaps: list[float] = []
+        worst = [0.0] * self.ROUNDS  # the longest gap between ticks in each round
         last = loop.time()
         done = False
+        round_ = 0
 
         def tick() -> None:
             nonlocal last
             now = loop.time()
-            gaps.append(now - last)
+            worst[round_] = max(worst[round_], now - last)
             last = now
             if not done:
                 loop.call_later(0.005, tick)
@@ -424,12 +425,18 @@ class TestEventLoop:
         loop.call_later(0.005, tick)
         t0 = loop.time()
         try:
-            for _ in range(self.ROUNDS):
+            for round_ in range(self.ROUNDS):
                 got = await held.source.get_many(tags)
+                # A get_many that never yields gives the ticks no turn at all.
+                worst[round_] = max(worst[round_], loop.time() - last)
                 assert got == chunks
         finally:
             unsettle()
         took = loop.time() - t0
         done = True
-        worst = max(gaps, default=took)
-        assert worst < 0.1, f"the event loop stalled for {worst * 1000:.0f} ms ({took * 1000:.0f} ms in all)"
+        # A source that reads or decodes on the loop stalls it in every round (37.5 MiB
+        # each); a busy machine (the suite runs on both cores) may stall it in one. The
+        # typical round decides.
+        typical = sorted(worst)[self.ROUNDS // 2]
+        assert typical < 0.1, (f"the event loop stalled for {typical * 1000:.0f} ms in a typical round "
+                               f"(rounds: {[round(w * 1000) for w in worst]} ms; {took * 1000:.0f} ms in all)")
