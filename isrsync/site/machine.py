@@ -104,6 +104,11 @@ class Machine:
         feeder = Feeder(memory, site.cache, chain) if memory is not None and ram is None else None
         stream_task = asyncio.create_task(read_stream(memory, site.cache, chain)) \
             if memory is not None and ram is not None else None
+        # The hot chunks start now, beside the device state and QEMU's start-up:
+        # the guest's start waits for them, and for QEMU, whichever is later.
+        fetcher = RamFetcher(ram, site.cache, chain, memory.hot) if lazy and memory is not None and ram is not None else None
+        if fetcher is not None:
+            fetcher.warm()
         ram_task: asyncio.Task | None = None
         source: PostcopySource | None = None
 
@@ -122,9 +127,10 @@ class Machine:
             nonlocal ram_task, source
             files = asyncio.ensure_future(boot_files) if boot_files is not None else None
             if lazy and stream_task is not None and memory is not None:
-                source = self._lazy_source(await stream_task, memory, cfg.ram_fd)
+                assert fetcher is not None
+                source = self._lazy_source(await stream_task, memory, cfg.ram_fd, fetcher)
                 if source is not None:
-                    source.warm()  # niced: the hot chunks decode beside the boot files and the board
+                    source.warm()  # takes up what fetcher.warm started
             if files is not None:
                 await files
                 marks["boot_files"] = time.perf_counter() - t_start
@@ -144,6 +150,8 @@ class Machine:
             await q.start(incoming=memory is not None, pass_fds=self._memfds, machine=boot)
         except BaseException:
             cancel_all()
+            if fetcher is not None:
+                fetcher.forget()
             if source is not None:
                 await source.close()
             raise
@@ -177,16 +185,19 @@ class Machine:
                 await q.cont()
         finally:
             cancel_all()
+            if fetcher is not None and self.postcopy is None:
+                fetcher.forget()
         marks["memory_image"] = time.perf_counter() - t0
         return "none" if memory is None else "lazy" if lazy else "eager"
 
-    def _lazy_source(self, stream: bytes, memory: MemoryImage, ram_fd: int | None) -> PostcopySource | None:
+    def _lazy_source(self, stream: bytes, memory: MemoryImage, ram_fd: int | None,
+                     fetcher: RamFetcher) -> PostcopySource | None:
         """What a lazy restore serves the guest from; None if this image cannot be restored lazily."""
         assert memory.ram is not None
         try:
             saved = migstream.parse(stream)
             return PostcopySource(
-                saved, RAM_BLOCK, ram_chunks(memory.ram), RamFetcher(memory.ram, self.site.cache, self.chain, memory.hot),
+                saved, RAM_BLOCK, ram_chunks(memory.ram), fetcher,
                 ram_fd=ram_fd, hot=memory.hot, say=self.say,
                 progress=lambda done, total: self.progress("memory", done * CHUNK_SIZE, total * CHUNK_SIZE))
         except migstream.StreamError as e:
