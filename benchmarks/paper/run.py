@@ -409,6 +409,12 @@ async def policy_run(work: Path, s: Settings, st: Setup, policy: str, rate: str,
             out["sources"] = [{k: v for k, v in dataclasses.asdict(i).items()
                                if isinstance(v, (int, float, str, bool, type(None)))} for i in rt.chain.infos()]
         link.unshape()
+        # The dirty residue both ways, from one run: without trickle a suspend
+        # uploads every chunk written since the resume (the disk's dirty set); with
+        # it, only those the trickle has not staged yet, or that changed since.
+        stat = rt.status()
+        out["residue"] = {"without_trickle_chunks": stat.dirty_chunks, "with_trickle_chunks": stat.residue_chunks,
+                          "trickled_chunks": stat.trickled_chunks}
         hooks.stage(f"{rate} {policy}: suspending (link unshaped)")
         susp = await rt.suspend()
         out["suspend"] = {"committed": susp.committed, "dirty_chunks": susp.dirty_chunks,

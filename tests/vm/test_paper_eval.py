@@ -59,6 +59,9 @@ def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Pa
         assert r["resume_seconds"] > 0 and len(r["ops"]) == 4, name
         assert all(o["seconds"] > 0 for o in r["ops"]), name
         assert r["suspend"]["committed"], name
+        # The residue both ways: trickle can only take chunks off what the suspend uploads.
+        res_ = r["residue"]
+        assert res_["without_trickle_chunks"] >= res_["with_trickle_chunks"] >= 0, (name, res_)
     assert len(res["reference"]["ops"]) == 4
     # Baseline moves the whole state before the guest runs, demand only what it
     # needs, and with the memory image on the key the server sends less still.
@@ -79,6 +82,7 @@ def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Pa
     md = (out / "report.md").read_text()
     assert "## Resume latency" in md and "## Targets" in md and "jukebox lookaside | - | " in md
     assert "netem" in md and "n=1" in md
+    assert "without trickle / with trickle" in md and "| - / " not in md  # every run read both residues
     for png in ("resume-latency.png", "slowdown-cdf.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
