@@ -181,9 +181,14 @@ def test_valid_odd_user_names_work_end_to_end(live_server, name: str) -> None:
 
 
 def _one_line(r: subprocess.CompletedProcess) -> str:
-    assert r.stdout.strip() == "", r.stdout
+    """One line on stderr; on stdout nothing, or with --json the same error as one JSON line."""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    if "--json" in r.args:
+        (doc,) = [json.loads(ln) for ln in r.stdout.splitlines()]
+        assert doc["error"]["exit_code"] == r.returncode and doc["error"]["message"] in lines[0], doc
+    else:
+        assert r.stdout.strip() == "", r.stdout
     return lines[0]
 
 

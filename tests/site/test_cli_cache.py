@@ -135,12 +135,17 @@ def test_verify_reports_damage(filled):
 
 
 def _assert_one_error_line(r: subprocess.CompletedProcess[str], code: int) -> str:
+    """One line on stderr; on stdout nothing, or with --json the same error as one JSON line."""
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("isrsync:"), lines[0]
-    assert r.stdout == ""
+    if "--json" in r.args:
+        (doc,) = [json.loads(ln) for ln in r.stdout.splitlines()]
+        assert doc["error"]["exit_code"] == code and doc["error"]["message"] in lines[0], doc
+    else:
+        assert r.stdout == ""
     return lines[0]
 
 
