@@ -30,30 +30,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.pop("LINES", None)
 
 
-# Tests that share something machine-wide run on one pytest-xdist worker, one
-# after another (scripts/test runs two with --dist loadgroup): systemd-udevd is
-# one per machine (the first test to need it starts it, and its worker stops it
-# at the end), and the loop devices one test plugs are events for every other
-# test's watcher.
-SERIAL_GROUPS = {
-    "udev": ("tests/media/test_udev_", "tests/vm/test_isr_usb_plug.py"),
-}
-_ROOT = Path(__file__).resolve().parent.parent
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here too, so --strict-markers holds when xdist is not loaded.
-    config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker with its group")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        rel = item.path.resolve().relative_to(_ROOT).as_posix()
-        for group, prefixes in SERIAL_GROUPS.items():
-            if rel.startswith(prefixes):
-                item.add_marker(pytest.mark.xdist_group(group))
-
-
 def isrsync_cmd() -> list[str]:
     """The installed console script, or the module when run from a bare checkout."""
     exe = shutil.which("isrsync", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))

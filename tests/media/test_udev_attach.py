@@ -16,6 +16,10 @@ from isrsync.errors import NotFound, UsageError
 from sneakernet.attach import Hooks, MediumDevice, attach, detach
 from sneakernet.mounts import mounted_at, read_mountinfo
 
+# systemd-udevd is one per machine, and a loop device one test plugs is an event for
+# every watcher: these tests run on their own, after the parallel part (scripts/test).
+pytestmark = pytest.mark.serial
+
 
 def sneakernet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sneakernet.cli", *args], capture_output=True, text=True,

@@ -22,6 +22,10 @@ from udevkit import LoopKit, loops, run, udevd  # noqa: F401 - fixtures
 
 from sneakernet.udev import RULE_NAME, UNIT_NAME, render_unit
 
+# systemd-udevd is one per machine, and a loop device one test plugs is an event for
+# every watcher: these tests run on their own, after the parallel part (scripts/test).
+pytestmark = pytest.mark.serial
+
 RULES = Path("etc/udev/rules.d")
 UNITS = Path("etc/systemd/system")
 

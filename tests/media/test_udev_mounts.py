@@ -8,6 +8,10 @@ import pytest
 
 from sneakernet.mounts import default_media_dir, find_mount, parse_mountinfo
 
+# systemd-udevd is one per machine, and a loop device one test plugs is an event for
+# every watcher: these tests run on their own, after the parallel part (scripts/test).
+pytestmark = pytest.mark.serial
+
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 45 22 7:0 / /run/media/u/My\\040Key rw,nosuid,nodev shared:7 master:1 - vfat /dev/loop0 rw,fmask=0022

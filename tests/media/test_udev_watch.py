@@ -20,6 +20,10 @@ from sneakernet.attach import MediumDevice
 from sneakernet.mounts import mounted_at, read_mountinfo
 from sneakernet.watch import Watcher
 
+# systemd-udevd is one per machine, and a loop device one test plugs is an event for
+# every watcher: these tests run on their own, after the parallel part (scripts/test).
+pytestmark = pytest.mark.serial
+
 EVENT_TIMEOUT = 10.0  # udev's own processing; generous for a loaded CI machine
 GONE_WITHIN = 2.0  # the promise: a yanked medium is withdrawn without a stall
 

@@ -11,6 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import pytest
+
+# systemd-udevd is one per machine, and a loop device one test plugs is an event for
+# every watcher: these tests run on their own, after the parallel part (scripts/test).
+pytestmark = pytest.mark.serial
 
 
 def _load(name: str, path: Path):
