@@ -21,7 +21,7 @@ from ..site.cache import open_cache
 from ..site.evict import parse_size
 from ..site.parcel import open_site
 from ..swarm.discovery import check_interfaces
-from .render import emit_json, error_json, out
+from .render import emit_json, out
 from .state import JsonOpt, state
 
 app = typer.Typer(help="Seed this site cache to the LAN (an idle site as the paper's jukebox).",
@@ -46,24 +46,18 @@ def jukebox(
     """Seed everything in the site cache over BitTorrent and announce it over mDNS, until SIGTERM or Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        limit = None
-        if cache_limit is not None:
-            try:
-                limit = parse_size(cache_limit)
-            except ValueError:
-                raise UsageError(f"--cache-limit {cache_limit!r} is not a size", hint="e.g. 500M, 20G, 1T") from None
-        from ..swarm.jukebox import (
-            JukeboxConfig,  # libtorrent loads only for the jukebox itself
-        )
+    limit = None
+    if cache_limit is not None:
+        try:
+            limit = parse_size(cache_limit)
+        except ValueError:
+            raise UsageError(f"--cache-limit {cache_limit!r} is not a size", hint="e.g. 500M, 20G, 1T") from None
+    from ..swarm.jukebox import (
+        JukeboxConfig,  # libtorrent loads only for the jukebox itself
+    )
 
-        config = JukeboxConfig(limit, check_interfaces(interface), round_seconds)
-        result = asyncio.run(_run(config, json_out))
-    except IsrError as e:
-        if json_out:
-            error_json(e)
-            raise typer.Exit(e.exit_code) from None
-        raise
+    config = JukeboxConfig(limit, check_interfaces(interface), round_seconds)
+    result = asyncio.run(_run(config, json_out))
     _say(json_out)("stopped", {"message": f"stopped; {result['packs']} pack(s) were seeded", **result})
 
 
@@ -122,11 +116,8 @@ def install_unit(
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except PermissionError as e:
-        err = UsageError(f"cannot write {e.filename}: permission denied", hint="run it as root, or give --prefix")
-        if json_out:
-            error_json(err)
-            raise typer.Exit(err.exit_code) from None
-        raise err from None
+        raise UsageError(f"cannot write {e.filename}: permission denied",
+                         hint="run it as root, or give --prefix") from None
     except OSError as e:
         raise StateError(f"cannot write {e.filename}: {e.strerror}") from None
     reloaded = False

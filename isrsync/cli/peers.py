@@ -12,10 +12,10 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import IsrError, UsageError
+from ..errors import UsageError
 from ..site.cache import default_cache_dir
 from ..swarm.discovery import Browser, Peer, browse_once, check_interfaces, lan, local_parcels
-from .render import emit_json, error_json, human_bytes, out
+from .render import emit_json, human_bytes, out
 from .state import JsonOpt, state
 
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to listen before answering.", min=0.0, max=60.0)]
@@ -29,23 +29,17 @@ WatchOpt = Annotated[bool, typer.Option("--watch", help="Keep the table on scree
 def peers_cmd(wait: WaitOpt = 3.0, interface: InterfaceOpt = None, watch: WatchOpt = False,
               json_out: JsonOpt = False) -> None:
     """List the isrsync sites on this LAN (found by mDNS, checked alive by a TCP probe)."""
-    try:
-        if watch and json_out:
-            raise UsageError("--watch and --json do not go together", hint="use --json alone for scripts")
-        ifaces = check_interfaces(interface)
-        parcels = local_parcels(default_cache_dir(state.cache_dir))
-        if watch:
-            try:
-                asyncio.run(_watch(ifaces, parcels))
-            except KeyboardInterrupt:
-                pass  # Ctrl-C is how a watch ends
-            return
-        rows = asyncio.run(browse_once(wait=wait, interfaces=ifaces, parcels=parcels))
-    except IsrError as e:
-        if json_out:
-            error_json(e)
-            raise typer.Exit(e.exit_code) from None
-        raise
+    if watch and json_out:
+        raise UsageError("--watch and --json do not go together", hint="use --json alone for scripts")
+    ifaces = check_interfaces(interface)
+    parcels = local_parcels(default_cache_dir(state.cache_dir))
+    if watch:
+        try:
+            asyncio.run(_watch(ifaces, parcels))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
+        return
+    rows = asyncio.run(browse_once(wait=wait, interfaces=ifaces, parcels=parcels))
     if json_out:
         emit_json([p.to_json() for p in rows])
         return

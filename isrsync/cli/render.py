@@ -22,11 +22,11 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in
 err = Console(stderr=True, highlight=False)
 
 
-def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout (for ``--json``)."""
+def emit_json(obj: Any, *, one_line: bool = False) -> None:
+    """Write one JSON document to stdout (for ``--json``), indented unless ``one_line``."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=None if one_line else 2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 
@@ -36,10 +36,8 @@ def error_json(e: IsrError) -> None:
     One line: commands that stream events (resume, jukebox) write one document
     per line, and a reader of that stream reads the error the same way.
     """
-    doc = {"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
-                     "exit_code": e.exit_code, "details": e.details}}
-    sys.stdout.write(json.dumps(doc, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    emit_json({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
+                         "exit_code": e.exit_code, "details": e.details}}, one_line=True)
 
 
 def human_bytes(n: float) -> str:

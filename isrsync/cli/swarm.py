@@ -12,22 +12,14 @@ from typing import Annotated
 
 import typer
 
-from ..errors import IsrError
 from ..site.cache import open_cache
-from .render import emit_json, error_json, out
+from .render import emit_json, out
 from .state import JsonOpt, state
 
 app = typer.Typer(help="The LAN swarm's settings for this site.", no_args_is_help=True)
 secret_app = typer.Typer(help="A shared secret that limits the swarm to your organisation's sites.",
                          no_args_is_help=True)
 app.add_typer(secret_app, name="secret")
-
-
-def _fail(e: IsrError, json_out: bool) -> None:
-    if json_out:
-        error_json(e)
-        raise typer.Exit(e.exit_code) from None
-    raise e
 
 
 @secret_app.command("set")
@@ -47,19 +39,15 @@ def set_cmd(
         write_secret,
     )
 
-    try:
-        if generate:
-            text = generate_secret()
-        elif sys.stdin.isatty():
-            text = typer.prompt("swarm secret", hide_input=True, confirmation_prompt=True)
-        else:
-            text = sys.stdin.readline()
-        with open_cache(state.cache_dir) as cache:
-            write_secret(cache.path, text)
-        fp = org_tls(text.strip()).fingerprint
-    except IsrError as e:
-        _fail(e, json_out)
-        return
+    if generate:
+        text = generate_secret()
+    elif sys.stdin.isatty():
+        text = typer.prompt("swarm secret", hide_input=True, confirmation_prompt=True)
+    else:
+        text = sys.stdin.readline()
+    with open_cache(state.cache_dir) as cache:
+        write_secret(cache.path, text)
+    fp = org_tls(text.strip()).fingerprint
     if json_out:
         emit_json({"restricted": True, "fingerprint": fp, **({"secret": text} if generate else {})})
         return
@@ -73,12 +61,8 @@ def show_cmd(json_out: JsonOpt = False) -> None:
     """Say whether the swarm is restricted, with the CA fingerprint to compare between sites (never the secret)."""
     from ..swarm.org import org_tls, read_secret
 
-    try:
-        with open_cache(state.cache_dir) as cache:
-            secret = read_secret(cache.path)
-    except IsrError as e:
-        _fail(e, json_out)
-        return
+    with open_cache(state.cache_dir) as cache:
+        secret = read_secret(cache.path)
     fp = org_tls(secret).fingerprint if secret is not None else None
     if json_out:
         emit_json({"restricted": secret is not None, "fingerprint": fp})

@@ -106,7 +106,7 @@ class Machine:
             if memory is not None and ram is not None else None
         # The hot chunks start now, beside the device state and QEMU's start-up:
         # the guest's start waits for them, and for QEMU, whichever is later.
-        fetcher = RamFetcher(ram, site.cache, chain, memory.hot) if lazy and memory is not None and ram is not None else None
+        fetcher = RamFetcher(ram, site.cache, chain, memory.hot) if lazy and memory is not None else None
         if fetcher is not None:
             fetcher.warm()
         ram_task: asyncio.Task | None = None
@@ -129,8 +129,6 @@ class Machine:
             if lazy and stream_task is not None and memory is not None:
                 assert fetcher is not None
                 source = self._lazy_source(await stream_task, memory, cfg.ram_fd, fetcher)
-                if source is not None:
-                    source.warm()  # takes up what fetcher.warm started
             if files is not None:
                 await files
                 marks["boot_files"] = time.perf_counter() - t_start

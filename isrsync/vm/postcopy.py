@@ -93,8 +93,9 @@ class PostcopySource:
     ``hot`` chunks (what the guest touched first last time) are written
     straight into ``ram_fd``, the memfd QEMU maps as that block, in the one
     window where that is safe: after QEMU has emptied its RAM for post-copy
-    (ADVISE) and before it traps faults (LISTEN). :meth:`warm` starts
-    decoding them while QEMU is still building its machine. Measured on the
+    (ADVISE) and before it traps faults (LISTEN). The fetcher may have
+    started on them already, while QEMU was still building its machine
+    (``RamFetcher.warm``); :meth:`warm` takes them up. Measured on the
     test guest: the guest touches about 180 chunks (23 MB) before it first
     answers; faulting each in costs a round trip through QEMU (about 1 ms),
     and placing them up front roughly halves the time to that first answer.

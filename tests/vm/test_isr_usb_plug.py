@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 import pytest
 
 # systemd-udevd is one per machine, and a loop device one test plugs is an event for
