@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from sourcekit import DictSource, commit_chunks, make_chunks
 
 from isrsync.chunk import CHUNK_SIZE
 from isrsync.errors import ChunkSlow
+from isrsync.site.cache import SiteCache
 from isrsync.site.pacing import LinkMeter, Pacing, Priority, deadline, split
 from isrsync.site.serversource import ServerSource
 from isrsync.site.sources import Source
@@ -176,6 +178,41 @@ async def test_a_fault_goes_ahead_of_the_hoard(registry: SourceRegistry, tmp_pat
     assert max(waits) <= target, (waits, target)
     # Without priorities a fault would wait for the whole hoard ahead of it (24 chunks, 6 s).
     assert len(wire.log) >= 25
+
+
+async def _run_of_faults(tmp_path: Path, pacing: Pacing) -> tuple[list[float], float, bool]:
+    """A hoard in the background and a run of faults, each asked 30 ms after the last came."""
+    chunks = make_chunks(40, size=CHUNK_SIZE)
+    tags = list(chunks)
+    rate, rtt = 1_000_000.0, 0.01
+    cache = SiteCache(tmp_path / f"site-{pacing.quiet_chunks}")
+    try:
+        reg = SourceRegistry(cache, pacing)
+        reg.add(Wire(await server_source(chunks, tmp_path), rate=rate, rtt=rtt))
+        await reg.fetch_many(tags[:1])  # measured
+        hoard = asyncio.ensure_future(reg.fetch_many(tags[1:28], required=False, priority=Priority.BULK))
+        await asyncio.sleep(0.3)  # the hoard is busy
+        waits = []
+        for t in tags[28:40]:
+            t0 = time.monotonic()
+            assert await reg.fetch_many([t]) == {t: chunks[t]}
+            waits.append(time.monotonic() - t0)
+            await asyncio.sleep(0.03)
+        await asyncio.wait_for(hoard, 60)
+        return waits, CHUNK_SIZE / rate + rtt, all(cache.has(t) for t in tags[1:28])
+    finally:
+        cache.close()
+
+
+async def test_bulk_waits_out_a_run_of_faults_and_fills_the_gap_after_it(tmp_path: Path) -> None:
+    # A guest's faults come one just after another. Without the quiet time the hoard
+    # puts a request on the link in each gap, and nearly every fault waits behind it.
+    ours, one, hoarded = await _run_of_faults(tmp_path, Pacing())
+    rival, _, _ = await _run_of_faults(tmp_path, Pacing(quiet_chunks=0.0))
+    assert hoarded  # bulk still gets the link once the faults stop
+    # The first fault of the run may find one bulk request on the link; the rest find none.
+    assert statistics.median(ours[1:]) <= 1.3 * one, (ours, one)
+    assert statistics.median(rival[1:]) >= 1.5 * one, (rival, one)
 
 
 async def test_a_fault_on_a_chunk_the_hoard_queued_promotes_it(registry: SourceRegistry, tmp_path: Path) -> None:
