@@ -2,6 +2,8 @@
 
     python -m benchmarks.paper                                # 100 and 10 Mb/s, every policy, Debian guest
     python -m benchmarks.paper --rates 100mbit,10mbit,1mbit,100kbit --max-seconds 1800
+    python -m benchmarks.paper --guest busybox --memory-mib 96 --rates 100kbit --policies demand,auto \
+        --full-size docs/evaluation/results.json --out docs/evaluation/100kbit   # scaled down for 100 Kb/s
     python -m benchmarks.paper --rates 10mbit --policies demand,auto,jukebox --repeat 3 --once jukebox   # medians of 3
     python -m benchmarks.paper --guest busybox --ops 6 --rates 100mbit --out /tmp/smoke   # the CI smoke size
     python -m benchmarks.paper --report-from docs/evaluation/results.json   # the report again, nothing run
@@ -57,6 +59,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                     help="make the report and plots again from a saved results.json (nothing is run)")
     ap.add_argument("--json", action="store_true", help="print results.json on stdout too (progress on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--memory-mib", type=int, default=256, help="guest RAM (default 256, the paper's)")
+    ap.add_argument("--full-size", type=Path, default=None,
+                    help="results.json of the full-size run this one is scaled down from (a smaller guest for the "
+                         "slow rates): every cell's scale is this state's size over that one's, and the paper's "
+                         "figures beside it are scaled by the same factor")
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line when a run fails")
     a = ap.parse_args(argv)
     a.rates = [r.strip() for r in a.rates.split(",") if r.strip()]
@@ -66,11 +73,20 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         ap.error(f"unknown rate or policy {bad}; rates: {','.join(RATES)}; policies: {','.join(POLICIES)}")
     if a.ops < 1 or a.repeat < 1:
         ap.error("--ops and --repeat must be >= 1")
+    if not 32 <= a.memory_mib <= 256:
+        ap.error("--memory-mib must be between 32 and 256 (the paper's guest)")
+    full = None
+    if a.full_size is not None:
+        try:
+            full = int(json.loads(a.full_size.read_text())["state"]["bytes"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--full-size {a.full_size}: not a results.json this harness wrote ({e})")
     busybox_cache = Path(os.environ.get("ISRSYNC_TEST_GUEST_CACHE", REPO / ".pytest_cache" / "d" / "isrsync-guest"))
     s = Settings(rates=a.rates, policies=a.policies, flavour=a.guest, ops=a.ops, think_ms=a.think_ms, seed=a.seed,
                  max_seconds=a.max_seconds, disk_mib=a.disk_mib or (2048 if a.guest == "debian" else 64),
                  guest_cache=a.guest_cache, busybox_cache=busybox_cache, repeat=a.repeat,
-                 once=[p.strip() for p in a.once.split(",") if p.strip()])
+                 once=[p.strip() for p in a.once.split(",") if p.strip()], memory_mib=a.memory_mib,
+                 full_state_bytes=full)
     return a, s
 
 

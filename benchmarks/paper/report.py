@@ -48,6 +48,18 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _median_fields(ds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric field's median over the runs (nested dicts too); None where no run has it."""
+    out: dict[str, Any] = {}
+    for k in ds[0]:
+        vs = [d.get(k) for d in ds]
+        if isinstance(vs[0], dict):
+            out[k] = _median_fields([v for v in vs if isinstance(v, dict)])
+        else:
+            out[k] = _median([v for v in vs if isinstance(v, (int, float))])
+    return out
+
+
 def _row(runs: list[dict[str, Any]], ref: dict[str, Any], floor: float, state_bytes: int) -> dict[str, Any]:
     """One (policy, rate) cell from its repeats: medians, their count and every repeat's value."""
     r0 = runs[0]
@@ -70,6 +82,9 @@ def _row(runs: list[dict[str, Any]], ref: dict[str, Any], floor: float, state_by
     lan = [next((x["bytes"] for x in r.get("sources", []) if x.get("name") == "lan"), 0) for r in runs]
     if r0["policy"] == "jukebox":
         row["lan_bytes"] = _median(lan)
+    answers = [r["at_answer"] for r in runs if "at_answer" in r]
+    if answers:
+        row["at_answer"] = _median_fields(answers)
     p = paper_resume(r0["policy"], r0["rate"], row["scale"])
     row["paper_resume"] = p
     row["ratio_to_paper"] = row["resume_seconds"] / p if p else None
@@ -139,7 +154,7 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     by = {(x["policy"], x["rate"]): x for x in fig["rows"]}
     L: list[str] = []
     L.append("# isrsync against the paper: resume latency and slowdown per transfer policy\n")
-    L.append(f"Guest: {res['guest']['flavour']} ({res['guest'].get('recipe', '')}), {256} MiB RAM, "
+    L.append(f"Guest: {res['guest']['flavour']} ({res['guest'].get('recipe', '')}), {s.get('memory_mib', 256)} MiB RAM, "
              f"{res['guest']['disk_mib']} MiB disk; accelerator {res['accel']} (no usable KVM means an emulated "
              f"CPU: every guest-side time is TCG's). Workload: {s['ops']} operations, seed {s['seed']}, think "
              f"time {s['think_ms']} ms, times taken {ref['timed_in']}-side.\n")
@@ -165,8 +180,16 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     L.append("Load: measured on a 2-core machine shared with other work (other sessions' builds and VM tests)"
              + (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}" if load else "")
              + ". Differences of some tens of percent between runs of the same cell are this noise.\n")
-    L.append("Scaling: none. Every figure below is at full size (scale 1.0, printed per cell as x1.0), and so is the "
-             "paper's beside it; a run that would take longer than --max-seconds is not run and says so.\n")
+    scales = sorted({x["scale"] for x in fig["rows"] if "not_run" not in x})
+    if scales == [1.0] or not scales:
+        L.append("Scaling: none. Every figure below is at full size (scale 1.0, printed per cell as x1.0), and so is "
+                 "the paper's beside it; a run that would take longer than --max-seconds is not run and says so.\n")
+    else:
+        full = s.get("full_state_bytes")
+        L.append(f"Scaling: the state is scaled down to fit the slow link: this run's state is {st['bytes'] / 1e6:.1f} "
+                 f"MB against {full / 1e6:.1f} MB in the full-size run it stands for (--full-size), scale "
+                 f"x{scales[0]:.3f}, printed per cell. The paper's resume figure beside each cell is scaled by the "
+                 f"same factor. A run that would take longer than --max-seconds is not run and says so.\n")
     notes: list[str] = []
     L.append("## Resume latency (seconds until the guest's agent answers)\n")
     L.append("| policy | paper table | " + " | ".join(f"{RATE_LABEL[r]}: ours / paper / ratio" for r in rates) + " |")
@@ -181,7 +204,7 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
                 cells.append(f"not run ({_note(notes, x['not_run'])})")
             else:
                 paper = x["paper_resume"]
-                cells.append(f"{x['resume_seconds']:.2f} (n={x['repeats']}, x{x['scale']:.1f}) / "
+                cells.append(f"{x['resume_seconds']:.2f} (n={x['repeats']}, x{x['scale']:.3g}) / "
                              f"{_f(paper, '{:.0f}') if paper else 'not at hand'}"
                              f" / {_f(x['ratio_to_paper'], '{:.3f}')}")
         L.append(f"| {LABEL[p]} | {PAPER_TABLE[p]} | " + " | ".join(cells) + " |")
@@ -214,6 +237,7 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     L.append("\nThe paper's benchmark times and slowdowns (Tables 4, 7, 8, 11, 12) are not at hand: no ratio is "
              "printed for them.\n")
 
+    L += slow_links(fig, rates)
     L.append("## Suspend side\n")
     L.append("| policy | rate | dirty residue, chunks: without trickle / with trickle | proactive: hoard (t3) s "
              "| travel t3 + resume s |")
@@ -246,6 +270,38 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     for p in plots:
         L.append(f"![{p}]({p})\n")
     return "\n".join(L)
+
+
+def slow_links(fig: dict[str, Any], rates: list[str]) -> list[str]:
+    """Issue 15's table: up to the guest's first answer, per rate, for demand and auto."""
+    rows = [(r, p, x) for r in rates for p in ("demand", "auto")
+            if (x := next((y for y in fig["rows"] if y["policy"] == p and y["rate"] == r), None)) and "at_answer" in x]
+    if not rows:
+        return []
+    L = ["## Up to the guest's first answer: bytes, waste and fault service (issue 15)\n",
+         "Medians over the runs. Bytes before the answer: pack bytes the server sent from the resume's start to "
+         "the guest's first answer (its access log). Wasted: fetched more than once, or fetched and thrown away "
+         "(the registry's count; target < 2 % of what was fetched). Faults: the post-copy page requests' service "
+         "times, and the disk's demand misses', up to the answer. The fault target is p99 <= 2 x (one 128 KiB "
+         "chunk / rate + RTT), checked by benchmarks/slow_links.py on its own; a resume's faults queue behind each "
+         "other too.\n",
+         "| rate | policy | first answer s (scale) | paper (Table 6) | before the answer MB | wasted MB (%) | late | "
+         "memory faults: n, p50 / p99 / max ms | disk misses: n, p50 / p99 / max ms |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r, p, x in rows:
+        a, m = x["at_answer"], x["at_answer"]["memory"]
+        fetched = a.get("fetched_bytes") or 0
+        waste = a.get("wasted_bytes") or 0
+        pct = f"{100 * waste / fetched:.2f}" if fetched else "-"
+        L.append(f"| {RATE_LABEL[r]} | {LABEL[p]} | {x['resume_seconds']:.1f} (x{x['scale']:.3g}) | "
+                 f"{_f(x.get('paper_resume'), '{:.0f}')} | {x['resume_pack_bytes'] / 1e6:.1f} | "
+                 f"{waste / 1e6:.2f} ({pct}) | {_f(a.get('late'), '{:.0f}')} | "
+                 f"{_f(m.get('requests'), '{:.0f}')}, {_f(m.get('fault_ms_median'), '{:.0f}')} / "
+                 f"{_f(m.get('fault_ms_p99'), '{:.0f}')} / {_f(m.get('fault_ms_max'), '{:.0f}')} | "
+                 f"{_f(a.get('disk_misses'), '{:.0f}')}, {_f(a.get('disk_miss_ms_median'), '{:.0f}')} / "
+                 f"{_f(a.get('disk_miss_ms_p99'), '{:.0f}')} / {_f(a.get('disk_miss_ms_max'), '{:.0f}')} |")
+    L.append("")
+    return L
 
 
 def plots(res: dict[str, Any], fig: dict[str, Any], outdir: Path) -> list[str]:

@@ -53,7 +53,7 @@ RATES = {"100mbit": 100e6, "10mbit": 10e6, "1mbit": 1e6, "100kbit": 100e3}
 POLICIES = ("baseline", "proactive", "demand", "usb", "dvd", "jukebox", "auto")
 USER = "bench"
 PASSPHRASE = "bench passphrase"
-MEMORY_MIB = 256
+MEMORY_MIB = 256  # the paper's guest
 
 
 @dataclass
@@ -70,6 +70,13 @@ class Settings:
     busybox_cache: Path | None = None
     repeat: int = 1
     once: list[str] = field(default_factory=list)  # policies run in the first repeat only
+    memory_mib: int = MEMORY_MIB
+    # The state (memory image + disk) of the full-size run this one is scaled down from
+    # (--full-size): the paper's figures are scaled by this run's state over that one.
+    full_state_bytes: int | None = None
+
+    def scale(self, state_bytes: int) -> float:
+        return state_bytes / self.full_state_bytes if self.full_state_bytes else 1.0
 
 
 @dataclass
@@ -215,7 +222,9 @@ class Jukebox:
             self.proc.stdout.close()
 
 
-async def setup(work: Path, s: Settings, server, token: str, hooks: Hooks, bed=None) -> Setup:
+async def setup(work: Path, s: Settings, server, token: str, hooks: Hooks, made: tuple[dict[str, Any], Path],
+                bed=None) -> Setup:
+    """The account, the parcel made at site A from ``made`` (the guest and its disk), the media."""
     from isrsync.keys import KdfLimits
     from isrsync.site.account import Account, login
     from isrsync.site.cache import SiteCache
@@ -228,7 +237,7 @@ async def setup(work: Path, s: Settings, server, token: str, hooks: Hooks, bed=N
     hooks.stage("set-up: account, guest, parcel")
     acct = Account(server.url, USER, token)
     await login(acct, PASSPHRASE, limits=KdfLimits.MIN)
-    guest, disk = await make_guest(work, s, hooks)
+    guest, disk = made
     dvd = work / "dvd.img"  # the state before the user's changes, as a read-only medium would hold it
     await asyncio.to_thread(subprocess.run, ["cp", "--sparse=always", str(disk), str(dvd)], check=True)
     medium = work / "medium"
@@ -238,7 +247,7 @@ async def setup(work: Path, s: Settings, server, token: str, hooks: Hooks, bed=N
     site_a = await open_site(SiteCache(work / "A"), acct)
     try:
         hooks.stage("set-up: init_parcel (chunking the disk)")
-        pid, _ = await init_parcel(site_a, "vm", disk, memory_mib=MEMORY_MIB, kernel=Path(guest["kernel"]),
+        pid, _ = await init_parcel(site_a, "vm", disk, memory_mib=s.memory_mib, kernel=Path(guest["kernel"]),
                                    initrd=Path(guest["initrd"]), append=guest["cmdline"])
         if bed is not None and "jukebox" in s.policies:
             guest["jukebox"] = await jukebox_holds_version(work, bed, server, token, hooks)
@@ -352,7 +361,8 @@ async def policy_run(work: Path, s: Settings, st: Setup, policy: str, rate: str,
         os.environ["ISRSYNC_SWARM"] = "on"
     site = await open_site(SiteCache(work / f"B-{tag}"), st.acct)
     rt: Runtime | None = None
-    out: dict[str, Any] = {"policy": policy, "rate": rate, "repeat": repeat}
+    out: dict[str, Any] = {"policy": policy, "rate": rate, "repeat": repeat,
+                           "scale": s.scale(st.state_bytes)}
     if box is not None:
         out["jukebox_state"] = first
     feeders = contextlib.AsyncExitStack()
@@ -399,6 +409,7 @@ async def policy_run(work: Path, s: Settings, st: Setup, policy: str, rate: str,
             out["runs_seconds"] = rep.seconds["total"]
             out["resume_steps"] = dict(rep.seconds)
             out["resume_pack_bytes"] = server.pack_bytes_sent() - sent1
+            out["at_answer"] = at_answer(rt)
             hooks.stage(f"{rate} {policy}: workload")
             run = await asyncio.to_thread(drv.run, s.seed, s.ops, s.think_ms, 4 * s.max_seconds + 3600, hooks.op)
         finally:
@@ -434,6 +445,26 @@ async def policy_run(work: Path, s: Settings, st: Setup, policy: str, rate: str,
         hooks.done_run()
 
 
+def at_answer(rt) -> dict[str, Any]:
+    """What issue 15 measures up to the guest's first answer: fault service times and wasted bytes."""
+    from isrsync.vm.postcopy import percentile
+
+    st = rt.status()
+    misses = [1000 * t for t in rt.disk.stats.miss_times]
+    return {
+        "memory": {k: st.memory.get(k) for k in ("requests", "requested_chunks", "pushed_chunks", "hot_chunks",
+                                                 "fault_ms_median", "fault_ms_p99", "fault_ms_max")},
+        "disk_misses": len(misses),
+        "disk_miss_ms_median": round(percentile(misses, 0.5), 1) if misses else None,
+        "disk_miss_ms_p99": round(percentile(misses, 0.99), 1) if misses else None,
+        "disk_miss_ms_max": round(max(misses), 1) if misses else None,
+        "fetched_bytes": sum(i.bytes for i in st.sources if i.kind != "cache"),
+        "wasted_bytes": sum(i.wasted_bytes for i in st.sources),
+        "late": sum(i.late for i in st.sources),
+        "errors": sum(i.errors for i in st.sources if i.kind != "cache"),
+    }
+
+
 class _ServerHost:
     """What tests/shapedlink.py's NsServer.start_in needs: the namespace and the address to listen on."""
 
@@ -453,8 +484,12 @@ async def experiment(work: Path, s: Settings, bed, servers: list, hooks: Hooks) 
     await asyncio.to_thread(srv.start_in, _ServerHost(bed))
     hooks.say(f"home server in namespace {bed.ns['server']} at {srv.url}; sites A, B and jukebox J in "
               f"{', '.join(bed.ns[h] for h in ('A', 'B', 'J'))}")
+    # Built here, in this host's namespace: a build may download packages, and the
+    # testbed's namespaces reach nothing but each other.
+    hooks.stage("set-up: the guest")
+    made = await make_guest(work, s, hooks)
     with bed.enter("A"):
-        st = await setup(work, s, srv, json.loads(out)["token"], hooks, bed)
+        st = await setup(work, s, srv, json.loads(out)["token"], hooks, made, bed)
     ref = await reference(work, s, st, hooks)
     hooks.say(f"reference: restore {ref['restore_seconds']:.2f}s, answers {ref['answer_seconds']:.2f}s, "
               f"{len(ref['ops'])} operations in {ref['busy_seconds']:.1f}s ({ref['wall_seconds']:.1f}s wall)")

@@ -94,6 +94,37 @@ def test_put_get_round_trip(open_cache, tmp_path, make_chunks):
     assert st.segments == 1 and st.packs == 0
 
 
+def test_a_reader_never_waits_for_a_writers_fsync(open_cache, tmp_path, make_chunks, monkeypatch):
+    """A guest's fault looks the cache up while a hoard stores: on a slow disk the store's
+    fsyncs take long, and the lookup must not wait for them (it did, up to 130 ms at 100 Mb/s)."""
+    import threading
+
+    c = open_cache(tmp_path / "c")
+    old, new = make_chunks(2), make_chunks(4)
+    c.put_many([(e.tag, e.data) for e in old])
+    real_fsync = os.fsync
+    in_fsync = threading.Event()
+
+    def slow_fsync(fd: int) -> None:  # a disk that takes its time
+        in_fsync.set()
+        time.sleep(0.6)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    writer = threading.Thread(target=c.put_many, args=([(e.tag, e.data) for e in new],))
+    writer.start()
+    try:
+        assert in_fsync.wait(5), "the store never reached its fsync"
+        t0 = time.monotonic()
+        assert c.get(old[0].tag) == old[0].data and c.has(old[1].tag)
+        assert c.missing([new[0].tag, old[0].tag]) == [new[0].tag]  # not committed yet
+        assert time.monotonic() - t0 < 0.3
+        assert writer.is_alive()  # the store was still in its fsync all along
+    finally:
+        writer.join()
+    assert all(c.get(e.tag) == e.data for e in new)
+
+
 def test_put_many_counts_new_and_stores_duplicates_once(
     open_cache, tmp_path, make_chunks
 ):

@@ -41,10 +41,14 @@ def _netns() -> set[str]:
 
 def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Path, guest) -> None:
     out = tmp_path / "out"
+    # As if this small run stood for a full-size one of 1 GB: the paper's figures are scaled to its state.
+    full = tmp_path / "full.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ISRSYNC_TEST_GUEST_CACHE": str(guest.kernel.parent)}
+    full.write_text(json.dumps({"state": {"bytes": 10**9}}))
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "benchmarks.paper", "--guest", "busybox", "--ops", "4",
-                        "--think-ms", "20", "--rates", "100mbit", "--out", str(out)],
+                        "--think-ms", "20", "--rates", "100mbit", "--memory-mib", "128", "--full-size", str(full),
+                        "--out", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert time.monotonic() - t0 < 150
@@ -77,11 +81,20 @@ def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Pa
     assert res["link"]["netem"] in (True, False) and "100000000bit" in res["link"]["tbf"]["100mbit"]
 
     rows = {(x["policy"], x["rate"]): x for x in res["figures"]["rows"]}
-    assert rows[("demand", "100mbit")]["paper_resume"] == 14.0
-    assert rows[("usb", "100mbit")]["ratio_to_paper"] == pytest.approx(runs["usb"]["resume_seconds"] / 13.0)
+    # This run's state over the full-size one's: the paper's figure beside it is scaled by the same factor.
+    scale = res["state"]["bytes"] / json.loads(full.read_text())["state"]["bytes"]
+    assert {r["scale"] for r in res["runs"]} == {scale} and res["settings"]["memory_mib"] == 128
+    assert rows[("demand", "100mbit")]["paper_resume"] == pytest.approx(14.0 * scale)
+    assert rows[("usb", "100mbit")]["ratio_to_paper"] == pytest.approx(runs["usb"]["resume_seconds"] / (13.0 * scale))
+    # Issue 15's figures up to the first answer, from the runtime's own counters.
+    for name in ("demand", "auto"):
+        a = runs[name]["at_answer"]
+        assert a["fetched_bytes"] > 0 and 0 <= a["wasted_bytes"] < a["fetched_bytes"], (name, a)
+        assert a["memory"]["requests"] is not None and a["disk_misses"] >= 0, (name, a)
     md = (out / "report.md").read_text()
     assert "## Resume latency" in md and "## Targets" in md and "jukebox lookaside | - | " in md
-    assert "netem" in md and "n=1" in md
+    assert "netem" in md and "n=1" in md and "Scaling: the state is scaled down" in md and f"x{scale:.3g}" in md
+    assert "## Up to the guest's first answer" in md
     assert "without trickle / with trickle" in md and "| - / " not in md  # every run read both residues
     for png in ("resume-latency.png", "slowdown-cdf.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
