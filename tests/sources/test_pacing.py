@@ -158,22 +158,30 @@ async def test_many_chunks_on_a_slow_link_come_without_a_failure_and_waste_nothi
     assert registry.wasted("server") < 0.02 * total
 
 
+async def faults_beside_a_hoard(reg: SourceRegistry, chunks: dict[bytes, bytes], hoard: list[bytes],
+                                faults: list[bytes], settle: float, gap: float) -> list[float]:
+    """Once the link is measured, a BULK hoard of ``hoard`` in the background and the
+    ``faults`` asked one at a time, ``gap`` apart: each fault's service time."""
+    await reg.fetch_many(list(chunks)[:1])  # measured
+    bulk = asyncio.ensure_future(reg.fetch_many(hoard, required=False, priority=Priority.BULK))
+    await asyncio.sleep(settle)  # the hoard is busy
+    waits = []
+    for t in faults:
+        t0 = time.monotonic()
+        assert await reg.fetch_many([t]) == {t: chunks[t]}
+        waits.append(time.monotonic() - t0)
+        await asyncio.sleep(gap)
+    await asyncio.wait_for(bulk, 60)
+    return waits
+
+
 async def test_a_fault_goes_ahead_of_the_hoard(registry: SourceRegistry, tmp_path: Path) -> None:
     chunks = make_chunks(30, size=CHUNK_SIZE)
     tags = list(chunks)
     rate, rtt = 500_000.0, 0.02
     wire = Wire(await server_source(chunks, tmp_path), rate=rate, rtt=rtt)
     registry.add(wire)
-    await registry.fetch_many(tags[:1])  # measured
-    hoard = asyncio.ensure_future(registry.fetch_many(tags[1:25], required=False, priority=Priority.BULK))
-    await asyncio.sleep(0.6)  # the hoard is busy
-    waits = []
-    for t in tags[25:30]:
-        t0 = time.monotonic()
-        assert await registry.fetch_many([t]) == {t: chunks[t]}
-        waits.append(time.monotonic() - t0)
-        await asyncio.sleep(0.1)
-    await asyncio.wait_for(hoard, 60)
+    waits = await faults_beside_a_hoard(registry, chunks, hoard=tags[1:25], faults=tags[25:30], settle=0.6, gap=0.1)
     target = 2 * (CHUNK_SIZE / rate + rtt)
     assert max(waits) <= target, (waits, target)
     # Without priorities a fault would wait for the whole hoard ahead of it (24 chunks, 6 s).
@@ -189,16 +197,7 @@ async def _run_of_faults(tmp_path: Path, pacing: Pacing) -> tuple[list[float], f
     try:
         reg = SourceRegistry(cache, pacing)
         reg.add(Wire(await server_source(chunks, tmp_path), rate=rate, rtt=rtt))
-        await reg.fetch_many(tags[:1])  # measured
-        hoard = asyncio.ensure_future(reg.fetch_many(tags[1:28], required=False, priority=Priority.BULK))
-        await asyncio.sleep(0.3)  # the hoard is busy
-        waits = []
-        for t in tags[28:40]:
-            t0 = time.monotonic()
-            assert await reg.fetch_many([t]) == {t: chunks[t]}
-            waits.append(time.monotonic() - t0)
-            await asyncio.sleep(0.03)
-        await asyncio.wait_for(hoard, 60)
+        waits = await faults_beside_a_hoard(reg, chunks, hoard=tags[1:28], faults=tags[28:40], settle=0.3, gap=0.03)
         return waits, CHUNK_SIZE / rate + rtt, all(cache.has(t) for t in tags[1:28])
     finally:
         cache.close()
