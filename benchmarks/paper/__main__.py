@@ -62,7 +62,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--memory-mib", type=int, default=256, help="guest RAM (default 256, the paper's)")
     ap.add_argument("--full-size", type=Path, default=None,
                     help="results.json of the full-size run this one is scaled down from (a smaller guest for the "
-                         "slow rates): every cell's scale is this state's size over that one's, and the paper's "
+                         "slow rates): the scale is this memory image's size over that one's, and the paper's "
                          "figures beside it are scaled by the same factor")
     ap.add_argument("--debug", action="store_true", help="a traceback instead of one line when a run fails")
     a = ap.parse_args(argv)
@@ -78,7 +78,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     full = None
     if a.full_size is not None:
         try:
-            full = int(json.loads(a.full_size.read_text())["state"]["bytes"])
+            full = int(json.loads(a.full_size.read_text())["state"]["memory_bytes"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--full-size {a.full_size}: not a results.json this harness wrote ({e})")
     busybox_cache = Path(os.environ.get("ISRSYNC_TEST_GUEST_CACHE", REPO / ".pytest_cache" / "d" / "isrsync-guest"))
@@ -86,7 +86,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                  max_seconds=a.max_seconds, disk_mib=a.disk_mib or (2048 if a.guest == "debian" else 64),
                  guest_cache=a.guest_cache, busybox_cache=busybox_cache, repeat=a.repeat,
                  once=[p.strip() for p in a.once.split(",") if p.strip()], memory_mib=a.memory_mib,
-                 full_state_bytes=full)
+                 full_memory_bytes=full)
     return a, s
 
 

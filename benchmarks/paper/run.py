@@ -71,12 +71,8 @@ class Settings:
     repeat: int = 1
     once: list[str] = field(default_factory=list)  # policies run in the first repeat only
     memory_mib: int = MEMORY_MIB
-    # The state (memory image + disk) of the full-size run this one is scaled down from
-    # (--full-size): the paper's figures are scaled by this run's state over that one.
-    full_state_bytes: int | None = None
-
-    def scale(self, state_bytes: int) -> float:
-        return state_bytes / self.full_state_bytes if self.full_state_bytes else 1.0
+    # The memory image of the full-size run this one is scaled down from (--full-size).
+    full_memory_bytes: int | None = None
 
 
 @dataclass
@@ -361,8 +357,7 @@ async def policy_run(work: Path, s: Settings, st: Setup, policy: str, rate: str,
         os.environ["ISRSYNC_SWARM"] = "on"
     site = await open_site(SiteCache(work / f"B-{tag}"), st.acct)
     rt: Runtime | None = None
-    out: dict[str, Any] = {"policy": policy, "rate": rate, "repeat": repeat,
-                           "scale": s.scale(st.state_bytes)}
+    out: dict[str, Any] = {"policy": policy, "rate": rate, "repeat": repeat}
     if box is not None:
         out["jukebox_state"] = first
     feeders = contextlib.AsyncExitStack()

@@ -41,10 +41,10 @@ def _netns() -> set[str]:
 
 def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Path, guest) -> None:
     out = tmp_path / "out"
-    # As if this small run stood for a full-size one of 1 GB: the paper's figures are scaled to its state.
+    # As if this small run stood for a full-size one with a 1 GB memory image: the paper's figures are scaled.
     full = tmp_path / "full.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ISRSYNC_TEST_GUEST_CACHE": str(guest.kernel.parent)}
-    full.write_text(json.dumps({"state": {"bytes": 10**9}}))
+    full.write_text(json.dumps({"state": {"bytes": 4 * 10**9, "memory_bytes": 10**9}}))
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "benchmarks.paper", "--guest", "busybox", "--ops", "4",
                         "--think-ms", "20", "--rates", "100mbit", "--memory-mib", "128", "--full-size", str(full),
@@ -81,9 +81,9 @@ def test_harness_runs_every_policy_and_writes_report_plots_and_json(tmp_path: Pa
     assert res["link"]["netem"] in (True, False) and "100000000bit" in res["link"]["tbf"]["100mbit"]
 
     rows = {(x["policy"], x["rate"]): x for x in res["figures"]["rows"]}
-    # This run's state over the full-size one's: the paper's figure beside it is scaled by the same factor.
-    scale = res["state"]["bytes"] / json.loads(full.read_text())["state"]["bytes"]
-    assert {r["scale"] for r in res["runs"]} == {scale} and res["settings"]["memory_mib"] == 128
+    # This memory image over the full-size one's: the paper's figure beside it is scaled by the same factor.
+    scale = res["state"]["memory_bytes"] / 10**9
+    assert {x["scale"] for x in res["figures"]["rows"]} == {scale} and res["settings"]["memory_mib"] == 128
     assert rows[("demand", "100mbit")]["paper_resume"] == pytest.approx(14.0 * scale)
     assert rows[("usb", "100mbit")]["ratio_to_paper"] == pytest.approx(runs["usb"]["resume_seconds"] / (13.0 * scale))
     # Issue 15's figures up to the first answer, from the runtime's own counters.
