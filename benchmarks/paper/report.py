@@ -194,7 +194,7 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
              + ". Differences of some tens of percent between runs of the same cell are this noise.\n")
     scales = sorted({x["scale"] for x in fig["rows"] if "not_run" not in x})
     if scales == [1.0] or not scales:
-        L.append("Scaling: none. Every figure below is at full size (scale 1.0, printed per cell as x1.0), and so is "
+        L.append("Scaling: none. Every figure below is at full size (scale 1.0, printed per cell as x1), and so is "
                  "the paper's beside it; a run that would take longer than --max-seconds is not run and says so.\n")
     else:
         full = s.get("full_memory_bytes")
