@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .run import POLICIES, RATES, Hooks, Settings, experiment
+from .run import MEMORY_MIB, POLICIES, RATES, Hooks, Settings, experiment
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -59,7 +59,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                     help="make the report and plots again from a saved results.json (nothing is run)")
     ap.add_argument("--json", action="store_true", help="print results.json on stdout too (progress on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--memory-mib", type=int, default=256, help="guest RAM (default 256, the paper's)")
+    ap.add_argument("--memory-mib", type=int, default=MEMORY_MIB, help=f"guest RAM (default {MEMORY_MIB}, the paper's)")
     ap.add_argument("--full-size", type=Path, default=None,
                     help="results.json of the full-size run this one is scaled down from (a smaller guest for the "
                          "slow rates): the scale is this memory image's size over that one's, and the paper's "
@@ -73,7 +73,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         ap.error(f"unknown rate or policy {bad}; rates: {','.join(RATES)}; policies: {','.join(POLICIES)}")
     if a.ops < 1 or a.repeat < 1:
         ap.error("--ops and --repeat must be >= 1")
-    if not 32 <= a.memory_mib <= 256:
+    if not 32 <= a.memory_mib <= MEMORY_MIB:
         ap.error("--memory-mib must be between 32 and 256 (the paper's guest)")
     full = None
     if a.full_size is not None:

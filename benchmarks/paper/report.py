@@ -135,7 +135,7 @@ def figures(res: dict[str, Any]) -> dict[str, Any]:
         cells.setdefault((r["policy"], r["rate"]), []).append(r)
     for (policy, rate), runs in cells.items():
         if any("not_run" in r for r in runs):
-            rows.append({"policy": policy, "rate": rate, "scale": 1.0, "repeats": 0,
+            rows.append({"policy": policy, "rate": rate, "scale": scale_of(res), "repeats": 0,
                          "not_run": next(r["not_run"] for r in runs if "not_run" in r)})
             continue
         rows.append(_row(runs, ref, floor, res["state"]["bytes"], scale_of(res)))
@@ -192,15 +192,15 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     L.append("Load: measured on a 2-core machine shared with other work (other sessions' builds and VM tests)"
              + (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}" if load else "")
              + ". Differences of some tens of percent between runs of the same cell are this noise.\n")
-    scales = sorted({x["scale"] for x in fig["rows"] if "not_run" not in x})
-    if scales == [1.0] or not scales:
+    scale = scale_of(res)
+    if scale == 1.0:
         L.append("Scaling: none. Every figure below is at full size (scale 1.0, printed per cell as x1), and so is "
                  "the paper's beside it; a run that would take longer than --max-seconds is not run and says so.\n")
     else:
         full = s.get("full_memory_bytes")
         L.append(f"Scaling: the state is scaled down to fit the slow link: this run's memory image is "
                  f"{st['memory_bytes'] / 1e6:.1f} MB against {full / 1e6:.1f} MB in the full-size run it stands for "
-                 f"(--full-size), scale x{scales[0]:.3f}, printed per cell. The paper's resume figure beside each "
+                 f"(--full-size), scale x{scale:.3f}, printed per cell. The paper's resume figure beside each "
                  f"cell is scaled by the same factor: its demand-fetch resume moved the whole memory image before "
                  f"the guest ran. A run that would take longer than --max-seconds is not run and says so.\n")
     notes: list[str] = []
@@ -250,7 +250,7 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     L.append("\nThe paper's benchmark times and slowdowns (Tables 4, 7, 8, 11, 12) are not at hand: no ratio is "
              "printed for them.\n")
 
-    L += slow_links(fig, rates)
+    L += slow_links(by, rates)
     L.append("## Suspend side\n")
     L.append("| policy | rate | dirty residue, chunks: without trickle / with trickle | proactive: hoard (t3) s "
              "| travel t3 + resume s |")
@@ -285,10 +285,9 @@ def markdown(res: dict[str, Any], fig: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(L)
 
 
-def slow_links(fig: dict[str, Any], rates: list[str]) -> list[str]:
+def slow_links(by: dict[tuple[str, str], dict[str, Any]], rates: list[str]) -> list[str]:
     """Issue 15's table: up to the guest's first answer, per rate, for demand and auto."""
-    rows = [(r, p, x) for r in rates for p in ("demand", "auto")
-            if (x := next((y for y in fig["rows"] if y["policy"] == p and y["rate"] == r), None)) and "at_answer" in x]
+    rows = [(r, p, x) for r in rates for p in ("demand", "auto") if "at_answer" in (x := by.get((p, r), {}))]
     if not rows:
         return []
     L = ["## Up to the guest's first answer: bytes, waste and fault service (issue 15)\n",

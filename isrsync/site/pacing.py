@@ -241,8 +241,7 @@ class Gate:
     def _wake_after_quiet(self) -> None:
         # Nothing else wakes a bulk waiter when the quiet time simply runs out.
         left = self._quiet_left(time.monotonic())
-        if self.faults or left <= 0 or (self._timer is not None and not self._timer.cancelled()
-                                        and self._timer.when() >= asyncio.get_running_loop().time() + left):
+        if self.faults or left <= 0:
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Callable, Sequence
 
 from ..chunk import VerifiedChunk, verified
@@ -38,11 +38,11 @@ class _Entry:
     # every miss wait for it. Halved by each answer that helps.
     penalty: float = 0.0
     meter: LinkMeter = field(default_factory=LinkMeter)
-    pacing: Pacing = field(default_factory=Pacing)
+    pacing: InitVar[Pacing | None] = None
     gate: Gate = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.gate = Gate(self.meter, self.pacing)
+    def __post_init__(self, pacing: Pacing | None) -> None:
+        self.gate = Gate(self.meter, pacing)
 
     def failed(self, waited: float) -> None:
         self.penalty = min(3600.0, max(2 * self.penalty, 1.0, 2 * waited))
