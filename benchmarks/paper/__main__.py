@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from . import report
-from .run import MEMORY_MIB, POLICIES, RATES, Hooks, Settings, experiment
+from .guest import MEMORY_MIB
+from .run import POLICIES, RATES, Hooks, Settings, experiment
 
 REPO = Path(__file__).resolve().parent.parent.parent
 

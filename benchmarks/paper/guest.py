@@ -42,6 +42,7 @@ SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "linux-image-cloud-amd64", "initramfs-tools", "python3", "xz-utils",
             "bzip2", "procps")
 DISK_MIB = 2048
+MEMORY_MIB = 256  # the paper's guest
 CMDLINE = ("root=/dev/vda rw rootfstype=ext4 console=ttyS0 quiet loglevel=1 systemd.show_status=0 "
            "rd.udev.log_level=0 init_on_free=1 mitigations=off tsc=reliable panic=-1 net.ifnames=0")
 DATASET_FORMAT = 1

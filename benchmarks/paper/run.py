@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from . import workload as wl
+from .guest import MEMORY_MIB, build_debian_guest
 from .testbed import tbf
 
 RATES = {"100mbit": 100e6, "10mbit": 10e6, "1mbit": 1e6, "100kbit": 100e3}
 POLICIES = ("baseline", "proactive", "demand", "usb", "dvd", "jukebox", "auto")
 USER = "bench"
 PASSPHRASE = "bench passphrase"
-MEMORY_MIB = 256  # the paper's guest
 
 
 @dataclass
@@ -125,8 +125,6 @@ async def make_guest(work: Path, s: Settings, hooks: Hooks) -> tuple[dict[str, A
     """The guest's boot files and its disk image (a sparse copy the parcel is made from)."""
     disk = work / "disk.img"
     if s.flavour == "debian":
-        from .guest import build_debian_guest
-
         g = await asyncio.to_thread(build_debian_guest, s.guest_cache or Path("/var/cache/isrsync-eval"),
                                     s.disk_mib, hooks.say)
         await asyncio.to_thread(subprocess.run, ["cp", "--sparse=always", str(g.image), str(disk)], check=True)
