@@ -248,9 +248,14 @@ class SwarmSession:
     # libtorrent's getters (peer info, status, piece priority, have_piece) wait for its
     # network thread, which a big batch keeps busy for up to seconds: never on the loop.
     async def peers(self, pack_id: bytes) -> int:
-        """How many peers the pack's torrent is connected to (web seeds included)."""
+        """How many peers the pack's torrent is connected to (web seeds included).
+
+        A connection still in its handshake is not counted: a peer that lacks the torrent
+        accepts the TCP connection and drops it at the handshake, and counting it in that
+        window took a pack no peer holds for one a peer serves (a flaky CI failure)."""
         h = self._get(pack_id).handle
-        return len(await asyncio.to_thread(h.get_peer_info))
+        pending = lt.peer_info.connecting | lt.peer_info.handshake
+        return sum(1 for p in await asyncio.to_thread(h.get_peer_info) if not p.flags & pending)
 
     async def is_seed(self, pack_id: bytes) -> bool:
         h = self._get(pack_id).handle
