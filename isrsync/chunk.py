@@ -168,11 +168,12 @@ def decode(ref: ChunkRef, data: bytes | None, length: int = CHUNK_SIZE, *, check
 
     ``length`` is the plaintext length the keyring position implies (the last
     chunk of a disk or memory image may be shorter). ``check_tag=False`` is
-    only for bytes that passed the tag check when they entered this site's
-    cache: the AEAD under K, a key nobody without the convergence secret can
-    compute, still rejects any byte changed or any chunk filed under the
-    wrong tag since, and the hash pass (about a third of a cache hit's CPU)
-    is saved where resume latency is made.
+    only for bytes that passed the tag check already: when they entered this
+    site's cache, or in the source registry that fetched them. The AEAD under
+    K, a key nobody without the convergence secret can compute, still rejects
+    any byte changed or any chunk filed under the wrong tag since, and the
+    hash pass (about a third of a cache hit's CPU) is saved where resume
+    latency is made.
     """
     if ref.flags & ~_KNOWN_FLAGS:
         raise IntegrityError(f"chunk {ref.tag.hex()[:16]} has unknown flags {ref.flags:#x}")

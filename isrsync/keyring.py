@@ -88,6 +88,12 @@ class Keyring:
             bytes(b[o : o + 32]) for o in range(0, len(b), ENTRY_SIZE) if not b[o + 64] & FLAG_ZERO
         }
 
+    def data_indexes(self) -> list[int]:
+        """Indices of the entries that are not ZERO, in order, read off the flags bytes
+        (a resume lists a memory image's 2048 entries on the loop that starts the guest)."""
+        flags = self._buf[ENTRY_SIZE - 1 :: ENTRY_SIZE]
+        return [i for i, f in enumerate(flags) if not f & FLAG_ZERO]
+
     def copy(self) -> "Keyring":
         return Keyring(self.size, bytearray(self._buf))
 
@@ -327,6 +333,10 @@ class LazyKeyring(Keyring):
     def tags(self) -> set[bytes]:
         self._need_all()
         return super().tags()
+
+    def data_indexes(self) -> list[int]:
+        self._need_all()
+        return super().data_indexes()
 
     def copy(self) -> Keyring:
         self._need_all()

@@ -46,6 +46,11 @@ _ZERO_PAGE = bytes(PAGE)
 _RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds between tries of a chunk that could not be had
 _STALL_NOTE = 10.0  # say a chunk is stuck after this long without it
 _QUIET = 0.005  # the background push waits this long after the guest's last fault
+# The push leaves the cores to the guest for this long after it starts: that is when its
+# user waits on it. Measured on 2 cores (benchmarks/usb_resume.py, RAM from a USB key):
+# the guest answered 130-320 ms after it started with the push beside it, 100-150 ms with
+# the push 0.3 s later. Faults meanwhile are served as ever; ``finish`` ends the wait.
+_START_GRACE = 0.3
 _HOT_WAIT = 30.0  # at most this long the guest's start waits for its hot chunks
 
 
@@ -354,6 +359,9 @@ class PostcopySource:
         assert self._writer is not None
         pending: list[tuple[int, asyncio.Task[bytes | None]]] = []
         todo = iter(self.order)
+        grace = time.monotonic() + _START_GRACE
+        while not self._hurry and time.monotonic() < grace:
+            await asyncio.sleep(_QUIET)
         try:
             while True:
                 while len(pending) < self.window:

@@ -174,3 +174,16 @@ def test_the_hot_entries_are_the_first_of_a_long_trace_only() -> None:
     assert m.hot is not None and set(m.hot) == set(trace[: manifest.MAX_HOT_ENTRIES])
     assert all(m.hot[i] == ring[i] for i in m.hot)
     assert list(m.trace) == trace  # the trace itself is whole: the prefetch order
+
+
+def test_the_entries_with_data_are_listed_from_the_flags_and_only_once_all_are_in() -> None:
+    ring = _ring()
+    assert ring.data_indexes() == [i for i, r in enumerate(ring) if not r.is_zero]
+    assert 0 < len(ring.data_indexes()) < len(ring)
+    sealed = _seal(ring)
+    lazy = manifest.resolve([manifest.decode(sealed.raw, MK, PARCEL)]).keyring
+    assert isinstance(lazy, LazyKeyring)
+    with pytest.raises(RuntimeError):
+        lazy.data_indexes()
+    _fill(lazy, {e.tag: e.data for e in sealed.segments})
+    assert lazy.data_indexes() == ring.data_indexes()

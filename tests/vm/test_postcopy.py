@@ -32,9 +32,11 @@ class RamCopy:
         self.failing: set[int] = set()
         self.broken: dict[int, int] = {}  # chunk -> how many more reads raise a plain OSError
         self.asked: list[tuple[int, bool]] = []
+        self.at: list[float] = []  # monotonic time of each ask
 
     async def __call__(self, index: int, urgent: bool) -> bytes | None:
         self.asked.append((index, urgent))
+        self.at.append(time.monotonic())
         if index in self.failing:
             raise ChunkUnavailable(f"no source has chunk {index}")
         if self.broken.get(index):
@@ -130,6 +132,40 @@ async def test_the_guest_runs_and_faults_before_its_ram_is_in(hx: Harness) -> No
         stats = await src.finish()  # hurries: the rest at full speed
         assert src.done and stats.completed is not None and stats.completed < 20
         assert await asyncio.to_thread(counter, hx.root / "e.ser") >= n
+    finally:
+        await src.close()
+
+
+async def test_the_push_leaves_the_guests_first_moments_to_it_and_a_hurry_ends_the_wait(
+        hx: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postcopy, "_START_GRACE", 1.0)
+    state, copy, size, before = await saved_guest(hx, "m")
+    ram = RamCopy(copy, size)
+    q, _ = await lazy_qemu(hx, "n", size)
+    src = PostcopySource(migstream.parse(state), RAM_BLOCK, ram.chunks, ram)
+    try:
+        await q.load_memory_lazily(src)
+        assert await asyncio.to_thread(counter, hx.root / "n.ser") >= before
+        started = src.stats.started
+        await asyncio.sleep(1.5)
+        bulk = [at - started for at, (_, urgent) in zip(ram.at, ram.asked) if not urgent]
+        faults = [at - started for at, (_, urgent) in zip(ram.at, ram.asked) if urgent]
+        # The guest ran and faulted its pages in during the grace; the push began after it.
+        assert faults and min(faults) < 0.9, faults
+        assert bulk and min(bulk) >= 0.95, min(bulk)
+        await src.finish()
+    finally:
+        await src.close()
+
+    # A suspend does not wait out the grace: finish() hurries the push at once.
+    monkeypatch.setattr(postcopy, "_START_GRACE", 60.0)
+    ram = RamCopy(copy, size)
+    q, dst = await lazy_qemu(hx, "o", size, paused=True)
+    src = PostcopySource(migstream.parse(state), RAM_BLOCK, ram.chunks, ram)
+    try:
+        await q.load_memory_lazily(src)
+        await asyncio.wait_for(src.finish(), 30)
+        assert src.done and same_ram(dst, copy, size) == []
     finally:
         await src.close()
 
