@@ -288,7 +288,11 @@ async def decode_chunks(ring: Keyring, idxs: list[int], cache: SiteCache, chain:
     lengths = [chunk_length(ring.size, i) for i in idxs]
 
     def local() -> list[bytes | None]:
-        return [bytes(n) if r.is_zero else decode_cached(cache, r, n) for r, n in zip(refs, lengths)]
+        # One query for what the cache lacks (all of it, on a resume from a key) instead of
+        # a read attempt per chunk.
+        absent = set(cache.missing([r.tag for r in refs if not r.is_zero]))
+        return [bytes(n) if r.is_zero else None if r.tag in absent else decode_cached(cache, r, n)
+                for r, n in zip(refs, lengths)]
 
     out = await loop.run_in_executor(pool, local)
     miss = [k for k, p in enumerate(out) if p is None]

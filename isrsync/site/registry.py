@@ -357,10 +357,11 @@ class SourceRegistry:
         return nbytes / secs if secs > 0 else 0.0
 
     def _cached(self, tags: list[bytes]) -> dict[bytes, bytes]:
+        # Callers mostly looked already and missed: one query says which to read.
+        absent = set(self.cache.missing(tags))
         out = {}
         for t in tags:
-            data = self.cache.get(t)
-            if data is not None:
+            if t not in absent and (data := self.cache.get(t)) is not None:
                 out[t] = data
         return out
 

@@ -41,7 +41,8 @@ from nacl.exceptions import CryptoError
 from ..chunk import ChunkRef, chunk_count
 from ..errors import CacheError, Conflict, IntegrityError, StateError
 from ..manifest import Keyring, MemoryImage
-from .cache import SiteCache, sqlite_error, write_transaction
+from .cache import SiteCache
+from .sqlitedb import sqlite_error, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
