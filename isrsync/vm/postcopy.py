@@ -188,9 +188,7 @@ class PostcopySource:
             # An all-zero chunk is left a hole: a fault on it gets zero pages.
             ready = [(i, t.result()) for i, t in self._hot_tasks.items()
                      if t.done() and not t.cancelled() and t.exception() is None and t.result() is not None]
-            # Two writers: the guest's start waits on this copy (10-14 ms for the test
-            # guest's 23 MB on one thread), and the kernel's page allocation scales.
-            await asyncio.gather(*(asyncio.to_thread(self._place, ready[k::2]) for k in range(2)))
+            await asyncio.to_thread(self._place, ready)
             sent, per = self._sent[self.ram_block], CHUNK_SIZE // PAGE
             for i, _ in ready:
                 self._chunk_done[i] = 1
