@@ -75,7 +75,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     if a.ops < 1 or a.repeat < 1:
         ap.error("--ops and --repeat must be >= 1")
     if not 32 <= a.memory_mib <= MEMORY_MIB:
-        ap.error("--memory-mib must be between 32 and 256 (the paper's guest)")
+        ap.error(f"--memory-mib must be between 32 and {MEMORY_MIB} (the paper's guest)")
     full = None
     if a.full_size is not None:
         try:
