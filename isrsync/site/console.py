@@ -8,7 +8,11 @@ directory (`isrsync console`) and the path the user gave with ``--serial``.
 Whatever the guest prints goes to every client; whatever any client types
 goes to the guest. A client that does not read is dropped rather than let
 the guest's output pile up in memory. As with QEMU alone, output printed
-while nobody is connected is gone.
+while nobody is connected is gone. Input typed while the hub is not yet (or
+no longer) connected to QEMU is held, up to a bound, and sent when it is: a
+run announces it has resumed as soon as QEMU runs, and the hub may reach the
+socket a few milliseconds later, so a script's first line would otherwise be
+lost now and then.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger("isrsync.console")
 _CHUNK = 4096
 _MAX_QUEUED = 1 << 20  # bytes of output a client may leave unread before it is dropped
 _RETRY = 0.05
+_MAX_HELD = 64 << 10  # bytes of input held while QEMU's socket is not connected
 
 
 class ConsoleHub:
@@ -33,6 +38,7 @@ class ConsoleHub:
         self._servers: list[asyncio.base_events.Server] = []
         self._clients: set[asyncio.StreamWriter] = set()
         self._upstream: asyncio.StreamWriter | None = None
+        self._held = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -72,6 +78,9 @@ class ConsoleHub:
                 await asyncio.sleep(_RETRY)  # QEMU is not up yet, or is being started again
                 continue
             self._upstream = writer
+            if self._held:
+                writer.write(bytes(self._held))
+                self._held.clear()
             try:
                 while data := await reader.read(_CHUNK):
                     self._broadcast(data)
@@ -99,7 +108,11 @@ class ConsoleHub:
             while data := await reader.read(_CHUNK):
                 up = self._upstream
                 if up is not None and not up.is_closing():
-                    up.write(data)  # typed while QEMU restarts is lost, as on a real serial line
+                    up.write(data)
+                elif len(self._held) + len(data) <= _MAX_HELD:
+                    self._held += data
+                else:
+                    log.info("console input typed while the guest was not reachable was dropped")
         except OSError:
             pass
         finally:
