@@ -220,8 +220,11 @@ class Qemu:
                 await asyncio.wait_for(self.qmp.connect(ours), 30)
             except asyncio.TimeoutError:
                 raise QemuError("QEMU did not answer on QMP within 30 s") from None
-            except (OSError, EOFError, QMPError):
+            except (OSError, EOFError, QMPError) as e:
                 await asyncio.to_thread(self._reap, 2.0)
+                if self.proc.returncode is None:  # alive: the greeting itself failed
+                    raise QemuError(f"QEMU did not complete its QMP greeting ({e or type(e).__name__}): "
+                                    f"{self.log_tail()}") from None
                 raise QemuError(f"QEMU exited at start ({self.proc.returncode}): {self.log_tail()}") from None
             if machine is not None:
                 await machine
