@@ -96,6 +96,8 @@ from vm import (
     med,
 )
 
+from isrsync.errors import QemuError
+
 RATES = {"100mbit": 100e6, "10mbit": 10e6, "1mbit": 1e6, "100kbit": 100e3}
 PAPER_WITH = {"100mbit": 13, "10mbit": 12, "1mbit": 12, "100kbit": 12}
 PAPER_WITHOUT = {"100mbit": 14, "10mbit": 39, "1mbit": 317, "100kbit": 4301}
@@ -188,6 +190,28 @@ def dataclasses_asdict(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- the benchmark
+
+
+async def paired_floor(make_q, serial: Path, say) -> dict[str, float]:
+    """One plain restore beside a run with the key.
+
+    About one plain QEMU in a hundred, started with ``-incoming exec:cat``,
+    fails its QMP capabilities negotiation (the reply is not a return); that
+    is no measurement of the floor, so it is said and tried again, once.
+    """
+    for k in range(2):
+        q = make_q(k)
+        try:
+            fr = await floor_restore(q, serial)
+            await q.quit()
+            return fr
+        except QemuError as e:
+            if k:
+                raise
+            say(f"floor restore failed, tried again: {e}")
+        finally:
+            await q.close()
+    raise AssertionError("unreachable")
 
 
 async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[NsServer], say) -> dict[str, Any]:
@@ -292,12 +316,8 @@ async def bench(work: Path, args: argparse.Namespace, link: Link, servers: list[
                 variants.reverse()
             for name, med_path in variants:
                 if name == "floor":
-                    q = FloorQemu(cfg, fdir / f"{rate}-p{i}", raw, memfile, fdir / "ser")
-                    try:
-                        fr = await floor_restore(q, fdir / "ser")
-                        await q.quit()
-                    finally:
-                        await q.close()
+                    fr = await paired_floor(lambda k, i=i: FloorQemu(cfg, fdir / f"{rate}-p{i}-{k}", raw, memfile,
+                                                                     fdir / "ser"), fdir / "ser", say)
                     row["floor"].append(fr)
                     say(f"{rate} floor   {i + 1}: guest answers {fr['answer']:.3f}s")
                     continue
