@@ -5,7 +5,9 @@ The real guest's console is exercised in tests/vm/test_isr_console.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from isrsync.site.console import ConsoleHub
@@ -37,6 +39,19 @@ class FakeSerial:
             self.writer.close()
 
 
+@contextlib.asynccontextmanager
+async def _hub(*names: str) -> AsyncIterator[tuple[Path, list[Path]]]:
+    """A running hub in a fresh directory: QEMU's socket path, and the hub's own sockets."""
+    with tempfile.TemporaryDirectory() as d:
+        qemu, listen = Path(d) / "qemu.sock", [Path(d) / n for n in names]
+        hub = ConsoleHub(qemu, listen)
+        await hub.start()
+        try:
+            yield qemu, listen
+        finally:
+            await hub.close()
+
+
 async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
@@ -49,55 +64,43 @@ def test_a_line_typed_before_the_hub_reaches_qemu_is_delivered_when_it_does() ->
     QEMU's socket. It used to be dropped, and the script then waited forever."""
 
     async def main() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            qemu, sock = Path(d) / "qemu.sock", Path(d) / "console.sock"
-            hub = ConsoleHub(qemu, [sock])
-            await hub.start()
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(sock))
-                writer.write(b"read note\n")
-                await writer.drain()
-                await asyncio.sleep(0.2)  # the hub has the line and nowhere yet to send it
-                serial = FakeSerial(qemu)
-                await serial.start()
-                await _until(lambda: bytes(serial.received) == b"read note\n")
-                assert serial.writer is not None
-                serial.writer.write(b"GUEST: DATA x\r\n")
-                assert await asyncio.wait_for(reader.readline(), 5) == b"GUEST: DATA x\r\n"
-                writer.close()
-                await serial.close()
-            finally:
-                await hub.close()
+        async with _hub("console.sock") as (qemu, [sock]):
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(b"read note\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the hub has the line and nowhere yet to send it
+            serial = FakeSerial(qemu)
+            await serial.start()
+            await _until(lambda: bytes(serial.received) == b"read note\n")
+            assert serial.writer is not None
+            serial.writer.write(b"GUEST: DATA x\r\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"GUEST: DATA x\r\n"
+            writer.close()
+            await serial.close()
 
     asyncio.run(main())
 
 
 def test_output_reaches_every_client_and_input_from_each_reaches_the_guest() -> None:
     async def main() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            qemu, a_path, b_path = Path(d) / "qemu.sock", Path(d) / "a.sock", Path(d) / "b.sock"
+        async with _hub("a.sock", "b.sock") as (qemu, [a_path, b_path]):
             serial = FakeSerial(qemu)
             await serial.start()
-            hub = ConsoleHub(qemu, [a_path, b_path])
-            await hub.start()
-            try:
-                await _until(lambda: serial.writer is not None)
-                ra, wa = await asyncio.open_unix_connection(str(a_path))
-                rb, wb = await asyncio.open_unix_connection(str(b_path))
-                await asyncio.sleep(0.05)  # both clients registered with the hub
-                wa.write(b"one\n")
-                await _until(lambda: bytes(serial.received) == b"one\n")
-                wb.write(b"two\n")
-                await _until(lambda: bytes(serial.received) == b"one\ntwo\n")
-                assert serial.writer is not None
-                serial.writer.write(b"hello\n")
-                assert await asyncio.wait_for(ra.readline(), 5) == b"hello\n"
-                assert await asyncio.wait_for(rb.readline(), 5) == b"hello\n"
-                wa.close()
-                wb.close()
-                await serial.close()
-            finally:
-                await hub.close()
+            await _until(lambda: serial.writer is not None)
+            ra, wa = await asyncio.open_unix_connection(str(a_path))
+            rb, wb = await asyncio.open_unix_connection(str(b_path))
+            await asyncio.sleep(0.05)  # both clients registered with the hub
+            wa.write(b"one\n")
+            await _until(lambda: bytes(serial.received) == b"one\n")
+            wb.write(b"two\n")
+            await _until(lambda: bytes(serial.received) == b"one\ntwo\n")
+            assert serial.writer is not None
+            serial.writer.write(b"hello\n")
+            assert await asyncio.wait_for(ra.readline(), 5) == b"hello\n"
+            assert await asyncio.wait_for(rb.readline(), 5) == b"hello\n"
+            wa.close()
+            wb.close()
+            await serial.close()
 
     asyncio.run(main())
 
@@ -107,28 +110,22 @@ def test_held_input_is_bounded() -> None:
     earliest input (what a script typed first) is what gets through."""
 
     async def main() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            qemu, sock = Path(d) / "qemu.sock", Path(d) / "console.sock"
-            hub = ConsoleHub(qemu, [sock])
-            await hub.start()
-            try:
-                _, writer = await asyncio.open_unix_connection(str(sock))
-                writer.write(b"first\n")
-                block = b"x" * 4095 + b"\n"
-                for _ in range(64):  # 256 KiB: far beyond what the hub holds
-                    writer.write(block)
-                await writer.drain()
-                await asyncio.sleep(0.3)
-                serial = FakeSerial(qemu)
-                await serial.start()
-                await _until(lambda: len(serial.received) > 0)
-                await asyncio.sleep(0.2)
-                got = bytes(serial.received)
-                assert got.startswith(b"first\n")
-                assert len(got) <= 64 << 10
-                writer.close()
-                await serial.close()
-            finally:
-                await hub.close()
+        async with _hub("console.sock") as (qemu, [sock]):
+            _, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(b"first\n")
+            block = b"x" * 4095 + b"\n"
+            for _ in range(64):  # 256 KiB: far beyond what the hub holds
+                writer.write(block)
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            serial = FakeSerial(qemu)
+            await serial.start()
+            await _until(lambda: len(serial.received) > 0)
+            await asyncio.sleep(0.2)
+            got = bytes(serial.received)
+            assert got.startswith(b"first\n")
+            assert len(got) <= 64 << 10
+            writer.close()
+            await serial.close()
 
     asyncio.run(main())
