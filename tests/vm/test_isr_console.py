@@ -10,7 +10,7 @@ import select
 import subprocess
 import time
 
-from conftest import SerialConsole, isrsync_argv
+from sitekit import SerialConsole, isrsync_argv
 
 
 def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SiteEnv, isrsync_argv
+from sitekit import SiteEnv, isrsync_argv
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import message_lines
+from sitekit import message_lines
 
 
 def _counter(con) -> int:

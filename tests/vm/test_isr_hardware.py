@@ -7,7 +7,7 @@ from pathlib import Path
 
 from isrsync.demo.guest import make_disk_image
 
-from conftest import message_lines
+from sitekit import message_lines
 
 
 def _total_ram_mib() -> int:

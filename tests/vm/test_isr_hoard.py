@@ -9,7 +9,7 @@ import subprocess
 import threading
 
 
-from conftest import isrsync_argv
+from sitekit import isrsync_argv
 
 
 def test_hoard_follow_fetches_each_new_version(sites, parcel) -> None:

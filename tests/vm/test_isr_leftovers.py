@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from conftest import message_lines
+from sitekit import message_lines
 
 
 def _gone(pids: list[int], within: float) -> bool:

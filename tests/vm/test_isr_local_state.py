@@ -50,7 +50,7 @@ def test_resume_says_it_resumes_local_changes_not_the_version(sites, parcel) -> 
     import subprocess
     import time
 
-    from conftest import isrsync_argv
+    from sitekit import isrsync_argv
 
     a, name = parcel
     proc, _, con = a.resume(name)
@@ -127,7 +127,7 @@ def test_a_baseline_resume_shows_its_fetch_on_a_terminal(sites, parcel) -> None:
     import subprocess
     import time
 
-    from conftest import isrsync_argv
+    from sitekit import isrsync_argv
 
     a, name = parcel
     b = sites("b")  # an empty cache: everything is fetched

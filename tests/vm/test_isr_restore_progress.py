@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import isrsync_argv
+from sitekit import isrsync_argv
 
 
 def _resume_plain(site, name: str, *extra: str) -> tuple[subprocess.Popen, list[str]]:
