@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -61,29 +60,16 @@ from isrsync.demo.guest import (
     serial_args,
 )
 
-from sitekit import SerialConsole, SiteEnv, local_state
+from sitekit import SerialConsole, SiteEnv, connect_unix, local_state
 
 
 class Qmp:
     """A minimal synchronous QMP client over a unix socket (plain JSON lines)."""
 
     def __init__(self, path: Path, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(path))
-                break
-            except OSError:
-                s.close()
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"QEMU exited ({proc.returncode}) before its QMP socket appeared")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"QMP socket {path} did not appear")
-                time.sleep(0.01)
-        self.sock = s
+        self.sock = connect_unix(path, timeout, proc, "QMP")
         self.sock.settimeout(timeout)
-        self.file = s.makefile("rb")
+        self.file = self.sock.makefile("rb")
         self.events: list[dict] = []
         greeting = self._recv()
         assert "QMP" in greeting, greeting

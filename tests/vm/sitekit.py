@@ -25,6 +25,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+def connect_unix(path: Path, timeout: float, proc: subprocess.Popen | None, what: str) -> socket.socket:
+    """Connect to one of QEMU's unix sockets, waiting for it to appear, unless QEMU exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return s
+        except OSError:
+            s.close()
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({proc.returncode}) before its {what} socket appeared") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} socket {path} did not appear") from None
+            time.sleep(0.01)
+
+
 class SerialConsole:
     """Line-oriented client of the guest's ttyS0 (a QEMU unix socket chardev server)."""
 
@@ -33,20 +50,7 @@ class SerialConsole:
         self.proc = proc
         self.transcript: list[str] = []
         self._buf = b""
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(self.path))
-                break
-            except OSError:
-                s.close()
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"QEMU exited ({proc.returncode}) before its serial socket appeared")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"serial socket {self.path} did not appear")
-                time.sleep(0.01)
-        self.sock = s
+        self.sock = connect_unix(self.path, connect_timeout, proc, "serial")
 
     def close(self) -> None:
         self.sock.close()
